@@ -1,0 +1,1 @@
+"""Catalyst callbacks cvkit adds: freezing with a BatchNorm policy, per-group LR logging, schedulers, checkpoints."""

@@ -1,0 +1,1 @@
+"""Datasets, readers, augmentation presets, splits and demo data."""

@@ -1,0 +1,103 @@
+"""timm classifiers by name, with an optional custom head and pretrained weights from local files only.
+
+Nothing here touches the network: ``pretrained=True`` looks in the weights folder
+(``$CVKIT_WEIGHTS`` or ``./weights``) and fails with a message saying where to put the file.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import timm
+from torch import nn
+
+from cvkit.io import load_checkpoint, state_dict_of
+from cvkit.models.groups import get_submodule, head_names, set_submodule
+
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+def weights_dir() -> Path:
+    """Folder searched for ``<arch>.<suffix>`` when ``pretrained=True``."""
+    return Path(os.environ.get("CVKIT_WEIGHTS", "weights"))
+
+
+def find_weights(arch: str, folder: Optional[Path] = None) -> Path:
+    """The local weight file for ``arch``, or a FileNotFoundError that says where to put one."""
+    folder = Path(folder) if folder is not None else weights_dir()
+    candidates = [folder / f"{arch}{s}" for s in WEIGHT_SUFFIXES]
+    candidates += [folder / arch / name for name in ("model.safetensors", "pytorch_model.bin")]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"no local pretrained weights for {arch!r}: cvkit never downloads. Put the file at "
+        f"{candidates[0]} (or {candidates[1].name}), set CVKIT_WEIGHTS to its folder, or pass "
+        "pretrained=PATH. See weights/README.md."
+    )
+
+
+def bn_dropout_head(in_features: int, num_classes: int, dropout: float = 0.5) -> nn.Sequential:
+    """BatchNorm1d + Dropout + Linear on pooled features (the Ford-vs-Ferrari project's head)."""
+    return nn.Sequential(nn.BatchNorm1d(in_features), nn.Dropout(dropout), nn.Linear(in_features, num_classes))
+
+
+def create_model(
+    arch: str,
+    num_classes: int,
+    pretrained: Union[bool, str, os.PathLike, None] = None,
+    head: Optional[str] = None,
+    head_dropout: float = 0.5,
+    **kwargs,
+) -> nn.Module:
+    """A timm model with a ``num_classes`` classifier, optionally a custom head, weights from disk.
+
+    Args:
+        arch: any timm architecture name (``resnet50``, ``efficientnet_b0``, ``test_resnet``...).
+        num_classes: outputs of the classifier.
+        pretrained: None/False for random init, True for ``weights/<arch>.*``, or a file path.
+        head: None keeps timm's classifier; ``"bn_dropout"`` puts BatchNorm+Dropout+Linear there.
+        head_dropout: dropout of the ``bn_dropout`` head.
+        **kwargs: passed to ``timm.create_model`` (``drop_rate``, ``in_chans``...); None values dropped.
+    """
+    if arch not in timm.list_models() and arch not in timm.list_models(pretrained=True):
+        close = timm.list_models(f"*{arch.split('.')[0][:6]}*")[:8]
+        raise KeyError(f"unknown timm architecture {arch!r}; similar names: {close}")
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
+    if pretrained:
+        path = find_weights(arch) if pretrained is True else Path(pretrained)
+        load_backbone_weights(model, path)
+    if head == "bn_dropout":
+        (name,) = head_names(model)[-1:]
+        old = get_submodule(model, name)
+        in_features = getattr(old, "in_features", None) or model.num_features
+        set_submodule(model, name, bn_dropout_head(in_features, num_classes, head_dropout))
+    elif head not in (None, "linear"):
+        raise ValueError(f"unknown head {head!r}; valid: None/'linear' (timm's), 'bn_dropout'")
+    return model
+
+
+def load_backbone_weights(model: nn.Module, path: Union[str, os.PathLike]) -> None:
+    """Load pretrained weights into everything but a classifier whose shape differs.
+
+    Raises a ValueError naming the file and the first mismatching keys when the file does not
+    fit the architecture (missing or unexpected keys outside the head).
+    """
+    state = state_dict_of(load_checkpoint(path), path)
+    own = model.state_dict()
+    heads = head_names(model)
+    in_head = lambda k: any(k == h or k.startswith(h + ".") for h in heads)  # noqa: E731
+    skipped = [k for k, v in state.items() if in_head(k) and (k not in own or own[k].shape != v.shape)]
+    for key in skipped:
+        state.pop(key)
+    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in state and not in_head(k)]
+    unexpected = [k for k in state if k not in own]
+    if mismatched or missing or unexpected:
+        raise ValueError(
+            f"weights in {path} do not fit {type(model).__name__}: "
+            f"shape mismatch {mismatched[:5]}, missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    model.load_state_dict(state, strict=False)

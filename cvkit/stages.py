@@ -1,0 +1,218 @@
+"""A training stage: what is trainable, with which BatchNorm policy, LRs, optimizer and schedule.
+
+Stages are plain data (a dataclass), checked when built, so a typo fails before any training.
+Optimizers and schedulers come from small registries users extend with a decorator.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+
+import torch
+
+LRSpec = Union[float, Dict[str, float]]
+
+_OPTIMIZERS: Dict[str, Callable[..., torch.optim.Optimizer]] = {}
+_SCHEDULERS: Dict[str, Callable[..., Any]] = {}
+_DEFAULT_INTERVAL: Dict[str, str] = {}
+
+
+def _unknown(kind: str, name: str, valid: List[str]) -> KeyError:
+    close = difflib.get_close_matches(name, valid, n=3)
+    hint = f"; did you mean {close}?" if close else ""
+    return KeyError(f"unknown {kind} {name!r}{hint} valid: {sorted(valid)}")
+
+
+def register_optimizer(fn: Callable[..., torch.optim.Optimizer]) -> Callable[..., torch.optim.Optimizer]:
+    """Decorator: ``fn(param_groups, **kwargs) -> Optimizer`` becomes usable as ``Stage(optimizer=fn.__name__)``."""
+    _OPTIMIZERS[fn.__name__] = fn
+    return fn
+
+
+def register_scheduler(interval: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: ``fn(optimizer, stage, steps_per_epoch, **kwargs)`` becomes a scheduler kind.
+
+    ``interval`` ("epoch" or "batch") is the default stepping of that kind.
+    """
+    if interval not in ("epoch", "batch"):
+        raise ValueError(f"interval must be 'epoch' or 'batch', got {interval!r}")
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        _SCHEDULERS[fn.__name__] = fn
+        _DEFAULT_INTERVAL[fn.__name__] = interval
+        return fn
+
+    return wrap
+
+
+def list_optimizers() -> List[str]:
+    """Registered optimizer names."""
+    return sorted(_OPTIMIZERS)
+
+
+def list_schedulers() -> List[str]:
+    """Registered scheduler names."""
+    return sorted(_SCHEDULERS)
+
+
+@register_optimizer
+def sgd(groups: List[dict], momentum: float = 0.9, nesterov: bool = False, **kwargs: Any) -> torch.optim.Optimizer:
+    """SGD with momentum (0.9 by default)."""
+    return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=momentum, nesterov=nesterov, **kwargs)
+
+
+@register_optimizer
+def adam(groups: List[dict], **kwargs: Any) -> torch.optim.Optimizer:
+    """Adam; weight decay per group as set by :func:`cvkit.models.groups.param_groups`."""
+    return torch.optim.Adam(groups, lr=groups[0]["lr"], **kwargs)
+
+
+@register_optimizer
+def adamw(groups: List[dict], **kwargs: Any) -> torch.optim.Optimizer:
+    """AdamW (decoupled weight decay)."""
+    return torch.optim.AdamW(groups, lr=groups[0]["lr"], **kwargs)
+
+
+@register_scheduler("epoch")
+def plateau(optimizer: torch.optim.Optimizer, stage: "Stage", steps_per_epoch: int, minimize: bool = True, **kwargs: Any) -> Any:
+    """ReduceLROnPlateau on the stage's monitored metric (default: the run's valid metric)."""
+    kwargs.setdefault("mode", "min" if minimize else "max")
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, **kwargs)
+
+
+@register_scheduler("epoch")
+def step(optimizer: torch.optim.Optimizer, stage: "Stage", steps_per_epoch: int, step_size: int = 1, gamma: float = 0.1, **kwargs: Any) -> Any:
+    """StepLR: multiply every group's LR by ``gamma`` every ``step_size`` steps."""
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma, **kwargs)
+
+
+@register_scheduler("epoch")
+def cosine(optimizer: torch.optim.Optimizer, stage: "Stage", steps_per_epoch: int, eta_min: float = 0.0, **kwargs: Any) -> Any:
+    """Cosine annealing over the whole stage (epochs, or batches when stepped per batch)."""
+    per_batch = stage.interval == "batch"
+    kwargs.setdefault("T_max", stage.epochs * (steps_per_epoch if per_batch else 1))
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, eta_min=eta_min, **kwargs)
+
+
+@register_scheduler("batch")
+def onecycle(optimizer: torch.optim.Optimizer, stage: "Stage", steps_per_epoch: int, **kwargs: Any) -> Any:
+    """One-cycle over the stage; each group peaks at the LR the stage gave it."""
+    per_batch = stage.interval == "batch"
+    kwargs.setdefault("max_lr", [g["lr"] for g in optimizer.param_groups])
+    kwargs.setdefault("total_steps", stage.epochs * (steps_per_epoch if per_batch else 1))
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, **kwargs)
+
+
+_EARLY_STOPPING_KEYS = {"patience", "min_delta", "metric", "loader", "minimize"}
+
+
+@dataclass
+class Stage:
+    """One stage of a staged run.
+
+    Args:
+        name: unique within the run; names the checkpoint folder.
+        epochs: maximum epochs (early stopping may end sooner).
+        trainable: ``"head"``, ``"all"``, or a block name (``"layer3"``, ``"blocks.5"``):
+            everything from that block to the head trains, the rest is frozen.
+        train_bn: BatchNorm in the trainable part trains (True) or stays frozen (eval mode, no
+            grads). Frozen parts always keep their BN statistics.
+        lr: one LR, or per group: ``{"head": 1e-2, "backbone": 1e-3}``, any block name as a key
+            overrides the group for that block.
+        layer_decay: split the backbone by depth; each level down multiplies the LR by this.
+        optimizer / optimizer_kwargs: a registered optimizer (sgd, adam, adamw) and its arguments.
+        weight_decay: applied to weights, not to biases and norm parameters.
+        scheduler / scheduler_kwargs: a registered scheduler (plateau, step, cosine, onecycle) or None.
+        interval: step the scheduler per ``"epoch"`` or per ``"batch"`` (default: the kind's own).
+        monitor: ``(loader, metric)`` the plateau scheduler watches; default the run's valid metric.
+        early_stopping: ``{"patience": int, "min_delta": float, "metric": str, "loader": str}``.
+        batch_size / image_size: handed to the loader factory, so each stage can change them.
+        init: weights that start the stage: ``"best"`` or ``"last"`` of the previous stage,
+            ``"current"`` (whatever the model holds), or a checkpoint path.
+        loss_range: band of per-sample loss ranks to learn from (see cvkit.callbacks.loss_range).
+    """
+
+    name: str
+    epochs: int
+    trainable: str = "all"
+    train_bn: bool = True
+    lr: LRSpec = 1e-3
+    layer_decay: Optional[float] = None
+    optimizer: str = "adamw"
+    optimizer_kwargs: Dict[str, Any] = field(default_factory=dict)
+    weight_decay: float = 0.0
+    scheduler: Optional[str] = None
+    scheduler_kwargs: Dict[str, Any] = field(default_factory=dict)
+    interval: Optional[str] = None
+    monitor: Optional[Tuple[str, str]] = None
+    early_stopping: Optional[Dict[str, Any]] = None
+    batch_size: Optional[int] = None
+    image_size: Optional[int] = None
+    init: str = "best"
+    loss_range: Optional[Any] = None
+
+    def __post_init__(self) -> None:
+        where = f"stage {self.name!r}"
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"stage name must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs < 1:
+            raise ValueError(f"{where}: epochs must be an int >= 1, got {self.epochs!r}")
+        if not isinstance(self.trainable, str) or not self.trainable:
+            raise ValueError(f"{where}: trainable must be 'head', 'all' or a block name, got {self.trainable!r}")
+        lrs = self.lr.values() if isinstance(self.lr, Mapping) else [self.lr]
+        for value in lrs:
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 or not math.isfinite(value):
+                raise ValueError(f"{where}: every learning rate must be a positive number, got lr={self.lr!r}")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ValueError(f"{where}: layer_decay must be in (0, 1], got {self.layer_decay!r}")
+        if self.optimizer not in _OPTIMIZERS:
+            raise _unknown(f"optimizer in {where}", self.optimizer, list(_OPTIMIZERS))
+        if self.scheduler is not None and self.scheduler not in _SCHEDULERS:
+            raise _unknown(f"scheduler in {where}", self.scheduler, list(_SCHEDULERS))
+        if self.interval is None and self.scheduler is not None:
+            self.interval = _DEFAULT_INTERVAL[self.scheduler]
+        if self.interval not in (None, "epoch", "batch"):
+            raise ValueError(f"{where}: interval must be 'epoch' or 'batch', got {self.interval!r}")
+        if self.scheduler == "plateau" and self.interval == "batch":
+            raise ValueError(
+                f"{where}: a plateau scheduler steps on a validation metric once per epoch; "
+                "use interval='epoch' (per-batch plateau on the train loss is a separate callback)"
+            )
+        if self.early_stopping is not None:
+            unknown = set(self.early_stopping) - _EARLY_STOPPING_KEYS
+            if unknown:
+                raise KeyError(f"{where}: unknown early_stopping keys {sorted(unknown)}; valid: {sorted(_EARLY_STOPPING_KEYS)}")
+            if "patience" not in self.early_stopping:
+                raise KeyError(f"{where}: early_stopping needs 'patience'")
+        for key in ("batch_size", "image_size"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{where}: {key} must be a positive int, got {value!r}")
+        if self.monitor is not None:
+            self.monitor = tuple(self.monitor)
+            if len(self.monitor) != 2:
+                raise ValueError(f"{where}: monitor must be (loader, metric), got {self.monitor!r}")
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain-data form for config.json."""
+        return asdict(self)
+
+    def build_optimizer(self, groups: List[dict]) -> torch.optim.Optimizer:
+        """The stage's optimizer over ``groups`` (already carrying per-group ``lr``/``weight_decay``)."""
+        if not groups:
+            raise ValueError(f"stage {self.name!r} has no trainable parameters (trainable={self.trainable!r})")
+        return _OPTIMIZERS[self.optimizer](groups, **self.optimizer_kwargs)
+
+    def build_scheduler(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int, minimize: bool) -> Optional[Any]:
+        """The stage's scheduler, or None."""
+        if self.scheduler is None:
+            return None
+        kwargs = dict(self.scheduler_kwargs)
+        if self.scheduler == "plateau":
+            kwargs["minimize"] = minimize
+        try:
+            return _SCHEDULERS[self.scheduler](optimizer, self, steps_per_epoch, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"stage {self.name!r}: bad scheduler_kwargs for {self.scheduler!r}: {exc}") from exc
