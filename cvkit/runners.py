@@ -32,7 +32,7 @@ from cvkit.callbacks.core import (
 )
 from cvkit.io import atomic_write_json, load_checkpoint, state_dict_of
 from cvkit.metrics import Metric
-from cvkit.models.groups import apply_trainable, count_params, param_groups, trainable_param_names
+from cvkit.models.groups import apply_trainable, count_params, param_groups, resolve_lr, trainable_param_names
 from cvkit.stages import Stage
 
 Loaders = Mapping[str, DataLoader]
@@ -176,9 +176,13 @@ class StagedRunner(dl.SupervisedRunner):
             raise ValueError(f"stage names must be unique; repeated: {dupes}")
         for stage in stages:
             try:
-                trainable_param_names(model, stage.trainable)
+                names = trainable_param_names(model, stage.trainable)
             except KeyError as exc:
                 raise KeyError(f"stage {stage.name!r}: trainable={stage.trainable!r}: {exc.args[0]}") from None
+            try:
+                resolve_lr(model, names, stage.lr, stage.layer_decay)
+            except KeyError as exc:
+                raise KeyError(f"stage {stage.name!r}: lr={stage.lr!r}: {exc.args[0]}") from None
         if stages[0].init in ("best", "last"):
             stages[0].init = "current"
 

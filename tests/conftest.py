@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny separable image data and a timm test model, all on CPU."""
+from __future__ import annotations
+
+import warnings
+from typing import Dict
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+warnings.filterwarnings("ignore", message=".*tensor.detach.*")
+
+
+class TinyImages(Dataset):
+    """Random 3x32x32 images whose class shifts the first channel, so a model can learn them."""
+
+    def __init__(self, n: int, num_classes: int = 3, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.y = torch.randint(0, num_classes, (n,), generator=g)
+        self.x = torch.randn(n, 3, 32, 32, generator=g)
+        self.x[:, 0] += self.y[:, None, None].float()
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> Dict[str, object]:
+        return {"features": self.x[i], "targets": self.y[i], "index": i}
+
+
+def tiny_loaders(batch_size: int = 16, n_train: int = 48, n_valid: int = 32) -> Dict[str, DataLoader]:
+    return {
+        "train": DataLoader(TinyImages(n_train, seed=0), batch_size=batch_size, shuffle=True,
+                            generator=torch.Generator().manual_seed(0)),
+        "valid": DataLoader(TinyImages(n_valid, seed=1), batch_size=batch_size),
+    }
+
+
+@pytest.fixture
+def loaders() -> Dict[str, DataLoader]:
+    return tiny_loaders()

@@ -1,0 +1,71 @@
+"""STL-10 binary reader/writer and the demo example end to end."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cvkit.data import stl10
+from cvkit.io import load_checkpoint, state_dict_of
+
+
+def test_round_trip_matches_column_major_layout(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(3, 96, 96, 3), dtype=np.uint8)
+    labels = np.array([0, 9, 4])
+    stl10.write_images(tmp_path / "train_X.bin", images)
+    stl10.write_labels(tmp_path / "train_y.bin", labels)
+    got, got_labels = stl10.load_split(tmp_path, "train")
+    assert np.array_equal(got, images) and np.array_equal(got_labels, labels)
+    raw = np.fromfile(tmp_path / "train_X.bin", dtype=np.uint8)
+    # STL-10 stores channel by channel, each column-major: byte 1 is pixel (row 1, col 0) of red.
+    assert raw[1] == images[0, 1, 0, 0] and raw[96] == images[0, 0, 1, 0] and raw[96 * 96] == images[0, 0, 0, 1]
+    assert np.fromfile(tmp_path / "train_y.bin", dtype=np.uint8).tolist() == [1, 10, 5]
+
+
+def test_wrong_size_and_bad_labels_name_the_file(tmp_path):
+    (tmp_path / "test_X.bin").write_bytes(b"\0" * (96 * 96 * 3 + 5))
+    with pytest.raises(stl10.STL10FormatError, match="test_X.bin.*truncated"):
+        stl10.read_images(tmp_path / "test_X.bin")
+    (tmp_path / "train_y.bin").write_bytes(bytes([1, 11]))
+    with pytest.raises(stl10.STL10FormatError, match="train_y.bin: label 11 at position 1"):
+        stl10.read_labels(tmp_path / "train_y.bin")
+    with pytest.raises(FileNotFoundError, match="unlabeled_X.bin"):
+        stl10.load_split(tmp_path, "unlabeled")
+
+
+def test_demo_is_deterministic_and_stratified(tmp_path):
+    a = stl10.build_demo(tmp_path / "a", seed=3)
+    b = stl10.build_demo(tmp_path / "b", seed=3)
+    assert (a / "train_X.bin").read_bytes() == (b / "train_X.bin").read_bytes()
+    _, labels = stl10.load_split(a, "train")
+    counts = np.bincount(labels, minlength=10)
+    assert counts.min() > 0.8 * counts.max()
+    assert stl10.class_names(a)[0] == "digit_0"
+
+
+@pytest.mark.slow
+def test_example_runs_and_best_pth_reproduces_its_test_metrics(tmp_path):
+    import examples_loader
+
+    example = examples_loader.load("stl10_train")
+    result = example.main(["--logdir", str(tmp_path / "run"), "--limit", "240", "--head-epochs", "1",
+                           "--epochs", "2", "--image-size", "32", "--quiet"])
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["test"] == pytest.approx(result["test"])
+    for name in ("config.json", "progress.png", "best.pth", "log.csv"):
+        assert (tmp_path / "run" / name).is_file()
+    from cvkit.metrics import ClassificationMetrics
+    from cvkit.models import create_model
+    from cvkit.runners import evaluate
+
+    model = create_model("test_resnet", 10)
+    model.load_state_dict(state_dict_of(load_checkpoint(tmp_path / "run" / "best.pth")))
+    images, labels = stl10.load_split(tmp_path / "demo_data" / "stl10", "test")
+    test = torch.utils.data.DataLoader(
+        stl10.ArrayDataset(images[:240], labels[:240], example.transforms(32, train=False)), batch_size=64)
+    again = evaluate(model, test, torch.nn.CrossEntropyLoss(), lambda: [ClassificationMetrics(10)])
+    assert again["accuracy"] == pytest.approx(metrics["test"]["accuracy"])
+    assert again["loss"] == pytest.approx(metrics["test"]["loss"], rel=1e-5)
