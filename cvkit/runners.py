@@ -24,10 +24,16 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from cvkit.callbacks.core import (
+    EarlyStopping,
     FreezeBatchNormCallback,
+    GradientGuardCallback,
+    GuardedBackwardCallback,
+    GuardedOptimizerCallback,
     HistoryCallback,
     LRMonitorCallback,
     MetricsCallback,
+    NaNGuardCallback,
+    ResumeStateCallback,
     StageCheckpointCallback,
 )
 from cvkit.io import atomic_write_json, load_checkpoint, state_dict_of
@@ -88,9 +94,18 @@ class StagedRunner(dl.SupervisedRunner):
 
     def on_experiment_start(self, runner: "StagedRunner") -> None:
         super().on_experiment_start(runner)
-        self.epoch_step = self.stage_start_epoch
+        resumed = getattr(self, "_resume_state", None)
+        self.epoch_step = resumed["epoch"] if resumed else self.stage_start_epoch
         self.batch_step = self._batch_offset
         self.sample_step = self._sample_offset
+
+    def on_loader_start(self, runner: "StagedRunner") -> None:
+        super().on_loader_start(runner)
+        generator = getattr(self.loader, "generator", None)
+        if isinstance(generator, torch.Generator):
+            # A loader's own generator would carry its state across epochs; reseed it per epoch
+            # (same on every rank) so an epoch's order depends on seed and epoch alone.
+            generator.manual_seed(self.seed + self.epoch_step)
 
     def on_epoch_start(self, runner: "StagedRunner") -> None:
         super().on_epoch_start(runner)
@@ -120,6 +135,7 @@ class StagedRunner(dl.SupervisedRunner):
         verbose: bool = True,
         config: Optional[Dict[str, Any]] = None,
         test_loader: Optional[DataLoader] = None,
+        resume: Union[None, bool, str, Path] = None,
     ) -> "StagedRunner":
         """Run every stage in order and return self.
 
@@ -139,9 +155,14 @@ class StagedRunner(dl.SupervisedRunner):
             verbose: progress bars and a line per epoch.
             config: extra facts to record in config.json (model name, data, ...).
             test_loader: evaluated with the best weights at the end into metrics.json.
+            resume: True (``logdir/checkpoints/resume.pth``) or a path: continue a killed run
+                from its last completed epoch; on CPU with a fixed seed the result equals an
+                uninterrupted run.
         """
         stages = list(stages)
         self._check_stages(model, stages)
+        self._stages = stages
+        self._resume_state: Optional[Dict[str, Any]] = None
         logdir = Path(logdir)
         logdir.mkdir(parents=True, exist_ok=True)
         self.logdir = logdir
@@ -149,12 +170,27 @@ class StagedRunner(dl.SupervisedRunner):
         self.minimize = minimize_valid_metric
         self.history, self.best = [], {}
         self.stage_start_epoch = self._batch_offset = self._sample_offset = 0
+        state = self._read_resume(logdir, stages, resume) if resume else None
         engine = make_engine(engine)
-        self._write_config(logdir, model, stages, loaders, criterion, engine, seed, config)
-        previous: Optional[Path] = None
+        if state is None:
+            self._write_config(logdir, model, stages, loaders, criterion, engine, seed, config)
+        first = 0
+        if state is not None:
+            self.history, self.best = list(state["history"]), dict(state["run_best"])
+            first = state["stage_index"] + (1 if state["stage_finished"] else 0)
+            self.stage_start_epoch = state["epoch"] if state["stage_finished"] else state["stage_start_epoch"]
+            self._batch_offset, self._sample_offset = state["batch_step"], state["sample_step"]
+            self.epoch_step = state["epoch"]
+        previous: Optional[Path] = logdir / "checkpoints" / stages[first - 1].name if first else None
         for index, stage in enumerate(stages):
+            if index < first:
+                continue
             self.stage, self.stage_index = stage, index
-            self._load_init(model, stage, previous)
+            self._resume_state = state if state is not None and index == state["stage_index"] else None
+            if self._resume_state is not None:
+                model.load_state_dict(self._resume_state["model"])
+            else:
+                self._load_init(model, stage, previous)
             stage_loaders = loaders(stage) if callable(loaders) else loaders
             self._check_loaders(stage, stage_loaders, valid_loader)
             folder = logdir / "checkpoints" / stage.name
@@ -216,16 +252,22 @@ class StagedRunner(dl.SupervisedRunner):
         verbose: bool,
     ) -> Dict[str, Callback]:
         keys = dict(input_key=self._output_key, target_key=self._target_key)
+        resumed = self._resume_state
+        guard = NaNGuardCallback(stage.on_nan, loss_key=self._loss_key)
         monitor = stage.monitor or (self.valid_loader_key, self.valid_metric_key)
         out: Dict[str, Callback] = {
             "freeze_bn": FreezeBatchNormCallback(frozen_bn),
             "criterion": self._criterion_callback(stage),
-            "backward": dl.BackwardCallback(metric_key=self._loss_key),
-            "optimizer": dl.OptimizerCallback(metric_key=self._loss_key),
+            "nan_guard": guard,
+            "backward": GuardedBackwardCallback(metric_key=self._loss_key),
+            "gradient_guard": GradientGuardCallback(guard),
+            "optimizer": GuardedOptimizerCallback(metric_key=self._loss_key),
             "lr_monitor": LRMonitorCallback(),
             "checkpoint": StageCheckpointCallback(
-                folder, stage.name, self.valid_loader_key, self.valid_metric_key, self.minimize, self._on_best(stage, folder)
+                folder, stage.name, self.valid_loader_key, self.valid_metric_key, self.minimize,
+                self._on_best(stage, folder), **(resumed["stage_best"] if resumed else {}),
             ),
+            "resume_state": ResumeStateCallback(self.logdir / "checkpoints" / "resume.pth", self._resume_payload),
             "history": HistoryCallback(self.logdir / "log.csv", stage.name, self.stage_index, self.history),
         }
         if metrics is not None:
@@ -237,7 +279,8 @@ class StagedRunner(dl.SupervisedRunner):
             )
         if stage.early_stopping:
             es = stage.early_stopping
-            out["early_stopping"] = dl.EarlyStoppingCallback(
+            out["early_stopping"] = EarlyStopping(
+                resume_state=resumed["early_stopping"] if resumed else None,
                 patience=es["patience"],
                 loader_key=es.get("loader", self.valid_loader_key),
                 metric_key=es.get("metric", self.valid_metric_key),
@@ -288,6 +331,10 @@ class StagedRunner(dl.SupervisedRunner):
         optimizer = stage.build_optimizer(groups)
         train_key = next(k for k in loaders if k.startswith("train"))
         scheduler = stage.build_scheduler(optimizer, len(loaders[train_key]), self.minimize)
+        if self._resume_state is not None:
+            optimizer.load_state_dict(self._resume_state["optimizer"])
+            if scheduler is not None and self._resume_state["scheduler"] is not None:
+                scheduler.load_state_dict(self._resume_state["scheduler"])
         callbacks = self._stage_callbacks(stage, frozen_bn, metrics, extra, folder, scheduler, verbose)
         if verbose:
             n_train, n_total = count_params(model)
@@ -315,6 +362,41 @@ class StagedRunner(dl.SupervisedRunner):
             minimize_valid_metric=self.minimize,
             verbose=False,
         )
+
+    def _resume_payload(self, runner: "StagedRunner") -> Dict[str, Any]:
+        callbacks = self.callbacks
+        early = callbacks.get("early_stopping")
+        checkpoint = callbacks["checkpoint"]
+        model = self.engine.unwrap_model(self.model)
+        return {
+            "format": "cvkit-resume-1",
+            "stages": [s.name for s in self._stages],
+            "stage_index": self.stage_index,
+            "stage_start_epoch": self.stage_start_epoch,
+            "epoch": int(self.epoch_step),
+            "stage_finished": bool(self.need_early_stop or self.epoch_step >= self.num_epochs),
+            "batch_step": int(self.batch_step),
+            "sample_step": int(self.sample_step),
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "early_stopping": early.state_dict() if early is not None else None,
+            "stage_best": {"best_score": checkpoint.best_score, "best_epoch": checkpoint.best_epoch},
+            "run_best": dict(self.best),
+            "history": list(self.history),
+        }
+
+    def _read_resume(self, logdir: Path, stages: List[Stage], resume: Union[bool, str, Path]) -> Optional[Dict[str, Any]]:
+        path = logdir / "checkpoints" / "resume.pth" if resume is True else Path(resume)
+        if not path.is_file():
+            raise FileNotFoundError(f"nothing to resume: {path} does not exist (no epoch of this run finished)")
+        state = load_checkpoint(path)
+        if state.get("format") != "cvkit-resume-1":
+            raise ValueError(f"{path} is not a cvkit resume file (format {state.get('format')!r})")
+        names = [s.name for s in stages]
+        if state["stages"] != names:
+            raise ValueError(f"{path} was written by a run with stages {state['stages']}, not {names}")
+        return state
 
     def _write_config(
         self,

@@ -132,6 +132,8 @@ class Stage:
         init: weights that start the stage: ``"best"`` or ``"last"`` of the previous stage,
             ``"current"`` (whatever the model holds), or a checkpoint path.
         loss_range: band of per-sample loss ranks to learn from (see cvkit.callbacks.loss_range).
+        on_nan: a NaN/inf loss or gradient ``"stop"``s the run with a message naming stage,
+            epoch and batch, or ``"skip"``s that batch (counted as ``nan_skipped_batches``).
     """
 
     name: str
@@ -152,6 +154,7 @@ class Stage:
     image_size: Optional[int] = None
     init: str = "best"
     loss_range: Optional[Any] = None
+    on_nan: str = "stop"
 
     def __post_init__(self) -> None:
         where = f"stage {self.name!r}"
@@ -186,6 +189,8 @@ class Stage:
                 raise KeyError(f"{where}: unknown early_stopping keys {sorted(unknown)}; valid: {sorted(_EARLY_STOPPING_KEYS)}")
             if "patience" not in self.early_stopping:
                 raise KeyError(f"{where}: early_stopping needs 'patience'")
+        if self.on_nan not in ("stop", "skip"):
+            raise ValueError(f"{where}: on_nan must be 'stop' or 'skip', got {self.on_nan!r}")
         for key in ("batch_size", "image_size"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or value < 1):

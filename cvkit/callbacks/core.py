@@ -9,9 +9,12 @@ import csv
 import io
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
+from catalyst.callbacks.backward import BackwardCallback
+from catalyst.callbacks.misc import EarlyStoppingCallback
+from catalyst.callbacks.optimizer import OptimizerCallback
 from catalyst.core.callback import Callback, CallbackOrder
 
 from cvkit.io import atomic_write_bytes, save_checkpoint
@@ -120,13 +123,14 @@ class StageCheckpointCallback(Callback):
         metric_key: str,
         minimize: bool,
         on_best: Optional[Callable[[float, int], None]] = None,
+        best_score: Optional[float] = None,
+        best_epoch: Optional[int] = None,
     ) -> None:
         super().__init__(order=CallbackOrder.Checkpoint + 1)
         self.folder = Path(folder)
         self.stage = stage
         self.loader_key, self.metric_key, self.minimize = loader_key, metric_key, minimize
-        self.best_score: Optional[float] = None
-        self.best_epoch: Optional[int] = None
+        self.best_score, self.best_epoch = best_score, best_epoch
         self.on_best = on_best
 
     def is_better(self, score: float) -> bool:
@@ -199,3 +203,122 @@ def write_csv(path: Path, rows: List[Dict[str, object]]) -> None:
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_bytes(path, buffer.getvalue().encode())
+
+
+class EarlyStopping(EarlyStoppingCallback):
+    """Catalyst's early stopping, with its counters saved for resume and restored at stage start."""
+
+    def __init__(self, *args: Any, resume_state: Optional[Dict[str, Any]] = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.resume_state = resume_state
+
+    def on_experiment_start(self, runner: "IRunner") -> None:
+        super().on_experiment_start(runner)
+        if self.resume_state:
+            self.best_score = self.resume_state["best_score"]
+            self.num_no_improvement_epochs = int(self.resume_state["num_no_improvement_epochs"])
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"best_score": self.best_score, "num_no_improvement_epochs": self.num_no_improvement_epochs}
+
+
+class ResumeStateCallback(Callback):
+    """After every epoch, write ``resume.pth``: all a killed run needs to continue exactly.
+
+    Catalyst reseeds every RNG from ``seed + epoch`` at each epoch and loader start, so the
+    state of the last completed epoch (weights, optimizer, scheduler, early-stopping and best-score
+    counters, history) is enough for the continued run to match an uninterrupted one.
+    """
+
+    def __init__(self, path: Path, payload: Callable[["IRunner"], Dict[str, Any]]) -> None:
+        super().__init__(order=CallbackOrder.External + 20)
+        self.path = Path(path)
+        self.payload = payload
+
+    def on_epoch_end(self, runner: "IRunner") -> None:
+        if runner.engine.is_main_process:
+            save_checkpoint(self.path, self.payload(runner))
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN/inf loss or gradient and the stage's policy is to stop."""
+
+
+class NaNGuardCallback(Callback):
+    """Stop (or skip the batch) when the train loss or any gradient is NaN/inf.
+
+    Sits between the criterion and the backward pass (loss check) and again right after the
+    backward pass (gradient check). With ``policy="skip"`` the guarded backward/optimizer
+    callbacks see ``runner.skip_step`` and leave the weights untouched for that batch.
+    """
+
+    def __init__(self, policy: str = "stop", loss_key: str = "loss") -> None:
+        if policy not in ("stop", "skip"):
+            raise ValueError(f"NaN policy must be 'stop' or 'skip', got {policy!r}")
+        super().__init__(order=CallbackOrder.Backward - 1)
+        self.policy, self.loss_key = policy, loss_key
+        self.skipped = 0
+
+    def on_loader_start(self, runner: "IRunner") -> None:
+        self.skipped = 0
+
+    def on_batch_start(self, runner: "IRunner") -> None:
+        runner.skip_step = False
+
+    def check(self, runner: "IRunner", what: str) -> None:
+        where = (
+            f"stage {getattr(runner.stage, 'name', '?')!r}, epoch {runner.epoch_step}, "
+            f"batch {runner.loader_batch_step} of loader {runner.loader_key!r}"
+        )
+        if self.policy == "stop":
+            raise NonFiniteLossError(
+                f"non-finite {what} in {where}; the last good weights are in the stage's last.pth "
+                "and the run continues from them with resume=True (policy 'skip' skips such batches)"
+            )
+        runner.skip_step = True
+        self.skipped += 1
+
+    def on_batch_end(self, runner: "IRunner") -> None:
+        if not runner.is_train_loader:
+            return
+        loss = runner.batch_metrics.get(self.loss_key)
+        if loss is not None and not torch.isfinite(torch.as_tensor(loss)).all():
+            self.check(runner, f"loss ({float(torch.as_tensor(loss).float().mean())})")
+
+    def on_loader_end(self, runner: "IRunner") -> None:
+        if runner.is_train_loader and self.policy == "skip":
+            runner.loader_metrics["nan_skipped_batches"] = float(self.skipped)
+
+
+class GradientGuardCallback(Callback):
+    """Right after backward: a NaN/inf gradient is handled like a NaN loss (see NaNGuardCallback)."""
+
+    def __init__(self, guard: NaNGuardCallback) -> None:
+        super().__init__(order=CallbackOrder.Backward + 1)
+        self.guard = guard
+
+    def on_batch_end(self, runner: "IRunner") -> None:
+        if not runner.is_train_loader or runner.skip_step:
+            return
+        for p in runner.engine.unwrap_model(runner.model).parameters():
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                self.guard.check(runner, "gradient")
+                return
+
+
+class GuardedBackwardCallback(BackwardCallback):
+    """Catalyst's backward step, skipped for a batch the NaN guard marked."""
+
+    def on_batch_end(self, runner: "IRunner") -> None:
+        if not getattr(runner, "skip_step", False):
+            super().on_batch_end(runner)
+
+
+class GuardedOptimizerCallback(OptimizerCallback):
+    """Catalyst's optimizer step; for a batch the NaN guard marked, gradients are dropped instead."""
+
+    def on_batch_end(self, runner: "IRunner") -> None:
+        if runner.is_train_loader and getattr(runner, "skip_step", False):
+            self.optimizer.zero_grad()
+            return
+        super().on_batch_end(runner)
