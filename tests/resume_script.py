@@ -1,6 +1,7 @@
-"""A small staged run for the resume tests: ``python resume_script.py LOGDIR KILL_AT_BATCH [--resume]``.
+"""A small staged run for the resume tests: ``python resume_script.py LOGDIR KILL_AT_BATCH [--resume] [--sigint]``.
 
-It SIGKILLs itself at the given global train batch (0: never), mid-epoch, like a pre-emption.
+It SIGKILLs itself at the given train batch (0: never), mid-epoch, like a pre-emption, or sends
+itself SIGINT (Ctrl-C) with ``--sigint``.
 """
 import os
 import signal
@@ -17,16 +18,16 @@ from cvkit.stages import Stage
 
 
 class KillAt(Callback):
-    def __init__(self, batch: int) -> None:
+    def __init__(self, batch: int, sig: int) -> None:
         super().__init__(order=200)
-        self.batch = batch
+        self.batch, self.sig = batch, sig
         self.seen = 0
 
     def on_batch_end(self, runner) -> None:
         if runner.is_train_loader:
             self.seen += 1
             if self.seen == self.batch:
-                os.kill(os.getpid(), signal.SIGKILL)
+                os.kill(os.getpid(), self.sig)
 
 
 def main() -> None:
@@ -39,7 +40,7 @@ def main() -> None:
     ]
     StagedRunner().fit(
         model, stages, tiny_loaders(), torch.nn.CrossEntropyLoss(), logdir, verbose=False,
-        metrics=lambda: [ClassificationMetrics(3)], callbacks=lambda s, kill=KillAt(kill_at): [kill],
+        metrics=lambda: [ClassificationMetrics(3)], callbacks=lambda s, kill=KillAt(kill_at, signal.SIGINT if "--sigint" in sys.argv else signal.SIGKILL): [kill],
         resume="--resume" in sys.argv,
     )
 

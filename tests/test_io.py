@@ -51,3 +51,34 @@ def test_atomic_write_keeps_old_file_when_the_write_fails(tmp_path):
         atomic_write_bytes(target, object())  # type: ignore[arg-type]
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"], "temporary file left behind"
+
+
+WRITER = """
+import sys, torch
+from cvkit.io import save_checkpoint
+path = sys.argv[1]
+i = 0
+while True:
+    i += 1
+    save_checkpoint(path, {"model": {"w": torch.full((2_000_000,), float(i))}, "epoch": i})
+"""
+
+
+def test_sigkill_while_writing_leaves_a_complete_checkpoint(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    target = tmp_path / "last.pth"
+    for delay in (0.05, 0.3, 0.7):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(target)])
+        deadline = time.time() + 60
+        while not target.exists() and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        got = load_checkpoint(target)
+        w = got["model"]["w"]
+        assert w.numel() == 2_000_000 and bool((w == got["epoch"]).all())

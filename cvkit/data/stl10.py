@@ -180,8 +180,11 @@ class ArrayDataset:
     def __getitem__(self, index: int) -> Dict[str, object]:
         import torch
 
+        from cvkit.data.seeding import reseed_transform
+
         image = self.images[index]
         if self.transform is not None:
+            reseed_transform(self.transform)
             image = self.transform(image=image)["image"]
         if isinstance(image, np.ndarray):
             image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
