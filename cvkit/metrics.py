@@ -47,6 +47,10 @@ class Metric:
     def compute(self) -> Dict[str, float]:
         raise NotImplementedError
 
+    def sync(self) -> None:
+        """Sum the statistics over all processes (called under DDP before :meth:`compute`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support distributed training")
+
 
 @register_metric
 class ClassificationMetrics(Metric):
@@ -70,6 +74,9 @@ class ClassificationMetrics(Metric):
             true = true.argmax(dim=1)
         index = true.long() * self.num_classes + pred.long()
         self.confusion += torch.bincount(index, minlength=self.num_classes**2).view(self.num_classes, -1)
+
+    def sync(self) -> None:
+        torch.distributed.all_reduce(self.confusion)
 
     def compute(self) -> Dict[str, float]:
         cm = self.confusion.double()

@@ -172,6 +172,10 @@ class StagedRunner(dl.SupervisedRunner):
         self.stage_start_epoch = self._batch_offset = self._sample_offset = 0
         state = self._read_resume(logdir, stages, resume) if resume else None
         engine = make_engine(engine)
+        if isinstance(engine, dl.DistributedDataParallelEngine):
+            # Spawned workers receive the runner by pickling; the default file-descriptor sharing
+            # fails here on empty tensors ("unable to resize file"), file-system sharing does not.
+            torch.multiprocessing.set_sharing_strategy("file_system")
         if state is None:
             self._write_config(logdir, model, stages, loaders, criterion, engine, seed, config)
         first = 0
@@ -198,8 +202,7 @@ class StagedRunner(dl.SupervisedRunner):
                 model, stage, stage_loaders, criterion, metrics, callbacks, folder, engine, seed, verbose
             )
             previous = folder
-            self.stage_start_epoch = self.epoch_step
-            self._batch_offset, self._sample_offset = self.batch_step, self.sample_step
+            self._sync_from_disk(logdir)
         self._finish(model, logdir, test_loader, metrics, engine)
         return self
 
@@ -232,11 +235,23 @@ class StagedRunner(dl.SupervisedRunner):
         if valid_loader not in loaders:
             raise ValueError(f"stage {stage.name!r}: valid loader {valid_loader!r} missing; loaders are {list(loaders)}")
 
+    def _sync_from_disk(self, logdir: Path) -> None:
+        """Take counters, history and best from the stage's last ``resume.pth``.
+
+        Under DDP the stage ran in spawned processes whose runner state never comes back;
+        reading what rank 0 wrote keeps the parent right (and is a no-op otherwise).
+        """
+        state = load_checkpoint(logdir / "checkpoints" / "resume.pth")
+        self.history[:] = state["history"]
+        self.best = dict(state["run_best"])
+        self.epoch_step = self.stage_start_epoch = int(state["epoch"])
+        self._batch_offset, self._sample_offset = int(state["batch_step"]), int(state["sample_step"])
+
     def _load_init(self, model: nn.Module, stage: Stage, previous: Optional[Path]) -> None:
-        if stage.init == "current":
+        if stage.init == "current" and previous is None:
             return
-        if stage.init in ("best", "last"):
-            path = previous / f"{stage.init}.pth"
+        if stage.init in ("best", "last", "current"):
+            path = previous / f"{'last' if stage.init == 'current' else stage.init}.pth"
         else:
             path = Path(stage.init)
         model.load_state_dict(state_dict_of(load_checkpoint(path), path))
@@ -265,9 +280,9 @@ class StagedRunner(dl.SupervisedRunner):
             "lr_monitor": LRMonitorCallback(),
             "checkpoint": StageCheckpointCallback(
                 folder, stage.name, self.valid_loader_key, self.valid_metric_key, self.minimize,
-                self._on_best(stage, folder), **(resumed["stage_best"] if resumed else {}),
+                **(resumed["stage_best"] if resumed else {}),
             ),
-            "resume_state": ResumeStateCallback(self.logdir / "checkpoints" / "resume.pth", self._resume_payload),
+            "resume_state": ResumeStateCallback(self.logdir / "checkpoints" / "resume.pth"),
             "history": HistoryCallback(self.logdir / "log.csv", stage.name, self.stage_index, self.history),
         }
         if metrics is not None:
@@ -302,14 +317,11 @@ class StagedRunner(dl.SupervisedRunner):
         options = stage.loss_range if isinstance(stage.loss_range, Mapping) else {"band": tuple(stage.loss_range)}
         return LossRangeCallback(**keys, logdir=self.logdir / "loss_range" / stage.name, **options)
 
-    def _on_best(self, stage: Stage, folder: Path) -> Callable[[float, int], None]:
-        def update(score: float, epoch: int) -> None:
-            old = self.best.get("score")
-            better = old is None or (score < old if self.minimize else score > old)
-            if better:
-                self.best = {"stage": stage.name, "epoch": epoch, "score": score, "path": str(folder / "best.pth")}
-
-        return update
+    def record_best(self, stage: str, path: Path, score: float, epoch: int) -> None:
+        """Called by the checkpoint callback on a stage's new best: keep the run's overall best."""
+        old = self.best.get("score")
+        if old is None or (score < old if self.minimize else score > old):
+            self.best = {"stage": stage, "epoch": epoch, "score": score, "path": str(path)}
 
     def _run_stage(
         self,
@@ -363,7 +375,8 @@ class StagedRunner(dl.SupervisedRunner):
             verbose=False,
         )
 
-    def _resume_payload(self, runner: "StagedRunner") -> Dict[str, Any]:
+    def resume_payload(self) -> Dict[str, Any]:
+        """Everything needed to continue after the epoch that just ended (plain data only)."""
         callbacks = self.callbacks
         early = callbacks.get("early_stopping")
         checkpoint = callbacks["checkpoint"]

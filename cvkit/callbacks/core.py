@@ -69,7 +69,10 @@ class MetricsCallback(Callback):
 
     def on_loader_end(self, runner: "IRunner") -> None:
         if self._active(runner):
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
             for metric in self.metrics:
+                if distributed:
+                    metric.sync()
                 runner.loader_metrics.update(metric.compute())
 
 
@@ -113,6 +116,7 @@ class StageCheckpointCallback(Callback):
     """Save ``last.pth`` every epoch and ``best.pth`` when the valid metric improves, atomically.
 
     Files hold plain tensors and numbers, so ``torch.load(..., weights_only=True)`` reads them.
+    A new best is reported to ``runner.record_best(stage, path, score, epoch)`` when the runner has it.
     """
 
     def __init__(
@@ -122,7 +126,6 @@ class StageCheckpointCallback(Callback):
         loader_key: str,
         metric_key: str,
         minimize: bool,
-        on_best: Optional[Callable[[float, int], None]] = None,
         best_score: Optional[float] = None,
         best_epoch: Optional[int] = None,
     ) -> None:
@@ -131,7 +134,6 @@ class StageCheckpointCallback(Callback):
         self.stage = stage
         self.loader_key, self.metric_key, self.minimize = loader_key, metric_key, minimize
         self.best_score, self.best_epoch = best_score, best_epoch
-        self.on_best = on_best
 
     def is_better(self, score: float) -> bool:
         if not math.isfinite(score):
@@ -162,8 +164,9 @@ class StageCheckpointCallback(Callback):
             self.best_score, self.best_epoch = score, int(runner.epoch_step)
             if runner.engine.is_main_process:
                 save_checkpoint(self.folder / "best.pth", payload)
-            if self.on_best is not None:
-                self.on_best(score, int(runner.epoch_step))
+            record = getattr(runner, "record_best", None)
+            if record is not None:
+                record(self.stage, self.folder / "best.pth", score, int(runner.epoch_step))
 
 
 class HistoryCallback(Callback):
@@ -223,21 +226,20 @@ class EarlyStopping(EarlyStoppingCallback):
 
 
 class ResumeStateCallback(Callback):
-    """After every epoch, write ``resume.pth``: all a killed run needs to continue exactly.
+    """After every epoch, write ``resume.pth`` from ``runner.resume_payload()``.
 
     Catalyst reseeds every RNG from ``seed + epoch`` at each epoch and loader start, so the
     state of the last completed epoch (weights, optimizer, scheduler, early-stopping and best-score
     counters, history) is enough for the continued run to match an uninterrupted one.
     """
 
-    def __init__(self, path: Path, payload: Callable[["IRunner"], Dict[str, Any]]) -> None:
+    def __init__(self, path: Path) -> None:
         super().__init__(order=CallbackOrder.External + 20)
         self.path = Path(path)
-        self.payload = payload
 
     def on_epoch_end(self, runner: "IRunner") -> None:
         if runner.engine.is_main_process:
-            save_checkpoint(self.path, self.payload(runner))
+            save_checkpoint(self.path, runner.resume_payload())
 
 
 class NonFiniteLossError(FloatingPointError):
