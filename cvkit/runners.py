@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import platform
-import shutil
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -33,11 +32,11 @@ from cvkit.callbacks.core import (
     LRMonitorCallback,
     MetricsCallback,
     NaNGuardCallback,
-    ResumeStateCallback,
     StageCheckpointCallback,
 )
-from cvkit.io import atomic_write_json, load_checkpoint, state_dict_of
+from cvkit.io import atomic_write_json, load_checkpoint, save_checkpoint, state_dict_of
 from cvkit.metrics import Metric
+from cvkit.perf import FastPaths, ProfileCallback
 from cvkit.models.groups import apply_trainable, count_params, param_groups, resolve_lr, trainable_param_names
 from cvkit.stages import Stage
 
@@ -47,9 +46,11 @@ MetricsFactory = Callable[[], Iterable[Metric]]
 
 
 def make_engine(engine: Union[None, str, Engine] = None) -> Engine:
-    """An explicit Catalyst engine: ``cpu``, ``gpu``, ``amp`` (fp16 on GPU), or the best available.
+    """An explicit Catalyst engine: ``cpu``, ``gpu``, ``amp`` (fp16 on GPU), ``ddp``/``ddp_amp``
+    (one process per visible GPU, nccl), or the best available.
 
-    Catalyst's own default builds ``GPUEngine(fp16=...)``, which recent accelerate rejects.
+    Catalyst's own default builds ``GPUEngine(fp16=...)``, which recent accelerate rejects. For DDP
+    on CPU or across machines pass ``dl.DistributedDataParallelEngine(...)`` yourself (README).
     """
     if isinstance(engine, Engine):
         return engine
@@ -57,11 +58,14 @@ def make_engine(engine: Union[None, str, Engine] = None) -> Engine:
         engine = "gpu" if torch.cuda.is_available() else "cpu"
     if engine == "cpu":
         return dl.CPUEngine()
-    if engine in ("gpu", "amp"):
+    if engine in ("gpu", "amp", "ddp", "ddp_amp"):
         if not torch.cuda.is_available():
             raise RuntimeError(f"engine {engine!r} needs a CUDA GPU and none is visible; use engine='cpu'")
-        return dl.GPUEngine(mixed_precision="fp16" if engine == "amp" else "no")
-    raise ValueError(f"unknown engine {engine!r}; valid: 'cpu', 'gpu', 'amp' or a catalyst Engine")
+        precision = "fp16" if engine.endswith("amp") else "no"
+        if engine.startswith("ddp"):
+            return dl.DistributedDataParallelEngine(mixed_precision=precision)
+        return dl.GPUEngine(mixed_precision=precision)
+    raise ValueError(f"unknown engine {engine!r}; valid: 'cpu', 'gpu', 'amp', 'ddp', 'ddp_amp' or a catalyst Engine")
 
 
 class StagedRunner(dl.SupervisedRunner):
@@ -136,6 +140,8 @@ class StagedRunner(dl.SupervisedRunner):
         config: Optional[Dict[str, Any]] = None,
         test_loader: Optional[DataLoader] = None,
         resume: Union[None, bool, str, Path] = None,
+        fast: Optional[FastPaths] = None,
+        profile: bool = False,
     ) -> "StagedRunner":
         """Run every stage in order and return self.
 
@@ -158,11 +164,15 @@ class StagedRunner(dl.SupervisedRunner):
             resume: True (``logdir/checkpoints/resume.pth``) or a path: continue a killed run
                 from its last completed epoch; on CPU with a fixed seed the result equals an
                 uninterrupted run.
+            fast: GPU speed switches (channels_last, compile, cudnn_benchmark); see cvkit.perf.
+            profile: profile 10 train batches of the first epoch into logdir/profile.txt.
         """
         stages = list(stages)
         self._check_stages(model, stages)
         self._stages = stages
         self._resume_state: Optional[Dict[str, Any]] = None
+        self._fast, self._profile = fast or FastPaths(), profile
+        self._fast.apply(model)
         logdir = Path(logdir)
         logdir.mkdir(parents=True, exist_ok=True)
         self.logdir = logdir
@@ -279,10 +289,10 @@ class StagedRunner(dl.SupervisedRunner):
             "optimizer": GuardedOptimizerCallback(metric_key=self._loss_key),
             "lr_monitor": LRMonitorCallback(),
             "checkpoint": StageCheckpointCallback(
-                folder, stage.name, self.valid_loader_key, self.valid_metric_key, self.minimize,
+                folder, self.logdir / "checkpoints" / "resume.pth", stage.name,
+                self.valid_loader_key, self.valid_metric_key, self.minimize,
                 **(resumed["stage_best"] if resumed else {}),
             ),
-            "resume_state": ResumeStateCallback(self.logdir / "checkpoints" / "resume.pth"),
             "history": HistoryCallback(self.logdir / "log.csv", stage.name, self.stage_index, self.history),
         }
         if metrics is not None:
@@ -304,6 +314,9 @@ class StagedRunner(dl.SupervisedRunner):
             )
         if verbose:
             out["progress"] = dl.TqdmCallback()
+        out.update(self._fast.callbacks(self._input_key))
+        if self._profile and self.stage_index == 0:
+            out["profile"] = ProfileCallback(self.logdir)
         for i, callback in enumerate(extra(stage) if extra else ()):
             out[f"extra_{i}_{type(callback).__name__}"] = callback
         return out
@@ -383,6 +396,8 @@ class StagedRunner(dl.SupervisedRunner):
         model = self.engine.unwrap_model(self.model)
         return {
             "format": "cvkit-resume-1",
+            "stage": self.stage.name,
+            "metrics": {k: dict(v) for k, v in self.epoch_metrics.items()},
             "stages": [s.name for s in self._stages],
             "stage_index": self.stage_index,
             "stage_start_epoch": self.stage_start_epoch,
@@ -435,6 +450,8 @@ class StagedRunner(dl.SupervisedRunner):
             "valid": {"loader": self.valid_loader_key, "metric": self.valid_metric_key, "minimize": self.minimize},
             "engine": type(engine).__name__,
             "seed": seed,
+            "fast_paths": self._fast.to_dict(),
+            "profile": self._profile,
             "versions": {
                 "cvkit": cvkit.__version__,
                 "torch": torch.__version__,
@@ -457,8 +474,10 @@ class StagedRunner(dl.SupervisedRunner):
         best_path = Path(self.best["path"])
         checkpoint = load_checkpoint(best_path)
         model.load_state_dict(state_dict_of(checkpoint, best_path))
-        shutil.copyfile(best_path, logdir / "best.pth.tmp")
-        (logdir / "best.pth.tmp").replace(logdir / "best.pth")
+        save_checkpoint(logdir / "best.pth", {
+            "model": state_dict_of(checkpoint, best_path), "stage": checkpoint["stage"],
+            "epoch": checkpoint["epoch"], "metrics": checkpoint["metrics"],
+        })
         result: Dict[str, Any] = {"best": dict(self.best), "valid": checkpoint["metrics"].get(self.valid_loader_key, {})}
         result["epochs"] = int(self.epoch_step)
         if test_loader is not None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence
 
@@ -113,15 +115,19 @@ class LRMonitorCallback(Callback):
 
 
 class StageCheckpointCallback(Callback):
-    """Save ``last.pth`` every epoch and ``best.pth`` when the valid metric improves, atomically.
+    """Every epoch: ``resume.pth`` and the stage's ``last.pth``; ``best.pth`` when the valid metric improves.
 
-    Files hold plain tensors and numbers, so ``torch.load(..., weights_only=True)`` reads them.
-    A new best is reported to ``runner.record_best(stage, path, score, epoch)`` when the runner has it.
+    The state is serialised once, from ``runner.resume_payload()`` (weights, optimizer,
+    scheduler, counters, history), and written atomically; ``last.pth``, ``best.pth`` and
+    ``resume.pth`` are hard links to that one file where the filesystem allows, so an epoch costs
+    one write. Files hold plain tensors and numbers: ``torch.load(..., weights_only=True)`` reads
+    them. Runs after early stopping and history, so the saved state is the epoch's final one.
     """
 
     def __init__(
         self,
         folder: Path,
+        resume_path: Path,
         stage: str,
         loader_key: str,
         metric_key: str,
@@ -129,8 +135,8 @@ class StageCheckpointCallback(Callback):
         best_score: Optional[float] = None,
         best_epoch: Optional[int] = None,
     ) -> None:
-        super().__init__(order=CallbackOrder.Checkpoint + 1)
-        self.folder = Path(folder)
+        super().__init__(order=CallbackOrder.External + 20)
+        self.folder, self.resume_path = Path(folder), Path(resume_path)
         self.stage = stage
         self.loader_key, self.metric_key, self.minimize = loader_key, metric_key, minimize
         self.best_score, self.best_epoch = best_score, best_epoch
@@ -151,22 +157,31 @@ class StageCheckpointCallback(Callback):
                 f"metrics this epoch: {have}"
             )
         score = float(metrics[self.metric_key])
-        model = runner.engine.unwrap_model(runner.model)
-        payload = {
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "stage": self.stage,
-            "epoch": int(runner.epoch_step),
-            "metrics": {k: dict(v) for k, v in runner.epoch_metrics.items()},
-        }
-        if runner.engine.is_main_process:
-            save_checkpoint(self.folder / "last.pth", payload)
-        if self.is_better(score):
+        better = self.is_better(score)
+        if better:
             self.best_score, self.best_epoch = score, int(runner.epoch_step)
-            if runner.engine.is_main_process:
-                save_checkpoint(self.folder / "best.pth", payload)
             record = getattr(runner, "record_best", None)
             if record is not None:
                 record(self.stage, self.folder / "best.pth", score, int(runner.epoch_step))
+        if not runner.engine.is_main_process:
+            return
+        last = self.folder / "last.pth"
+        save_checkpoint(last, runner.resume_payload())
+        if better:
+            link_or_copy(last, self.folder / "best.pth")
+        link_or_copy(last, self.resume_path)
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Make ``target`` hold ``source``'s bytes, atomically: a hard link, or a copy if links fail."""
+    tmp = target.with_name(f".{target.name}.link")
+    if tmp.exists():
+        tmp.unlink()
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
 
 
 class HistoryCallback(Callback):
@@ -223,23 +238,6 @@ class EarlyStopping(EarlyStoppingCallback):
 
     def state_dict(self) -> Dict[str, Any]:
         return {"best_score": self.best_score, "num_no_improvement_epochs": self.num_no_improvement_epochs}
-
-
-class ResumeStateCallback(Callback):
-    """After every epoch, write ``resume.pth`` from ``runner.resume_payload()``.
-
-    Catalyst reseeds every RNG from ``seed + epoch`` at each epoch and loader start, so the
-    state of the last completed epoch (weights, optimizer, scheduler, early-stopping and best-score
-    counters, history) is enough for the continued run to match an uninterrupted one.
-    """
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(order=CallbackOrder.External + 20)
-        self.path = Path(path)
-
-    def on_epoch_end(self, runner: "IRunner") -> None:
-        if runner.engine.is_main_process:
-            save_checkpoint(self.path, runner.resume_payload())
 
 
 class NonFiniteLossError(FloatingPointError):
