@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from cvkit.data import stl10
 from cvkit.metrics import ClassificationMetrics
 from cvkit.models import create_model
+from cvkit.perf import FastPaths
 from cvkit.runners import StagedRunner
 from cvkit.stages import Stage
 
@@ -38,7 +39,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--image-size", type=int, default=64, help="training size of the full stage (head stage: 3/4 of it)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--device", default=None, choices=["cpu", "gpu", "amp"], help="default: gpu if available")
+    p.add_argument("--device", default=None, choices=["cpu", "gpu", "amp", "ddp", "ddp_amp"],
+                   help="engine (amp: fp16 mixed precision; ddp: one process per GPU); default gpu if available")
+    p.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convs on GPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model in place")
+    p.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN pick kernels for fixed sizes")
+    p.add_argument("--profile", action="store_true", help="profile 10 train batches into LOGDIR/profile.txt")
+    p.add_argument("--resume", action="store_true", help="continue a killed run in --logdir from its last epoch")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--limit", type=int, default=None, help="use only this many train/test images (smoke runs)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -90,7 +97,8 @@ def main(argv=None) -> dict:
         model, stages, loaders, torch.nn.CrossEntropyLoss(), args.logdir,
         metrics=lambda: [ClassificationMetrics(len(names))],
         valid_metric="accuracy", minimize_valid_metric=False,
-        engine=args.device, seed=args.seed, verbose=not args.quiet, test_loader=test,
+        engine=args.device, seed=args.seed, verbose=not args.quiet, test_loader=test, resume=args.resume,
+        fast=FastPaths(args.channels_last, args.compile, args.cudnn_benchmark), profile=args.profile,
         config={"example": "stl10", "arch": args.arch, "data": str(root), "classes": list(names), "args": vars(args)},
     )
     result = runner.final_metrics
