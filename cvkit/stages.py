@@ -200,6 +200,17 @@ class Stage:
             if len(self.monitor) != 2:
                 raise ValueError(f"{where}: monitor must be (loader, metric), got {self.monitor!r}")
 
+        self._check_builds()
+
+    def _check_builds(self) -> None:
+        """Build the optimizer and scheduler once on a dummy parameter, so bad kwargs fail now."""
+        dummy = [{"params": [torch.zeros(1, requires_grad=True)], "lr": 1e-3, "name": "check"}]
+        try:
+            optimizer = _OPTIMIZERS[self.optimizer](dummy, **self.optimizer_kwargs)
+        except TypeError as exc:
+            raise TypeError(f"stage {self.name!r}: bad optimizer_kwargs {self.optimizer_kwargs} for {self.optimizer!r}: {exc}") from None
+        self.build_scheduler(optimizer, steps_per_epoch=1, minimize=True)
+
     def to_dict(self) -> Dict[str, Any]:
         """Plain-data form for config.json."""
         return asdict(self)
