@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from cvkit.callbacks.core import (
+    BatchPlateauCallback,
     EarlyStopping,
     FreezeBatchNormCallback,
     GradientGuardCallback,
@@ -38,7 +39,7 @@ from cvkit.io import atomic_write_json, load_checkpoint, save_checkpoint, state_
 from cvkit.metrics import Metric
 from cvkit.perf import FastPaths, ProfileCallback
 from cvkit.models.groups import apply_trainable, count_params, param_groups, resolve_lr, trainable_param_names
-from cvkit.stages import Stage
+from cvkit.stages import SmoothedLossPlateau, Stage
 
 Loaders = Mapping[str, DataLoader]
 LoaderFactory = Callable[[Stage], Loaders]
@@ -297,7 +298,9 @@ class StagedRunner(dl.SupervisedRunner):
         }
         if metrics is not None:
             out["metrics"] = MetricsCallback(metrics(), **keys)
-        if scheduler is not None:
+        if isinstance(scheduler, SmoothedLossPlateau):
+            out["scheduler"] = BatchPlateauCallback(self._loss_key)
+        elif scheduler is not None:
             plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
             out["scheduler"] = dl.SchedulerCallback(
                 mode=stage.interval, **(dict(loader_key=monitor[0], metric_key=monitor[1]) if plateau else {})

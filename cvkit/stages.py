@@ -124,7 +124,8 @@ class Stage:
         layer_decay: split the backbone by depth; each level down multiplies the LR by this.
         optimizer / optimizer_kwargs: a registered optimizer (sgd, adam, adamw) and its arguments.
         weight_decay: applied to weights, not to biases and norm parameters.
-        scheduler / scheduler_kwargs: a registered scheduler (plateau, step, cosine, onecycle) or None.
+        scheduler / scheduler_kwargs: a registered scheduler (plateau, step, cosine, onecycle,
+            plateau_batch: plateau on the smoothed train loss, patience in batches) or None.
         interval: step the scheduler per ``"epoch"`` or per ``"batch"`` (default: the kind's own).
         monitor: ``(loader, metric)`` the plateau scheduler watches; default the run's valid metric.
         early_stopping: ``{"patience": int, "min_delta": float, "metric": str, "loader": str}``.
@@ -178,10 +179,12 @@ class Stage:
             self.interval = _DEFAULT_INTERVAL[self.scheduler]
         if self.interval not in (None, "epoch", "batch"):
             raise ValueError(f"{where}: interval must be 'epoch' or 'batch', got {self.interval!r}")
+        if self.scheduler == "plateau_batch" and self.interval != "batch":
+            raise ValueError(f"{where}: plateau_batch watches the train loss every batch; use interval='batch'")
         if self.scheduler == "plateau" and self.interval == "batch":
             raise ValueError(
                 f"{where}: a plateau scheduler steps on a validation metric once per epoch; "
-                "use interval='epoch' (per-batch plateau on the train loss is a separate callback)"
+                "use interval='epoch', or scheduler='plateau_batch' for a plateau on the smoothed train loss per batch"
             )
         if self.early_stopping is not None:
             unknown = set(self.early_stopping) - _EARLY_STOPPING_KEYS
@@ -226,9 +229,40 @@ class Stage:
         if self.scheduler is None:
             return None
         kwargs = dict(self.scheduler_kwargs)
-        if self.scheduler == "plateau":
+        if self.scheduler in ("plateau", "plateau_batch"):
             kwargs["minimize"] = minimize
         try:
             return _SCHEDULERS[self.scheduler](optimizer, self, steps_per_epoch, **kwargs)
         except TypeError as exc:
             raise TypeError(f"stage {self.name!r}: bad scheduler_kwargs for {self.scheduler!r}: {exc}") from exc
+
+
+class SmoothedLossPlateau(torch.optim.lr_scheduler.ReduceLROnPlateau):
+    """ReduceLROnPlateau fed per batch with an exponential moving average of the train loss.
+
+    The keypoints project cut the LR when the train loss stalled for 10-25% of an epoch;
+    Catalyst steps plateau schedulers once per epoch only, so cvkit steps this one from
+    :class:`cvkit.callbacks.core.BatchPlateauCallback`. ``patience`` counts batches.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, smoothing: float = 0.9, **kwargs: Any) -> None:
+        if not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+        super().__init__(optimizer, **kwargs)
+        self.smoothing = smoothing
+        self.smoothed: Optional[float] = None
+
+    def update(self, loss: float) -> None:
+        """Fold one batch's loss into the moving average and step on it."""
+        loss = float(loss)
+        if not math.isfinite(loss):
+            return
+        self.smoothed = loss if self.smoothed is None else self.smoothing * self.smoothed + (1 - self.smoothing) * loss
+        self.step(self.smoothed)
+
+
+@register_scheduler("batch")
+def plateau_batch(optimizer: torch.optim.Optimizer, stage: "Stage", steps_per_epoch: int, minimize: bool = True, **kwargs: Any) -> Any:
+    """Plateau on the smoothed train loss, checked every batch; ``patience`` in batches."""
+    kwargs.setdefault("patience", max(1, steps_per_epoch // 5))
+    return SmoothedLossPlateau(optimizer, mode="min", **kwargs)

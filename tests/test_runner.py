@@ -238,3 +238,22 @@ def test_early_stopping_ends_stage_and_next_stage_continues_epochs(tmp_path):
                          Stage("b", 1, lr=0.01)], tmp_path, callbacks=lambda s: [ConstantMetric()])
     assert [r["stage"] for r in runner.history] == ["a", "a", "b"]
     assert [r["epoch"] for r in runner.history] == [1, 2, 3]
+
+
+class ConstantLoss(nn.Module):
+    """A loss that never improves (value 1.0, gradient zero)."""
+
+    def forward(self, logits, targets):
+        return logits.sum() * 0.0 + 1.0
+
+
+def test_plateau_batch_counts_patience_in_batches(tmp_path):
+    record = RecordLR()
+    stage = Stage("s", 3, lr=0.1, optimizer="sgd", scheduler="plateau_batch",
+                  scheduler_kwargs=dict(patience=2, factor=0.5, smoothing=0.0))
+    StagedRunner().fit(create_model("test_resnet", 3), [stage], tiny_loaders(), ConstantLoss(), tmp_path,
+                       callbacks=lambda s: [record], verbose=False)
+    # 3 batches per epoch; the loss stalls from batch 1, so the LR halves after batches 4 and 7.
+    assert record.per_batch == pytest.approx([0.1] * 4 + [0.05] * 3 + [0.025] * 2)
+    with pytest.raises(ValueError, match="plateau_batch"):
+        Stage("s", 1, scheduler="plateau", interval="batch")

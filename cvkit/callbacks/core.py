@@ -322,3 +322,15 @@ class GuardedOptimizerCallback(OptimizerCallback):
             self.optimizer.zero_grad()
             return
         super().on_batch_end(runner)
+
+
+class BatchPlateauCallback(Callback):
+    """Step a :class:`cvkit.stages.SmoothedLossPlateau` with every train batch's loss."""
+
+    def __init__(self, loss_key: str = "loss") -> None:
+        super().__init__(order=CallbackOrder.Scheduler)
+        self.loss_key = loss_key
+
+    def on_batch_end(self, runner: "IRunner") -> None:
+        if runner.is_train_loader and not getattr(runner, "skip_step", False):
+            runner.scheduler.update(float(runner.batch_metrics[self.loss_key]))
