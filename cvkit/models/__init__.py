@@ -12,3 +12,22 @@ __all__ = [
     "param_groups",
     "trainable_param_names",
 ]
+from cvkit.models.tasks import (  # noqa: E402
+    ClassBoxModel,
+    KeypointModel,
+    create_segmentation_model,
+    create_task_model,
+    list_task_models,
+    register_task_model,
+    split_output,
+)
+
+__all__ += [
+    "ClassBoxModel",
+    "KeypointModel",
+    "create_segmentation_model",
+    "create_task_model",
+    "list_task_models",
+    "register_task_model",
+    "split_output",
+]

@@ -83,16 +83,29 @@ def head_param_names(model: nn.Module) -> Set[str]:
     return {n for n, _ in model.named_parameters() if _in(n, heads)}
 
 
+WRAPPER_ROOTS = ("backbone", "encoder", "encoder.model")
+
+
 def block_names(model: nn.Module) -> List[str]:
-    """Module names a stage can unfreeze from: modules up to two levels deep that own parameters.
+    """Module names a stage can unfreeze from: modules up to two levels below the model or below
+    a wrapped backbone (``backbone``, ``encoder``, ``encoder.model``) that own parameters.
 
     Any dotted module name is accepted by :func:`params_from`; this list is what error
     messages and documentation show (``layer3``, ``blocks.5``, ``encoder.layer4``...).
     """
+    modules = dict(model.named_modules())
+    roots = [""] + [r for r in WRAPPER_ROOTS if r in modules]
     names = []
-    for name, module in model.named_modules():
-        if name and name.count(".") <= 1 and any(True for _ in module.parameters()):
-            names.append(name)
+    for name, module in modules.items():
+        if not name or not any(True for _ in module.parameters()):
+            continue
+        for root in roots:
+            if root and not name.startswith(root + "."):
+                continue
+            rest = name[len(root) + 1 :] if root else name
+            if rest.count(".") <= 1:
+                names.append(name)
+                break
     return names
 
 
