@@ -13,7 +13,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Sequence, Tuple, Union
 
 import albumentations as A
 import cv2
@@ -60,19 +60,21 @@ def normalization(normalize: Normalize = "imagenet") -> A.Normalize:
 
 def compose(transforms: Sequence[Any], normalize: Normalize = "imagenet") -> A.Compose:
     """A Compose of ``transforms`` + normalisation + ToTensorV2, declaring image/mask/box/keypoint targets."""
-    return A.Compose(
-        [*transforms, normalization(normalize), ToTensorV2(transpose_mask=True)],
-        bbox_params=bbox_params(),
-        keypoint_params=keypoint_params(),
-    )
+    return _declared([*transforms, normalization(normalize), ToTensorV2(transpose_mask=True)])
+
+
+def _declared(transforms: List[Any], p: float = 1.0) -> A.Compose:
+    with warnings.catch_warnings():
+        # A pipeline without geometric steps (normalise only) still declares boxes/keypoints on purpose.
+        warnings.filterwarnings("ignore", message="Got processor for .* but no transform to process it")
+        return A.Compose(transforms, bbox_params=bbox_params(), keypoint_params=keypoint_params(), p=p)
 
 
 def with_targets(transform: A.Compose) -> A.Compose:
     """``transform`` itself when it declares boxes and keypoints, else a Compose of its steps that does."""
     if "bboxes" in transform.processors and "keypoints" in transform.processors:
         return transform
-    return A.Compose(list(transform.transforms), bbox_params=bbox_params(), keypoint_params=keypoint_params(),
-                     p=transform.p)
+    return _declared(list(transform.transforms), p=transform.p)
 
 
 def register_preset(name: str) -> Callable[[Callable[[Tuple[int, int]], List[Any]]], Callable]:
@@ -187,15 +189,8 @@ def load_transform(path: PathLike) -> A.BaseCompose:
     path = Path(path)
     text = path.read_text()
     data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
-    return transform_from_dict(data)
+    with warnings.catch_warnings():
+        # albumentations 2.0.8 writes PadIfNeeded's derived ``padding`` and then warns about it on load.
+        warnings.filterwarnings("ignore", message=r"Argument\(s\) 'padding' are not valid for transform PadIfNeeded")
+        return transform_from_dict(data)
 
-
-def target_size(transform: Optional[A.BaseCompose]) -> Optional[Tuple[int, int]]:
-    """The (height, width) a pipeline produces when its first sizing step fixes one, else None."""
-    for t in getattr(transform, "transforms", []):
-        size = getattr(t, "size", None)
-        if size is not None:
-            return _hw(size)
-        if isinstance(t, A.Resize):
-            return int(t.height), int(t.width)
-    return None

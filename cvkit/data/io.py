@@ -28,7 +28,15 @@ class DataError(ValueError):
 
 
 class ImageReadError(DataError):
-    """An image or mask file is missing, empty, truncated or not an image."""
+    """An image or mask file is missing, empty, truncated or not an image.
+
+    ``code`` is one of ``missing_file``, ``empty_file``, ``truncated``, ``unreadable`` (or
+    ``bad_mask``), so a report can count problems by kind.
+    """
+
+    def __init__(self, message: str, code: str = "unreadable") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class TableError(DataError):
@@ -49,10 +57,10 @@ class DatasetCheckError(DataError):
 
 def _read_bytes(path: Path) -> np.ndarray:
     if not path.is_file():
-        raise ImageReadError(f"{path}: file not found")
+        raise ImageReadError(f"{path}: file not found", code="missing_file")
     data = np.fromfile(str(path), dtype=np.uint8)
     if data.size == 0:
-        raise ImageReadError(f"{path}: file is empty (0 bytes), expected an image")
+        raise ImageReadError(f"{path}: file is empty (0 bytes), expected an image", code="empty_file")
     return data
 
 
@@ -79,7 +87,7 @@ def read_image(path: PathLike) -> np.ndarray:
     data = _read_bytes(path)
     problem = truncation_problem(data)
     if problem:
-        raise ImageReadError(f"{path}: {problem}")
+        raise ImageReadError(f"{path}: {problem}", code="truncated")
     if _RGB_FLAG is not None:
         image = cv2.imdecode(data, _RGB_FLAG)
     else:
@@ -112,24 +120,31 @@ def read_mask(path: PathLike) -> np.ndarray:
     data = _read_bytes(path)
     problem = truncation_problem(data)
     if problem:
-        raise ImageReadError(f"{path}: {problem}")
+        raise ImageReadError(f"{path}: {problem}", code="truncated")
     mask = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if mask is None:
         raise ImageReadError(f"{path}: not a readable mask image")
     if mask.ndim == 3:
         if not (np.array_equal(mask[..., 0], mask[..., 1]) and np.array_equal(mask[..., 0], mask[..., 2])):
-            raise ImageReadError(f"{path}: colour mask with different channels; expected one class id per pixel")
+            raise ImageReadError(f"{path}: colour mask with different channels; expected one class id per pixel",
+                                 code="bad_mask")
         mask = mask[..., 0]
     if mask.dtype != np.uint8:
         if mask.max(initial=0) > 255:
-            raise ImageReadError(f"{path}: mask value {int(mask.max())} > 255; expected class ids 0..255")
+            raise ImageReadError(f"{path}: mask value {int(mask.max())} > 255; expected class ids 0..255", code="bad_mask")
         mask = mask.astype(np.uint8)
     return mask
 
 
 def class_map_from_labels(labels: Iterable[object]) -> Dict[str, int]:
-    """Label name -> index, sorted by name so the same labels always give the same map."""
-    return {name: i for i, name in enumerate(sorted({str(label) for label in labels}))}
+    """Label name -> index, sorted so the same labels always give the same map.
+
+    Integer labels sort numerically (``2`` before ``10``), so labels 0..N-1 keep their own value.
+    """
+    names = {str(label) for label in labels}
+    if all(name.lstrip("-").isdigit() for name in names):
+        return {name: i for i, name in enumerate(sorted(names, key=int))}
+    return {name: i for i, name in enumerate(sorted(names))}
 
 
 def save_class_map(path: PathLike, class_map: Mapping[str, int]) -> None:

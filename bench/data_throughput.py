@@ -1,0 +1,159 @@
+"""Data throughput: JPEG decode + ``medium`` augmentation + to-tensor at 224x224, images/s on one core.
+
+Three arms read the same JPEG files, interleaved and repeated (the median is reported):
+(a) the floor: OpenCV decode + resize to 224x224, nothing else;
+(b) cvkit: ``ClassificationDataset`` with ``create_preset("medium", 224)`` (read_image, crop,
+    flip, affine, brightness/contrast, blur, normalise, ToTensorV2), i.e. what a DataLoader worker runs;
+(c) torchvision/PIL: the same steps with ``torchvision.transforms`` on PIL images.
+One thread everywhere (OpenCV, torch), so the numbers are per core: multiply by DataLoader workers.
+
+    python bench/data_throughput.py --write
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+HEADING = "## Data throughput"
+
+
+def make_jpegs(folder: Path, n: int, width: int, height: int, seed: int = 0) -> List[Path]:
+    """Photo-like JPEGs (smooth colour fields, edges and noise, quality 90) so decode cost is realistic."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        small = rng.integers(0, 256, (height // 16, width // 16, 3), dtype=np.uint8)
+        image = cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC)
+        for _ in range(6):
+            x, y = (int(v) for v in rng.integers(0, [width, height]))
+            cv2.circle(image, (x, y), int(rng.integers(10, height // 3)), rng.integers(0, 256, 3).tolist(), -1)
+        image = np.clip(image + rng.normal(0, 6, image.shape), 0, 255).astype(np.uint8)
+        path = folder / f"{i:04d}.jpg"
+        cv2.imwrite(str(path), image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        paths.append(path)
+    return paths
+
+
+def floor_arm(paths: List[Path], size: int) -> Callable[[int], object]:
+    flag = getattr(cv2, "IMREAD_COLOR_RGB", cv2.IMREAD_COLOR)
+    return lambda i: cv2.resize(cv2.imread(str(paths[i]), flag), (size, size), interpolation=cv2.INTER_LINEAR)
+
+
+def cvkit_arm(paths: List[Path], size: int) -> Callable[[int], object]:
+    from cvkit.data.augment import create_preset
+    from cvkit.data.datasets import ClassificationDataset
+
+    frame = pd.DataFrame({"path": [p.name for p in paths], "label": ["x"] * len(paths)})
+    dataset = ClassificationDataset(frame, root=paths[0].parent, transform=create_preset("medium", size))
+    return lambda i: dataset[i]["features"]
+
+
+def torchvision_arm(paths: List[Path], size: int) -> Callable[[int], object]:
+    from PIL import Image
+    from torchvision import transforms as T
+
+    pipeline = T.Compose([
+        T.RandomResizedCrop(size, scale=(0.6, 1.0)),
+        T.RandomHorizontalFlip(),
+        T.RandomApply([T.RandomAffine(15, translate=(0.0625, 0.0625), scale=(0.9, 1.1))], p=0.5),
+        T.RandomApply([T.ColorJitter(brightness=0.2, contrast=0.2)], p=0.5),
+        T.RandomApply([T.GaussianBlur(3)], p=0.2),
+        T.ToTensor(),
+        T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    ])
+
+    def run(i: int) -> object:
+        with Image.open(paths[i]) as image:
+            return pipeline(image.convert("RGB"))
+
+    return run
+
+
+def measure(fn: Callable[[int], object], n: int) -> float:
+    """Images per second over ``n`` items after two warm-up items."""
+    fn(0), fn(1)
+    start = time.perf_counter()
+    for i in range(n):
+        fn(i)
+    return n / (time.perf_counter() - start)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=150, help="JPEG files generated and read per repeat")
+    p.add_argument("--sources", default="640x480,1280x960", help="source JPEG sizes WxH, comma-separated")
+    p.add_argument("--size", type=int, default=224, help="output side")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved repeats; the median is reported")
+    p.add_argument("--write", action="store_true", help="replace the Data throughput section of bench/RESULTS.md")
+    args = p.parse_args()
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    lines = ["| source JPEG | pipeline | images/s (one core, median) | vs floor | vs torchvision |",
+             "|---|---|---:|---:|---:|"]
+    for source in args.sources.split(","):
+        width, height = (int(v) for v in source.lower().split("x"))
+        rate = run_source(args, width, height)
+        floor, tv = rate["floor: OpenCV decode + resize"], rate["torchvision/PIL: same steps"]
+        lines += [f"| {width}x{height} | {name} | {r:.0f} | {r / floor:.0%} | {r / tv:.2f}x |"
+                  for name, r in rate.items()]
+    table = "\n".join(lines)
+    print(table)
+    if args.write:
+        write_section(args, table)
+
+
+def run_source(args: argparse.Namespace, width: int, height: int) -> Dict[str, float]:
+    """Median images/s of each arm on ``args.images`` JPEGs of ``width`` x ``height``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = make_jpegs(Path(tmp), args.images, width, height)
+        arms: Dict[str, Callable[[int], object]] = {
+            "floor: OpenCV decode + resize": floor_arm(paths, args.size),
+            "cvkit: read_image + medium + ToTensorV2": cvkit_arm(paths, args.size),
+            "torchvision/PIL: same steps": torchvision_arm(paths, args.size),
+        }
+        runs: Dict[str, List[float]] = {name: [] for name in arms}
+        for _ in range(args.repeats):
+            for name, fn in arms.items():
+                runs[name].append(measure(fn, args.images))
+    return {name: statistics.median(v) for name, v in runs.items()}
+
+
+def write_section(args: argparse.Namespace, table: str) -> None:
+    """Replace (or append) this bench's section of RESULTS.md, leaving every other section as it is."""
+    import platform
+
+    from cvkit.io import atomic_write_bytes
+
+    command = (f"python bench/data_throughput.py --images {args.images} --sources {args.sources} "
+               f"--size {args.size} --repeats {args.repeats} --write")
+    section = (
+        f"{HEADING}\n\n"
+        f"JPEG (quality 90) -> {args.size}x{args.size} float tensor, one thread "
+        f"(`cv2.setNumThreads(1)`, `torch.set_num_threads(1)`), {args.images} images x {args.repeats} "
+        f"interleaved repeats on {platform.processor() or platform.machine()}, "
+        f"OpenCV {cv2.__version__}, torch {torch.__version__}.\n\n"
+        f"{table}\n\nGoals: cvkit >= 2x torchvision and >= 80% of the floor.\n\nCommand: `{command}`\n"
+    )
+    current = RESULTS.read_text() if RESULTS.is_file() else "# Benchmarks\n"
+    start = current.find(f"{HEADING}\n")
+    if start == -1:
+        updated = current.rstrip("\n") + "\n\n" + section
+    else:
+        end = current.find("\n## ", start + len(HEADING))
+        updated = current[:start] + section + (current[end + 1:] if end != -1 else "")
+    atomic_write_bytes(RESULTS, updated.rstrip("\n").encode() + b"\n")
+
+
+if __name__ == "__main__":
+    main()

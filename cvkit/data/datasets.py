@@ -1,0 +1,442 @@
+"""Datasets for classification, class + box, keypoints, segmentation and STL-10.
+
+Every item is a dict with ``"features"`` (float32 C x H x W after the albumentations pipeline),
+``"targets"`` and ``"index"`` (position in the dataset; :meth:`TableDataset.where` turns it back
+into the CSV row). Image, mask, box and keypoints go through one albumentations call, so a flip
+or crop moves all of them together. ``transform=None`` only normalises (ImageNet) and converts.
+
+Table datasets do not validate every row when built, so that :func:`cvkit.data.check.check_dataset`
+can list all bad rows at once; reading a bad row raises a :class:`~cvkit.data.io.DataError`
+naming the CSV row and the file.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from cvkit.data.augment import Normalize, default_transform, with_targets
+from cvkit.data.boxes import BOX_FORMATS, box_problem, to_xyxy
+from cvkit.data.io import (
+    DataError,
+    ImageReadError,
+    LabelError,
+    TableError,
+    class_map_from_labels,
+    load_class_map,
+    read_image,
+    read_mask,
+)
+from cvkit.data.rle import masks_from_rle
+from cvkit.data.seeding import reseed_transform
+
+PathLike = Union[str, os.PathLike]
+Table = Union[PathLike, pd.DataFrame]
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class KeypointCountError(TableError):
+    """A row holds the wrong number of keypoint coordinates, or half a point."""
+
+
+class MaskSizeError(DataError):
+    """A mask's size differs from its image's."""
+
+
+def load_table(table: Table) -> Tuple[pd.DataFrame, str, Path]:
+    """A CSV path or DataFrame -> (frame with a 0..n-1 index, name for messages, default image root)."""
+    if isinstance(table, pd.DataFrame):
+        return table.reset_index(drop=True), "table", Path(".")
+    path = Path(table)
+    if not path.is_file():
+        raise TableError(f"CSV not found: {path}")
+    try:
+        frame = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise TableError(f"{path}: not a readable CSV ({exc})") from exc
+    return frame, str(path), path.parent
+
+
+def require_columns(frame: pd.DataFrame, columns: Sequence[str], name: str) -> None:
+    """Raise :class:`TableError` listing the declared columns ``frame`` lacks."""
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise TableError(f"{name}: missing column(s) {missing}; the table has {list(frame.columns)}")
+
+
+def _resolve_class_map(class_map: Union[None, PathLike, Mapping[str, int]], labels: pd.Series) -> Dict[str, int]:
+    if class_map is None:
+        return class_map_from_labels(labels.dropna().map(_label_key))
+    if isinstance(class_map, Mapping):
+        return {str(k): int(v) for k, v in class_map.items()}
+    return load_class_map(class_map)
+
+
+def _label_key(value: Any) -> str:
+    """The class-map key of a CSV cell: ``3`` and ``3.0`` (pandas with NaNs) both give ``"3"``."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+class ImageDataset(Dataset):
+    """Base: runs the albumentations pipeline (reseeded per item from torch's RNG) and builds the dict."""
+
+    def __init__(self, transform: Optional[Any] = None, normalize: Normalize = "imagenet") -> None:
+        self.transform = with_targets(transform) if transform is not None else default_transform(normalize)
+
+    def _augment(self, **targets: Any) -> Dict[str, Any]:
+        reseed_transform(self.transform)
+        out = self.transform(**targets)
+        image = out["image"]
+        if isinstance(image, np.ndarray):
+            raise DataError("the transform must end with ToTensorV2 (cvkit.data.augment.compose adds it)")
+        out["image"] = image.float() if image.dtype != torch.float32 else image
+        return out
+
+
+class TableDataset(ImageDataset):
+    """Images listed in a table: one row per image, ``path_col`` relative to ``root``."""
+
+    def __init__(self, table: Table, root: Optional[PathLike] = None, path_col: str = "path",
+                 transform: Optional[Any] = None, normalize: Normalize = "imagenet") -> None:
+        super().__init__(transform, normalize)
+        self.frame, self.name, default_root = load_table(table)
+        self.root = Path(root) if root is not None else default_root
+        self.path_col = path_col
+        require_columns(self.frame, [path_col], self.name)
+        self.rows = np.arange(len(self.frame))
+        self._cache()
+
+    def _cache(self) -> None:
+        """Per-row values looked up on every item, kept as lists (pandas lookups cost ~10 us each)."""
+        self._paths = [self.root / str(p) for p in self.frame[self.path_col]]
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    def path(self, index: int) -> Path:
+        """The image file of item ``index``."""
+        return self._paths[index]
+
+    def where(self, index: int) -> str:
+        """``"train.csv row 12 (img/a.jpg)"``: where item ``index`` comes from, for messages."""
+        return f"{self.name} row {int(self.rows[index])} ({self.frame.at[index, self.path_col]})"
+
+    def subset(self, indices: Sequence[int]) -> "TableDataset":
+        """A copy holding only ``indices``; :meth:`where` still names the original CSV rows."""
+        out = copy.copy(self)
+        indices = np.asarray(indices, dtype=np.int64)
+        out.frame = self.frame.iloc[indices].reset_index(drop=True)
+        out.rows = self.rows[indices]
+        out._cache()
+        return out
+
+    def target_problems(self, index: int, width: int, height: int) -> List[Tuple[str, str]]:
+        """``(code, message)`` for every way row ``index``'s targets are wrong for a ``width`` x ``height`` image."""
+        return []
+
+    def _read(self, index: int) -> np.ndarray:
+        return read_image(self.path(index))
+
+
+class ClassificationDataset(TableDataset):
+    """``path,label`` rows (column names configurable); labels encoded by a class map (name -> index).
+
+    ``class_map`` is a dict, a JSON file (:func:`~cvkit.data.io.save_class_map`), or None to build
+    one from the sorted labels. Save ``dataset.class_map`` with the run to decode predictions later.
+    """
+
+    def __init__(self, table: Table, root: Optional[PathLike] = None, path_col: str = "path",
+                 label_col: str = "label", class_map: Union[None, PathLike, Mapping[str, int]] = None,
+                 transform: Optional[Any] = None, normalize: Normalize = "imagenet") -> None:
+        super().__init__(table, root, path_col, transform, normalize)
+        require_columns(self.frame, [label_col], self.name)
+        self.label_col = label_col
+        self.class_map = _resolve_class_map(class_map, self.frame[label_col])
+        self._cache()
+
+    def _cache(self) -> None:
+        super()._cache()
+        if hasattr(self, "class_map"):
+            self._labels = self.labels()
+
+    @classmethod
+    def from_folders(cls, root: PathLike, class_map: Union[None, PathLike, Mapping[str, int]] = None,
+                     transform: Optional[Any] = None, normalize: Normalize = "imagenet",
+                     extensions: Sequence[str] = IMAGE_EXTENSIONS) -> "ClassificationDataset":
+        """Images in class sub-folders ``root/<label>/*.jpg`` (sorted, so the order is stable)."""
+        root = Path(root)
+        if not root.is_dir():
+            raise DataError(f"image folder not found: {root}")
+        rows = [{"path": str(p.relative_to(root)), "label": p.parent.name}
+                for folder in sorted(d for d in root.iterdir() if d.is_dir())
+                for p in sorted(folder.iterdir()) if p.suffix.lower() in extensions]
+        if not rows:
+            raise DataError(f"{root}: no images with {', '.join(extensions)} in class sub-folders")
+        dataset = cls(pd.DataFrame(rows), root=root, class_map=class_map, transform=transform, normalize=normalize)
+        dataset.name = str(root)
+        return dataset
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_map)
+
+    def label(self, index: int) -> int:
+        """The encoded label of item ``index``; :class:`LabelError` when it is not in the class map."""
+        if self._labels[index] >= 0:
+            return int(self._labels[index])
+        raw = self.frame.at[index, self.label_col]
+        if _label_key(raw) not in self.class_map:
+            raise LabelError(f"{self.where(index)}: label {raw!r} is not in the class map "
+                             f"(expected one of {sorted(self.class_map)[:20]})")
+        return self.class_map[_label_key(raw)]
+
+    def labels(self) -> np.ndarray:
+        """Encoded labels of all rows (-1 where the label is unknown), e.g. for stratified splits."""
+        keys = self.frame[self.label_col].map(_label_key)
+        return keys.map(self.class_map).fillna(-1).astype(np.int64).to_numpy()
+
+    def target_problems(self, index: int, width: int, height: int) -> List[Tuple[str, str]]:
+        try:
+            self.label(index)
+        except LabelError as exc:
+            return [("unknown_label", str(exc))]
+        return []
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        label = self.label(index)
+        out = self._augment(image=self._read(index))
+        return {"features": out["image"], "targets": torch.tensor(label, dtype=torch.int64), "index": index}
+
+
+class BoxDataset(ClassificationDataset):
+    """Classification plus one box per image, declared as ``box_cols`` in ``box_format`` (see boxes.py).
+
+    ``"boxes"`` is float32[4] xyxy in [0, 1] of the augmented image; when augmentation crops the
+    box away entirely, ``"box_visible"`` is 0 and ``"boxes"`` is zeros (mask the box loss with it).
+    """
+
+    def __init__(self, table: Table, root: Optional[PathLike] = None, path_col: str = "path",
+                 label_col: str = "label", box_cols: Sequence[str] = ("x1", "y1", "x2", "y2"),
+                 box_format: str = "xyxy", class_map: Union[None, PathLike, Mapping[str, int]] = None,
+                 transform: Optional[Any] = None, normalize: Normalize = "imagenet") -> None:
+        super().__init__(table, root, path_col, label_col, class_map, transform, normalize)
+        if box_format not in BOX_FORMATS:
+            raise ValueError(f"box_format={box_format!r}; expected one of {', '.join(BOX_FORMATS)}")
+        if len(box_cols) != 4:
+            raise ValueError(f"box_cols must name 4 columns, got {list(box_cols)}")
+        require_columns(self.frame, box_cols, self.name)
+        self.box_cols, self.box_format = list(box_cols), box_format
+
+    def box_xyxy(self, index: int, width: int, height: int) -> np.ndarray:
+        """Row ``index``'s box in pixel xyxy for a ``width`` x ``height`` image."""
+        raw = pd.to_numeric(self.frame.loc[index, self.box_cols], errors="coerce").to_numpy(np.float64)
+        return to_xyxy(raw, self.box_format, width, height)
+
+    def target_problems(self, index: int, width: int, height: int) -> List[Tuple[str, str]]:
+        problems = super().target_problems(index, width, height)
+        problem = box_problem(self.box_xyxy(index, width, height), width, height)
+        if problem:
+            values = self.frame.loc[index, self.box_cols].tolist()
+            problems.append(("bad_box", f"{self.where(index)}: {problem}; {self.box_format} columns "
+                                        f"{self.box_cols} = {values}"))
+        return problems
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        label = self.label(index)
+        image = self._read(index)
+        height, width = image.shape[:2]
+        box = self.box_xyxy(index, width, height)
+        problem = box_problem(box, width, height)
+        if problem:
+            raise DataError(f"{self.where(index)}: {problem}")
+        box = np.clip(box, 0, [width, height, width, height]) / [width, height, width, height]
+        out = self._augment(image=image, bboxes=box[None].astype(np.float32))
+        visible = len(out["bboxes"]) > 0
+        boxes = np.asarray(out["bboxes"][0], np.float32) if visible else np.zeros(4, np.float32)
+        return {"features": out["image"], "targets": torch.tensor(label, dtype=torch.int64),
+                "boxes": torch.from_numpy(boxes), "box_visible": torch.tensor(float(visible)), "index": index}
+
+
+class KeypointDataset(TableDataset):
+    """N (x, y) pixel keypoints per image; empty/NaN cells mark a missing point.
+
+    ``keypoint_cols`` is either a flat list of columns ``[x1, y1, x2, y2, ...]`` or one column
+    name whose cells hold ``2 * num_keypoints`` numbers separated by spaces (``nan`` allowed).
+    ``"targets"`` is float32[N*2] in [0, 1] of the augmented image, NaN for points missing or
+    moved outside the image by augmentation, and ``"keypoints_mask"`` is 1 where a target exists.
+    """
+
+    def __init__(self, table: Table, keypoint_cols: Union[str, Sequence[str]], root: Optional[PathLike] = None,
+                 path_col: str = "path", num_keypoints: Optional[int] = None,
+                 transform: Optional[Any] = None, normalize: Normalize = "imagenet") -> None:
+        super().__init__(table, root, path_col, transform, normalize)
+        if isinstance(keypoint_cols, str):
+            if num_keypoints is None:
+                raise ValueError("num_keypoints is required when all keypoints are in one column")
+            require_columns(self.frame, [keypoint_cols], self.name)
+        else:
+            keypoint_cols = list(keypoint_cols)
+            if len(keypoint_cols) % 2:
+                raise ValueError(f"keypoint_cols must alternate x and y columns, got {len(keypoint_cols)} names")
+            require_columns(self.frame, keypoint_cols, self.name)
+            num_keypoints = len(keypoint_cols) // 2
+        self.keypoint_cols, self.num_keypoints = keypoint_cols, int(num_keypoints)
+
+    def keypoints(self, index: int) -> np.ndarray:
+        """Row ``index``'s keypoints as float64 (N, 2) pixels with NaN for missing points."""
+        if isinstance(self.keypoint_cols, str):
+            cell = self.frame.at[index, self.keypoint_cols]
+            text = "" if isinstance(cell, float) and np.isnan(cell) else str(cell)
+            try:
+                values = np.asarray(text.replace(",", " ").split(), dtype=np.float64)
+            except ValueError:
+                raise TableError(f"{self.where(index)}: column {self.keypoint_cols!r} = {text[:40]!r} "
+                                 "is not space-separated numbers") from None
+        else:
+            values = pd.to_numeric(self.frame.loc[index, self.keypoint_cols], errors="coerce").to_numpy(np.float64)
+        if values.size != 2 * self.num_keypoints:
+            raise KeypointCountError(f"{self.where(index)}: {values.size} keypoint coordinates, expected "
+                             f"{2 * self.num_keypoints} ({self.num_keypoints} x, y pairs)")
+        points = values.reshape(-1, 2)
+        half = np.isnan(points).any(axis=1) & ~np.isnan(points).all(axis=1)
+        if half.any():
+            raise KeypointCountError(f"{self.where(index)}: keypoint {int(np.flatnonzero(half)[0])} has only one of x, y; "
+                             "expected both or neither")
+        return points
+
+    def target_problems(self, index: int, width: int, height: int) -> List[Tuple[str, str]]:
+        try:
+            points = self.keypoints(index)
+        except KeypointCountError as exc:
+            return [("keypoint_count", str(exc))]
+        except TableError as exc:
+            return [("bad_keypoints", str(exc))]
+        known = points[~np.isnan(points).any(axis=1)]
+        outside = (known[:, 0] < 0) | (known[:, 0] > width) | (known[:, 1] < 0) | (known[:, 1] > height)
+        if outside.any():
+            return [("keypoint_outside", f"{self.where(index)}: keypoint(s) {known[outside].tolist()} outside the "
+                                         f"{width}x{height} image (expected 0 <= x <= {width}, 0 <= y <= {height})")]
+        return []
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        points = self.keypoints(index)
+        missing = np.isnan(points).any(axis=1)
+        out = self._augment(image=self._read(index), keypoints=np.nan_to_num(points).astype(np.float32))
+        height, width = out["image"].shape[-2:]
+        moved = np.asarray(out["keypoints"], np.float64).reshape(-1, 2)[:, :2]
+        outside = (moved[:, 0] < 0) | (moved[:, 0] > width) | (moved[:, 1] < 0) | (moved[:, 1] > height)
+        moved = moved / [width, height]
+        moved[missing | outside] = np.nan
+        mask = np.repeat(~(missing | outside), 2).astype(np.float32)
+        return {"features": out["image"], "targets": torch.from_numpy(moved.reshape(-1).astype(np.float32)),
+                "keypoints_mask": torch.from_numpy(mask), "index": index}
+
+
+class SegmentationDataset(TableDataset):
+    """Images with masks, as ``num_classes`` channels of {0, 1}.
+
+    Masks come from PNG files (``mask_col``, relative to ``mask_root``) holding class ids, where
+    pixel value k in 1..num_classes sets channel k-1 (with ``num_classes=1`` any non-zero pixel
+    counts, so 0/255 masks work), or from a Severstal-style RLE table via :meth:`from_rle`.
+    """
+
+    def __init__(self, table: Table, root: Optional[PathLike] = None, path_col: str = "path",
+                 mask_col: Optional[str] = "mask", mask_root: Optional[PathLike] = None, num_classes: int = 1,
+                 transform: Optional[Any] = None, normalize: Normalize = "imagenet") -> None:
+        super().__init__(table, root, path_col, transform, normalize)
+        self.num_classes, self.mask_col = int(num_classes), mask_col
+        self.mask_root = Path(mask_root) if mask_root is not None else self.root
+        self.rle: Optional[Dict[str, List[Tuple[Any, Any, int]]]] = None
+        if mask_col is not None:
+            require_columns(self.frame, [mask_col], self.name)
+
+    @classmethod
+    def from_rle(cls, table: Table, image_root: PathLike, num_classes: int, image_col: str = "ImageId",
+                 class_col: str = "ClassId", rle_col: str = "EncodedPixels", include_unlisted: bool = False,
+                 transform: Optional[Any] = None, normalize: Normalize = "imagenet") -> "SegmentationDataset":
+        """Severstal layout: one row per (image, defect class) with 1-based ``ClassId``.
+
+        Severstal's train.csv lists defects only: with ``include_unlisted`` every image in
+        ``image_root`` without a row joins with an empty mask (keep other splits out of that folder).
+        """
+        frame, name, _ = load_table(table)
+        require_columns(frame, [image_col, class_col, rle_col], name)
+        image_root = Path(image_root)
+        ids = list(dict.fromkeys(frame[image_col].astype(str)))
+        if include_unlisted and image_root.is_dir():
+            listed = set(ids)
+            ids += sorted(p.name for p in image_root.iterdir()
+                          if p.suffix.lower() in IMAGE_EXTENSIONS and p.name not in listed)
+        dataset = cls(pd.DataFrame({"path": ids}), root=image_root, mask_col=None,
+                      num_classes=num_classes, transform=transform, normalize=normalize)
+        dataset.name = name
+        dataset.rle = {}
+        for row, (image_id, class_id, rle) in enumerate(zip(frame[image_col].astype(str), frame[class_col], frame[rle_col])):
+            dataset.rle.setdefault(image_id, []).append((class_id, rle, row))
+        return dataset
+
+    def mask(self, index: int, height: int, width: int) -> np.ndarray:
+        """Item ``index``'s mask as uint8 (H, W, num_classes) of {0, 1}; the size must match the image."""
+        if self.rle is not None:
+            rows = self.rle.get(str(self.frame.at[index, self.path_col]), [])
+            out = np.zeros((height, width, self.num_classes), np.uint8)
+            for class_id, rle, row in rows:
+                out |= masks_from_rle([(class_id, rle)], (height, width), self.num_classes,
+                                      where=f"{self.name} row {row}")
+            return out
+        path = self.mask_root / str(self.frame.at[index, self.mask_col])
+        ids = read_mask(path)
+        if ids.shape != (height, width):
+            raise MaskSizeError(f"{self.where(index)}: mask {path} is {ids.shape[1]}x{ids.shape[0]}, "
+                            f"expected the image size {width}x{height}")
+        if self.num_classes == 1:
+            return (ids > 0).astype(np.uint8)[..., None]
+        if ids.max(initial=0) > self.num_classes:
+            raise DataError(f"{self.where(index)}: mask {path} has class id {int(ids.max())}, "
+                            f"expected 0..{self.num_classes}")
+        return (ids[..., None] == np.arange(1, self.num_classes + 1, dtype=np.uint8)).astype(np.uint8)
+
+    def target_problems(self, index: int, width: int, height: int) -> List[Tuple[str, str]]:
+        try:
+            self.mask(index, height, width)
+        except MaskSizeError as exc:
+            return [("mask_size", str(exc))]
+        except ImageReadError as exc:
+            return [(f"mask_{exc.code}" if exc.code != "bad_mask" else exc.code, f"{self.where(index)}: {exc}")]
+        except DataError as exc:
+            return [("bad_mask", str(exc))]
+        return []
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        image = self._read(index)
+        mask = self.mask(index, *image.shape[:2])
+        out = self._augment(image=image, mask=mask)
+        return {"features": out["image"], "targets": out["mask"].float(), "index": index}
+
+
+class STL10Dataset(ImageDataset):
+    """A split of an STL-10 binary folder (``train``, ``test`` or ``unlabeled`` with ``targets = -1``)."""
+
+    def __init__(self, root: PathLike, split: str = "train", transform: Optional[Any] = None,
+                 normalize: Normalize = "imagenet") -> None:
+        from cvkit.data import stl10
+
+        super().__init__(transform, normalize)
+        self.images, self.labels = stl10.load_split(root, split)
+        self.class_names = stl10.class_names(root)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        out = self._augment(image=self.images[index])
+        label = -1 if self.labels is None else int(self.labels[index])
+        return {"features": out["image"], "targets": torch.tensor(label, dtype=torch.int64), "index": index}

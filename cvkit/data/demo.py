@@ -1,0 +1,214 @@
+"""Small on-disk datasets for every task, built from scikit-learn's bundled 8x8 digits (no download).
+
+Each builder writes images plus ``train.csv`` and ``test.csv`` under ``root`` in the layout the
+matching dataset reads, is deterministic for a seed, and returns ``root``; a finished build is
+kept (a marker file) so examples can call it on every run.
+
+- :func:`build_classification`: ``images/digit_k/*.jpg`` class folders, CSVs ``path,label``, ``encode_classes.json``;
+- :func:`build_boxes`: one digit pasted on a larger canvas, ``path,label,x1,y1,x2,y2`` (pixels);
+- :func:`build_keypoints`: the pasted digit's four corners and centre, ``x0,y0..x4,y4`` (some NaN);
+- :func:`build_segmentation`: digit pixels per class as id PNGs (``path,mask``) and Severstal RLE
+  (``train_rle.csv``: ``ImageId,ClassId,EncodedPixels``);
+- :func:`build_stl10`: STL-10 binary layout (see :mod:`cvkit.data.stl10`).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Dict, List, Tuple, Union
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from cvkit.data.io import read_mask, save_class_map
+from cvkit.data.rle import masks_to_rle_frame
+from cvkit.data.stl10 import build_demo as build_stl10
+
+PathLike = Union[str, os.PathLike]
+KEYPOINT_NAMES = ("top_left", "top_right", "bottom_right", "bottom_left", "centre")
+KEYPOINT_COLS = tuple(c for i in range(len(KEYPOINT_NAMES)) for c in (f"x{i}", f"y{i}"))
+
+__all__ = ["build_classification", "build_boxes", "build_keypoints", "build_segmentation", "build_stl10",
+           "build_all", "KEYPOINT_NAMES", "KEYPOINT_COLS"]
+
+
+def _digits() -> Tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return (d.images / 16.0).astype(np.float32), d.target.astype(np.int64)
+
+
+def _glyph(img8: np.ndarray, side: int) -> np.ndarray:
+    return np.clip(cv2.resize(img8, (side, side), interpolation=cv2.INTER_CUBIC), 0, 1)
+
+
+def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    base = rng.uniform(0.0, 0.35, size=3)
+    return np.clip(base + rng.normal(0, 0.03, size=(height, width, 3)), 0, 1)
+
+
+def _paste(canvas: np.ndarray, glyph: np.ndarray, x: int, y: int, colour: np.ndarray) -> None:
+    side = glyph.shape[0]
+    region = canvas[y : y + side, x : x + side]
+    region[:] = glyph[..., None] * colour + (1 - glyph[..., None]) * region
+
+
+def _to_uint8(rgb: np.ndarray) -> np.ndarray:
+    return (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8)
+
+
+def _write(path: Path, rgb_or_mask: np.ndarray, quality: int = 95) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = rgb_or_mask if rgb_or_mask.ndim == 2 else cv2.cvtColor(rgb_or_mask, cv2.COLOR_RGB2BGR)
+    params = [cv2.IMWRITE_JPEG_QUALITY, quality] if path.suffix.lower() in (".jpg", ".jpeg") else []
+    ok, buf = cv2.imencode(path.suffix, data, params)
+    if not ok:
+        raise OSError(f"could not encode {path}")
+    path.write_bytes(buf.tobytes())
+
+
+def _pick(labels: np.ndarray, classes: int, per_class: int, rng: np.random.Generator) -> np.ndarray:
+    """``per_class`` digit indices of each class 0..classes-1, shuffled."""
+    chosen = [rng.choice(np.flatnonzero(labels == c), size=per_class, replace=False) for c in range(classes)]
+    return rng.permutation(np.concatenate(chosen))
+
+
+def _build(root: PathLike, name: str, seed: int, make: Callable[[Path, np.random.Generator], List[Dict]],
+           test_fraction: float) -> Path:
+    """Run ``make`` once per (root, seed) and write its rows as train/test CSVs, stratified by ``label``."""
+    root = Path(root)
+    marker = root / f".demo-{name}-seed-{seed}"
+    if marker.is_file():
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame(make(root, rng))
+    test = np.zeros(len(frame), bool)
+    for _, group in frame.groupby("label", sort=True):
+        n_test = int(round(len(group) * test_fraction))
+        test[group.index[:n_test]] = True
+    frame[~test].to_csv(root / "train.csv", index=False)
+    frame[test].to_csv(root / "test.csv", index=False)
+    marker.write_text("complete\n")
+    return root
+
+
+def build_classification(root: PathLike, seed: int = 0, per_class: int = 20, size: int = 32,
+                         test_fraction: float = 0.25) -> Path:
+    """Tinted digits in class folders ``images/digit_k/NNNNN.jpg``, CSVs and ``encode_classes.json``."""
+    images8, labels = _digits()
+
+    def make(root: Path, rng: np.random.Generator) -> List[Dict]:
+        rows = []
+        for n, i in enumerate(_pick(labels, 10, per_class, rng)):
+            side = int(rng.integers(size * 5 // 8, size - 1))
+            canvas = _background(rng, size, size)
+            x, y = rng.integers(0, size - side + 1, size=2)
+            _paste(canvas, _glyph(images8[i], side), int(x), int(y), rng.uniform(0.5, 1.0, size=3))
+            rel = f"images/digit_{labels[i]}/{n:05d}.jpg"
+            _write(root / rel, _to_uint8(canvas))
+            rows.append({"path": rel, "label": f"digit_{labels[i]}"})
+        save_class_map(root / "encode_classes.json", {f"digit_{k}": k for k in range(10)})
+        return rows
+
+    return _build(root, "classification", seed, make, test_fraction)
+
+
+def _pasted_digit(rng: np.random.Generator, img8: np.ndarray, canvas: int, side_range: Tuple[int, int]
+                  ) -> Tuple[np.ndarray, np.ndarray, Tuple[int, int, int]]:
+    side = int(rng.integers(*side_range))
+    x, y = (int(v) for v in rng.integers(0, canvas - side + 1, size=2))
+    rgb = _background(rng, canvas, canvas)
+    glyph = _glyph(img8, side)
+    _paste(rgb, glyph, x, y, rng.uniform(0.5, 1.0, size=3))
+    return rgb, glyph, (x, y, side)
+
+
+def build_boxes(root: PathLike, seed: int = 0, per_class: int = 10, canvas: int = 96,
+                test_fraction: float = 0.25) -> Path:
+    """One digit per ``canvas`` x ``canvas`` PNG at a random place; box columns ``x1,y1,x2,y2`` in pixels."""
+    images8, labels = _digits()
+
+    def make(root: Path, rng: np.random.Generator) -> List[Dict]:
+        rows = []
+        for n, i in enumerate(_pick(labels, 10, per_class, rng)):
+            rgb, _, (x, y, side) = _pasted_digit(rng, images8[i], canvas, (canvas // 5, canvas // 2))
+            rel = f"images/{n:05d}.png"
+            _write(root / rel, _to_uint8(rgb))
+            rows.append({"path": rel, "label": f"digit_{labels[i]}", "x1": x, "y1": y, "x2": x + side, "y2": y + side})
+        save_class_map(root / "encode_classes.json", {f"digit_{k}": k for k in range(10)})
+        return rows
+
+    return _build(root, "boxes", seed, make, test_fraction)
+
+
+def build_keypoints(root: PathLike, seed: int = 0, per_class: int = 10, canvas: int = 96,
+                    missing: float = 0.1, test_fraction: float = 0.25) -> Path:
+    """One pasted digit per PNG; keypoints = its corners and centre (:data:`KEYPOINT_NAMES`), a
+    fraction ``missing`` of them left empty (NaN). Also keeps ``label`` for stratified splits."""
+    images8, labels = _digits()
+
+    def make(root: Path, rng: np.random.Generator) -> List[Dict]:
+        rows = []
+        for n, i in enumerate(_pick(labels, 10, per_class, rng)):
+            rgb, _, (x, y, side) = _pasted_digit(rng, images8[i], canvas, (canvas // 5, canvas // 2))
+            rel = f"images/{n:05d}.png"
+            _write(root / rel, _to_uint8(rgb))
+            points = [(x, y), (x + side, y), (x + side, y + side), (x, y + side), (x + side / 2, y + side / 2)]
+            row: Dict = {"path": rel, "label": f"digit_{labels[i]}"}
+            for k, (px, py) in enumerate(points):
+                gone = rng.random() < missing
+                row[f"x{k}"], row[f"y{k}"] = (np.nan, np.nan) if gone else (float(px), float(py))
+            rows.append(row)
+        return rows
+
+    return _build(root, "keypoints", seed, make, test_fraction)
+
+
+def build_segmentation(root: PathLike, seed: int = 0, per_class: int = 10, canvas: int = 96,
+                       num_classes: int = 4, test_fraction: float = 0.25) -> Path:
+    """Digits 0..num_classes-1, one or two per PNG; ``masks/*.png`` hold class ids (digit d -> d + 1)
+    and ``train_rle.csv``/``test_rle.csv`` the same masks as Severstal RLE rows."""
+    images8, labels = _digits()
+
+    def make(root: Path, rng: np.random.Generator) -> List[Dict]:
+        rows = []
+        for n, i in enumerate(_pick(labels, num_classes, per_class, rng)):
+            rgb = _background(rng, canvas, canvas)
+            ids = np.zeros((canvas, canvas), np.uint8)
+            second = rng.choice(np.flatnonzero(labels < num_classes)) if rng.random() < 0.5 else None
+            for j in [i] if second is None else [i, second]:
+                side = int(rng.integers(canvas // 4, canvas // 2))
+                x, y = (int(v) for v in rng.integers(0, canvas - side + 1, size=2))
+                glyph = _glyph(images8[j], side)
+                _paste(rgb, glyph, x, y, rng.uniform(0.5, 1.0, size=3))
+                region = ids[y : y + side, x : x + side]
+                region[glyph > 0.5] = labels[j] + 1
+            name = f"{n:05d}.png"
+            _write(root / "images" / name, _to_uint8(rgb))
+            _write(root / "masks" / name, ids)
+            rows.append({"path": f"images/{name}", "mask": f"masks/{name}", "label": f"digit_{labels[i]}"})
+        return rows
+
+    out = _build(root, "segmentation", seed, make, test_fraction)
+    for split in ("train", "test"):
+        if not (out / f"{split}_rle.csv").is_file():
+            names = [Path(p).name for p in pd.read_csv(out / f"{split}.csv")["path"]]
+            masks = {name: (read_mask(out / "masks" / name)[..., None] == np.arange(1, num_classes + 1))
+                     for name in names}
+            masks_to_rle_frame(masks).to_csv(out / f"{split}_rle.csv", index=False)
+    return out
+
+
+def build_all(root: PathLike, seed: int = 0) -> Dict[str, Path]:
+    """Every demo dataset under ``root/<task>``; returns ``{task: folder}``."""
+    root = Path(root)
+    return {
+        "classification": build_classification(root / "classification", seed),
+        "boxes": build_boxes(root / "boxes", seed),
+        "keypoints": build_keypoints(root / "keypoints", seed),
+        "segmentation": build_segmentation(root / "segmentation", seed),
+        "stl10": build_stl10(root / "stl10", seed),
+    }
