@@ -52,6 +52,13 @@ def list_optimizers() -> List[str]:
     return sorted(_OPTIMIZERS)
 
 
+def create_optimizer(name: str, groups: List[dict], **kwargs: Any) -> torch.optim.Optimizer:
+    """A registered optimizer over parameter ``groups``; unknown names list the close ones."""
+    if name not in _OPTIMIZERS:
+        raise _unknown("optimizer", name, list(_OPTIMIZERS))
+    return _OPTIMIZERS[name](groups, **kwargs)
+
+
 def list_schedulers() -> List[str]:
     """Registered scheduler names."""
     return sorted(_SCHEDULERS)

@@ -126,7 +126,8 @@ def lr_find(
         set_bn_eval(model, frozen_bn)
         groups = _groups(model, names, group, lr, weight_decay, start_lr)
         opt = _make_optimizer(optimizer, groups, optimizer_kwargs or {})
-        result = _sweep(model, loader, criterion, opt, group, start_lr, end_lr, num_steps, smooth, diverge_factor, device, progress)
+        result = _sweep(model, loader, criterion, opt, group, start_lr, end_lr, num_steps, smooth, diverge_factor,
+                        device, progress)
     finally:
         saved.restore(model)
     if out_png is not None:
@@ -145,7 +146,9 @@ def _check_args(start_lr: float, end_lr: float, num_steps: int, smooth: float, d
         raise ValueError(f"diverge_factor must be > 1 (or None to never stop early), got {diverge_factor!r}")
 
 
-def _groups(model: nn.Module, names: set, group: Optional[str], lr: Optional[LR], weight_decay: float, start_lr: float) -> List[dict]:
+def _groups(
+    model: nn.Module, names: set, group: Optional[str], lr: Optional[LR], weight_decay: float, start_lr: float
+) -> List[dict]:
     groups = param_groups(model, names, lr if lr is not None else start_lr, weight_decay=weight_decay)
     if group is None:
         return groups
@@ -163,11 +166,9 @@ def _groups(model: nn.Module, names: set, group: Optional[str], lr: Optional[LR]
 def _make_optimizer(optimizer: OptimizerSpec, groups: List[dict], kwargs: Dict[str, Any]) -> torch.optim.Optimizer:
     if callable(optimizer):
         return optimizer(groups, **kwargs)
-    from cvkit.stages import _OPTIMIZERS, list_optimizers
+    from cvkit.stages import create_optimizer
 
-    if optimizer not in _OPTIMIZERS:
-        raise KeyError(f"unknown optimizer {optimizer!r}; valid: {list_optimizers()} or a callable(param_groups)")
-    return _OPTIMIZERS[optimizer](groups, **kwargs)
+    return create_optimizer(optimizer, groups, **kwargs)
 
 
 def _sweep(

@@ -37,7 +37,8 @@ def extract_features(
     timm models give ``forward_head(forward_features(x), pre_logits=True)``; other models with a
     ``forward_features`` are global-average pooled; ``feature_fn(x)`` overrides both. Batches are
     ``{"features", "targets", "index"}`` dicts (targets and index optional) or ``(x, y)`` tuples;
-    labels are None when a batch has no targets. The model runs in eval mode, its modes restored.
+    labels are None when a batch has no targets. The model is moved to ``device`` and run in eval
+    mode; its train/eval modes are restored afterwards.
     """
     embed = feature_fn or _embedder(model)
     modes = [m.training for m in model.modules()]
@@ -53,12 +54,12 @@ def extract_features(
                 x, y, index = _unpack(batch)
                 out = embed(x.to(device))
                 if out.ndim != 2 or out.shape[0] != x.shape[0]:
-                    raise ValueError(f"features must be (batch, dim), got shape {tuple(out.shape)} for a batch of {x.shape[0]}")
+                    raise ValueError(f"features must be (batch, dim), got {tuple(out.shape)} for a batch of {x.shape[0]}")
                 feats.append(out.float().cpu().numpy())
                 has_labels = has_labels and y is not None
                 if has_labels:
-                    labels.append(np.asarray(torch.as_tensor(y).cpu()).reshape(-1))
-                indices.append(np.arange(seen, seen + len(out)) if index is None else np.asarray(torch.as_tensor(index).cpu()).reshape(-1))
+                    labels.append(_numpy(y))
+                indices.append(np.arange(seen, seen + len(out)) if index is None else _numpy(index))
                 seen += len(out)
     finally:
         for module, flag in zip(model.modules(), modes):
@@ -66,6 +67,10 @@ def extract_features(
     if not feats:
         raise ValueError("the loader yields no batches")
     return np.concatenate(feats), np.concatenate(labels) if has_labels else None, np.concatenate(indices)
+
+
+def _numpy(values: Any) -> np.ndarray:
+    return np.asarray(torch.as_tensor(values).cpu()).reshape(-1)
 
 
 def _embedder(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -185,7 +190,9 @@ def knee(sorted_values: np.ndarray) -> float:
     return float(y[int(np.argmax(t - (y - y[0]) / (y[-1] - y[0])))])
 
 
-def _isolation_forest_scores(x: np.ndarray, n_estimators: int = 200, max_samples: Union[int, float, str] = "auto", random_state: int = 0) -> np.ndarray:
+def _isolation_forest_scores(
+    x: np.ndarray, n_estimators: int = 200, max_samples: Union[int, float, str] = "auto", random_state: int = 0
+) -> np.ndarray:
     from sklearn.ensemble import IsolationForest
 
     if len(x) < 3:
