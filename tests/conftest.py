@@ -9,6 +9,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 warnings.filterwarnings("ignore", message=".*tensor.detach.*")
+# Tiny models gain nothing from a second thread, and on a busy 2-core machine OpenMP threads that
+# spin-wait on each other make them 10-100x slower; subprocess tests set OMP_NUM_THREADS=1 too.
+torch.set_num_threads(1)
 
 
 class TinyImages(Dataset):

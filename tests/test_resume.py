@@ -17,7 +17,7 @@ SCRIPT = Path(__file__).with_name("resume_script.py")
 
 
 def run(logdir: Path, kill_at: int, resume: bool = False, sigint: bool = False) -> int:
-    env = dict(os.environ, PYTHONPATH=str(SCRIPT.parent), PYTHONWARNINGS="ignore")
+    env = dict(os.environ, PYTHONPATH=str(SCRIPT.parent), PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     args = [sys.executable, str(SCRIPT), str(logdir), str(kill_at)]
     args += (["--resume"] if resume else []) + (["--sigint"] if sigint else [])
     return subprocess.run(args, env=env, capture_output=True, timeout=300).returncode
