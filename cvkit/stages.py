@@ -210,7 +210,19 @@ class Stage:
             if len(self.monitor) != 2:
                 raise ValueError(f"{where}: monitor must be (loader, metric), got {self.monitor!r}")
 
+        if self.loss_range is not None:
+            self._check_loss_range()
         self._check_builds()
+
+    def _check_loss_range(self) -> None:
+        """``loss_range`` is a band ``(lo, hi)`` or a dict of LossRangeCallback options; check it now."""
+        from cvkit.callbacks.loss_range import LossRangeCallback
+
+        options = self.loss_range if isinstance(self.loss_range, Mapping) else {"band": self.loss_range}
+        try:
+            LossRangeCallback(**options)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"stage {self.name!r}: loss_range={self.loss_range!r}: {exc}") from None
 
     def _check_builds(self) -> None:
         """Build the optimizer and scheduler once on a dummy parameter, so bad kwargs fail now."""

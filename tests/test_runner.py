@@ -257,3 +257,17 @@ def test_plateau_batch_counts_patience_in_batches(tmp_path):
     assert record.per_batch == pytest.approx([0.1] * 4 + [0.05] * 3 + [0.025] * 2)
     with pytest.raises(ValueError, match="plateau_batch"):
         Stage("s", 1, scheduler="plateau", interval="batch")
+
+
+def test_stage_loss_range_keeps_the_band_and_validation_sees_all(tmp_path):
+    runner = fit(create_model("test_resnet", 3), [Stage("s", 2, lr=0.01, loss_range={"band": (0.25, 0.75)})],
+                 tmp_path)
+    import pandas as pd
+
+    log = pd.read_csv(tmp_path / "log.csv")
+    assert log["train/loss_range/kept_fraction"].tolist() == pytest.approx([0.5, 0.5])
+    assert "valid/loss_range/kept_fraction" not in log
+    assert (tmp_path / "loss_range" / "s" / "dropped_top.csv").is_file()
+    assert runner.history[-1]["valid/loss"] > 0
+    with pytest.raises(ValueError, match="stage 'bad': loss_range"):
+        Stage("bad", 1, loss_range=(0.5, 0.3))
