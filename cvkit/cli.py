@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``cvkit`` console script."""
+    import cvkit.commands  # noqa: F401  (registers train, predict, lr-find, outliers, report)
     parser = build_parser()
     args = parser.parse_args(argv)
     prog = f"cvkit {args.command}"
@@ -282,4 +283,6 @@ def _eda(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from cvkit.cli import main as _main  # the imported module, where the subcommands register
+
+    sys.exit(_main())

@@ -1,0 +1,276 @@
+"""``cvkit`` subcommands around YAML experiments: train, predict, lr-find, outliers, report.
+
+Imported by :func:`cvkit.cli.main`, which registers them next to the data commands. Each one is a
+thin layer over the library (:mod:`cvkit.experiment`, :mod:`cvkit.inference.predict`,
+:mod:`cvkit.tools`); errors come back as one line on stderr with exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from cvkit.cli import UsageError, register_command
+
+
+def _experiment_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="experiment YAML, or a run's config.json to repeat that run")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key before validation, e.g. --set stages.0.epochs=1 --set data.limit=64 "
+                        "(value parsed as YAML; repeatable)")
+
+
+def _load(args: argparse.Namespace) -> Dict[str, Any]:
+    from cvkit.experiment import load_experiment
+
+    return load_experiment(args.config, args.overrides)
+
+
+# --- train -------------------------------------------------------------------------------------
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    _experiment_args(p)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in the experiment's logdir from its last completed epoch")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+
+
+@register_command("train", "Train a YAML experiment (all its stages); writes the run to its logdir.", _train_args)
+def _train(args: argparse.Namespace) -> int:
+    from cvkit.experiment import run
+
+    config = _load(args)
+    result = run(config, resume=args.resume, verbose=not args.quiet)
+    logdir = config.get("logdir") or f"runs/{config.get('name', 'experiment')}"
+    summary = {"best": result["best"], "valid": result.get("valid"), "test": result.get("test")}
+    print(json.dumps(summary, indent=2, default=str))
+    print(f"run written to {logdir} (repeat it with: cvkit train {Path(logdir) / 'config.json'})")
+    return 0
+
+
+# --- predict -----------------------------------------------------------------------------------
+
+def _predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="weights to predict with: a best.pth or a run folder")
+    p.add_argument("--config", required=True, help="the run's config.json (or the experiment YAML it came from)")
+    p.add_argument("--images", required=True,
+                   help="a folder of images (searched recursively) or a CSV with a --path-col column")
+    p.add_argument("--out", default="submission.csv", help="CSV to write, one row per image (per class for masks)")
+    p.add_argument("--tta", help="comma-separated test-time transforms averaged with the plain "
+                                            "prediction, e.g. hflip,vflip or 'shift(4, 0)'")
+    p.add_argument("--probs", action="store_true", help="add one prob_<class> column per class")
+    p.add_argument("--root", help="folder the CSV's image paths are relative to (default: the CSV's folder)")
+    p.add_argument("--path-col", default="path", help="image path column of an --images CSV")
+    p.add_argument("--image-size", type=int, help="network input size (default: the run's last stage size)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    p.add_argument("--threshold", type=float, default=0.5, help="mask probability that sets a pixel (segmentation)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the model runs")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+
+
+@register_command("predict", "Predict a folder or CSV of images with a run's checkpoint into a submission CSV.",
+                  _predict_args)
+def _predict(args: argparse.Namespace) -> int:
+    from cvkit.inference.predict import predict
+
+    tta = [t.strip() for t in _split_specs(args.tta or "") if t.strip()]
+    frame = predict(args.checkpoint, args.config, args.images, args.out, tta=tta, probs=args.probs,
+                    batch_size=args.batch_size, device=args.device, image_size=args.image_size, root=args.root,
+                    path_col=args.path_col, threshold=args.threshold, workers=args.workers,
+                    progress=sys.stderr.isatty())
+    print(f"wrote {args.out} ({len(frame)} rows)")
+    return 0
+
+
+def _split_specs(text: str) -> List[str]:
+    """Split ``hflip,shift(4, 0)`` on the commas outside parentheses."""
+    out, depth, current = [], 0, ""
+    for char in text:
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            out.append(current)
+            current = ""
+        else:
+            current += char
+    return out + [current] if current else out
+
+
+# --- lr-find -----------------------------------------------------------------------------------
+
+def _lr_find_args(p: argparse.ArgumentParser) -> None:
+    _experiment_args(p)
+    p.add_argument("--stage", help="stage whose trainable set, optimizer, batch and image size are used "
+                                   "(default: the first)")
+    p.add_argument("--group", help="sweep only this parameter group (head, backbone or an lr key); the others "
+                                   "keep the stage's LRs")
+    p.add_argument("--out", default="lr.png", help="plot of the loss against the LR")
+    p.add_argument("--steps", type=int, default=100, help="batches in the sweep")
+    p.add_argument("--start-lr", type=float, default=1e-7, help="first LR of the sweep")
+    p.add_argument("--end-lr", type=float, default=10.0, help="last LR of the sweep")
+
+
+@register_command("lr-find", "LR range test on an experiment's stage; prints the suggested LR, plots the curve.",
+                  _lr_find_args)
+def _lr_find(args: argparse.Namespace) -> int:
+    from cvkit.experiment import build
+    from cvkit.tools.lr_find import lr_find
+
+    experiment = build(_load(args))
+    names = [s.name for s in experiment.stages]
+    if args.stage is not None and args.stage not in names:
+        raise UsageError(f"--stage {args.stage!r} is not a stage of {args.config}; stages: {names}")
+    stage = experiment.stages[names.index(args.stage) if args.stage else 0]
+    experiment.prepare()
+    loader = experiment.loaders(stage)["train"]
+    device = "cuda" if experiment.config["engine"] in ("gpu", "amp") else "cpu"
+    result = lr_find(experiment.model, loader, experiment.criterion, start_lr=args.start_lr, end_lr=args.end_lr,
+                     num_steps=args.steps, trainable=stage.trainable, optimizer=stage.optimizer, group=args.group,
+                     lr=stage.lr if args.group else None, weight_decay=stage.weight_decay, train_bn=stage.train_bn,
+                     device=device, out_png=args.out, progress=sys.stderr.isatty(),
+                     optimizer_kwargs=stage.optimizer_kwargs)
+    which = f" for group {args.group!r}" if args.group else ""
+    print(f"suggested lr{which}: {_fmt(result.suggested_lr)} (steepest), {_fmt(result.valley_lr)} (valley); "
+          f"plot: {args.out}")
+    return 0
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "none" if value is None else f"{value:.3g}"
+
+
+# --- outliers ----------------------------------------------------------------------------------
+
+def _outliers_args(p: argparse.ArgumentParser) -> None:
+    _experiment_args(p)
+    p.add_argument("--checkpoint", help="weights to embed with (default: best.pth next to a run's config.json, "
+                                        "else the experiment's weights)")
+    p.add_argument("--method", choices=("isolation_forest", "dbscan", "centroid"), default="isolation_forest",
+                   help="how unusual each image's features are scored")
+    p.add_argument("--split", choices=("train", "valid", "test"), default="train", help="which images to rank")
+    p.add_argument("--global", dest="per_class", action="store_false",
+                   help="score all images together instead of within each class")
+    p.add_argument("--top", type=int, default=50, help="suspects written to the CSV and the sheet (0: all to the CSV)")
+    p.add_argument("--out", default="outliers.csv", help="CSV of suspects, most suspicious first")
+    p.add_argument("--sheet", help="also write a contact sheet PNG of the top suspects")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+
+
+def _feature_fn(model: Any, task: str) -> Any:
+    if task in ("class_box", "keypoints"):
+        return model.backbone
+    if task == "segmentation":
+        return lambda x: model.encoder(x)[-1].mean(dim=(2, 3))
+    return None
+
+
+@register_command("outliers", "Rank a split's images by how unusual their features are (mislabelled/broken).",
+                  _outliers_args)
+def _outliers(args: argparse.Namespace) -> int:
+    from torch.utils.data import DataLoader
+
+    from cvkit.experiment import build, image_size, load_weights
+    from cvkit.tools.outliers import contact_sheet, extract_features, rank_outliers
+
+    config = _load(args)
+    checkpoint = args.checkpoint
+    beside = Path(args.config).parent / "best.pth"
+    if checkpoint is None and Path(args.config).name == "config.json" and beside.is_file():
+        checkpoint = beside
+    experiment = build(config)
+    if checkpoint is not None:
+        load_weights(experiment.model, checkpoint)
+    if args.split not in experiment.datasets:
+        raise UsageError(f"--split {args.split}: the data has no {args.split} split; it has {sorted(experiment.datasets)}")
+    base = experiment.datasets[args.split]
+    dataset = experiment.dataset(args.split, image_size(experiment.config, experiment.config["stages"][-1]))
+    loader = DataLoader(dataset, args.batch_size, shuffle=False)
+    features, labels, indices = extract_features(experiment.model, loader,
+                                                 feature_fn=_feature_fn(experiment.model, experiment.task))
+    if experiment.task != "classification":
+        labels = None
+    elif experiment.classes:
+        labels = [experiment.classes[int(v)] for v in labels]
+    frame = rank_outliers(features, labels, indices, method=args.method, per_class=args.per_class and labels is not None)
+    if args.top:
+        frame = frame.head(args.top)
+    paths = [str(base.path(i)) if hasattr(base, "path") else "" for i in frame["index"]]
+    frame.insert(1, "path", paths)
+    frame.insert(2, "where", [base.where(i) if hasattr(base, "where") else f"{args.split} item {i}" for i in frame["index"]])
+    from cvkit.io import atomic_write_bytes
+
+    atomic_write_bytes(args.out, frame.to_csv(index=False).encode())
+    if args.sheet:
+        images = [base.path(i) for i in range(len(base))] if hasattr(base, "path") else base.images
+        contact_sheet(images, frame["index"].tolist(), frame["score"].tolist(), args.sheet,
+                      labels=frame["label"].tolist() if labels is not None else None)
+    for _, row in frame.head(10).iterrows():
+        print(f"{int(row['rank']):4d}  score {row['score']:.4g}  {row['where']}")
+    print(f"wrote {args.out} ({len(frame)} rows)" + (f" and {args.sheet}" if args.sheet else ""))
+    return 0
+
+
+# --- report ------------------------------------------------------------------------------------
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders holding metrics.json and config.json")
+    p.add_argument("--out", default="results.md", help="Markdown file to write (also printed)")
+
+
+def _read_json(path: Path) -> Dict[str, Any]:
+    if not path.is_file():
+        raise UsageError(f"{path} not found; is {path.parent} a finished run folder?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.4f}"
+    return "" if value is None else str(value).replace("|", "\\|")
+
+
+def report_table(runs: List[Path]) -> str:
+    """A Markdown table, one row per run: model, epochs, image size, best stage/epoch, valid and test metrics."""
+    rows: List[Dict[str, Any]] = []
+    metric_keys: Dict[str, List[str]] = {"valid": [], "test": []}
+    for run in runs:
+        metrics, config = _read_json(run / "metrics.json"), _read_json(run / "config.json")
+        model = config.get("model")
+        if isinstance(model, dict):
+            model = model.get("arch") or model.get("encoder") or model.get("name")
+        stages = config.get("stages") or []
+        sizes = [s.get("image_size") for s in stages if isinstance(s, dict) and s.get("image_size")]
+        augmentation = config.get("augmentation") if isinstance(config.get("augmentation"), dict) else {}
+        size = sizes[-1] if sizes else augmentation.get("size")
+        best = metrics.get("best", {})
+        row = {"run": run.name, "model": model, "epochs": metrics.get("epochs"), "image size": size,
+               "best": f"{best.get('stage')}/{best.get('epoch')}" if best else None}
+        for split in ("valid", "test"):
+            for key, value in (metrics.get(split) or {}).items():
+                if key.startswith("loss/"):
+                    continue
+                if key not in metric_keys[split]:
+                    metric_keys[split].append(key)
+                row[f"{split} {key}"] = value
+        rows.append(row)
+    columns = ["run", "model", "epochs", "image size", "best"]
+    columns += [f"{split} {key}" for split in ("valid", "test") for key in metric_keys[split]]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+@register_command("report", "A Markdown table comparing runs (model, epochs, size, valid/test metrics).",
+                  _report_args)
+def _report(args: argparse.Namespace) -> int:
+    from cvkit.io import atomic_write_bytes
+
+    table = report_table([Path(r) for r in args.runs])
+    atomic_write_bytes(args.out, table.encode())
+    print(table, end="")
+    return 0

@@ -1,0 +1,126 @@
+"""YAML experiments end to end in the library: build, check the data, train, and re-load config.json."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from cvkit.config import ConfigError, load_config
+from cvkit.data.io import DatasetCheckError
+from cvkit.experiment import build, complete, load_experiment, run
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "configs"
+
+
+def tiny(demo_root: Path, logdir: Path, **changes) -> dict:
+    """Two one-epoch stages of test_resnet on 40 demo digits per split."""
+    config = {
+        "name": "tiny", "task": "classification", "engine": "cpu", "logdir": str(logdir),
+        "data": {"kind": "demo", "root": str(demo_root), "limit": 40},
+        "model": {"name": "classifier", "arch": "test_resnet"},
+        "augmentation": {"preset": "light", "size": 32},
+        "stages": [
+            {"name": "head", "epochs": 1, "trainable": "head", "lr": {"head": 0.01}, "batch_size": 16},
+            {"name": "full", "epochs": 1, "lr": 0.001, "optimizer": "adamw_v1", "batch_size": 16},
+        ],
+    }
+    config.update(changes)
+    return config
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("demo_data")
+
+
+@pytest.fixture(scope="module")
+def trained(demo_root, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("exp")
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny(demo_root, folder / "run")))
+    config = load_experiment(path)
+    return path, config, run(config, verbose=False)
+
+
+def test_config_json_reloads_to_the_completed_experiment(trained):
+    path, config, result = trained
+    logdir = Path(config["logdir"])
+    expected = build(load_experiment(path)).config
+    assert expected["model"] == {"name": "classifier", "arch": "test_resnet", "num_classes": 10}
+    assert load_experiment(logdir / "config.json") == expected
+    assert json.loads((logdir / "metrics.json").read_text()) == json.loads(json.dumps(result))
+    assert {"best", "valid", "test", "epochs"} <= set(result) and result["epochs"] == 2
+    assert {"accuracy", "f1_macro", "loss"} <= set(result["valid"]) and math.isfinite(result["test"]["loss"])
+    assert json.loads((logdir / "classes.json").read_text()) == [f"digit_{k}" for k in range(10)]
+
+
+def test_weights_start_from_another_runs_best(trained):
+    _, config, _ = trained
+    experiment = build({**config, "weights": config["logdir"]})
+    best = torch.load(Path(config["logdir"]) / "best.pth", weights_only=True)["model"]
+    assert all(torch.equal(experiment.model.state_dict()[k], v) for k, v in best.items())
+    with pytest.raises(ConfigError, match="weights: .*nowhere.pth not found"):
+        build({**config, "weights": "nowhere.pth"})
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"data": {"kind": "dmeo"}}, "data.kind: unknown data kind 'dmeo'; did you mean 'demo'"),
+    ({"data": {"kind": "demo", "per_clas": 5}}, "unknown key 'per_clas'; did you mean 'per_class'"),
+    ({"augmentation": {"preset": "light", "sise": 32}}, "augmentation: unknown key 'sise'; did you mean 'size'"),
+    ({"data": {"kind": "stl10"}, "task": "keypoints"}, "task 'keypoints' needs kind 'csv' or 'demo'"),
+])
+def test_typos_inside_data_and_augmentation_name_the_key(tmp_path, change, message):
+    with pytest.raises(ConfigError, match=message):
+        complete(load_config({**tiny(tmp_path, tmp_path / "run"), **change}))
+
+
+def test_unknown_preset_and_criterion_argument_fail_before_training(demo_root, tmp_path):
+    experiment = build(load_config(tiny(demo_root, tmp_path / "run", augmentation={"preset": "lihgt", "size": 32})))
+    with pytest.raises(ConfigError, match="augmentation.preset: unknown augmentation preset 'lihgt'"):
+        experiment.loaders(experiment.stages[0])
+    with pytest.raises(ConfigError, match="criterion: .*label_smothing"):
+        build(load_config(tiny(demo_root, tmp_path / "run", criterion={"name": "cross_entropy", "label_smothing": 0.1})))
+
+
+def test_bad_rows_refuse_to_start_or_are_skipped_when_asked(demo_root, tmp_path):
+    folder = demo_root / "classification"
+    frame = pd.read_csv(folder / "train.csv").head(30)
+    frame.loc[len(frame)] = {"path": "images/missing.jpg", "label": "digit_3"}
+    frame.to_csv(folder / "bad_train.csv", index=False)
+    data = {"kind": "csv", "train": str(folder / "bad_train.csv"), "class_map": str(folder / "encode_classes.json")}
+    config = load_config(tiny(demo_root, tmp_path / "run", data=data))
+    with pytest.raises(DatasetCheckError, match=r"bad_train.csv row 30 \(images/missing.jpg\)"):
+        run(config, verbose=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    experiment = build(load_config(tiny(demo_root, tmp_path / "run", data={**data, "skip_bad_rows": True})))
+    before = len(experiment.datasets["train"]) + len(experiment.datasets["valid"])
+    experiment.prepare()
+    after = len(experiment.datasets["train"]) + len(experiment.datasets["valid"])
+    assert after == before - 1
+    skipped = list((tmp_path / "run").rglob("skipped_rows.csv"))
+    assert len(skipped) == 1 and "missing_file" in skipped[0].read_text()
+
+
+@pytest.mark.parametrize("task", ["classification", "class_box", "keypoints", "segmentation"])
+def test_example_configs_build_and_one_batch_fits(demo_root, tmp_path, task):
+    overrides = [f"logdir={tmp_path / 'run'}", f"data.root={demo_root}", "data.limit=16"]
+    experiment = build(load_experiment(EXAMPLES / f"{task}_demo.yaml", overrides))
+    batch = next(iter(experiment.loaders(experiment.stages[0])["train"]))
+    out = experiment.model(batch["features"])
+    loss = experiment.criterion(out, batch["targets"])
+    metric = experiment.metrics()[0]
+    metric.update(out.detach(), batch["targets"])
+    assert torch.isfinite(loss) and experiment.config["valid_metric"] in metric.compute()
+
+
+def test_named_versions_expand():
+    config = load_config({"task": "class_box", "data": {"kind": "demo"}, "model": "v1", "augmentation": "light_v1",
+                          "criterion": "class_box_v1", "stages": [{"name": "a", "epochs": 1}]})
+    assert config["model"] == {"name": "class_box", "arch": "resnet34", "dropout": 0.2}
+    assert config["augmentation"] == {"preset": "light", "size": 224}
+    assert config["criterion"] == {"name": "class_box", "box_weight": 5.0}
