@@ -97,7 +97,7 @@ def test_report_has_one_row_per_run(run_dir, tmp_path, capsys):
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     assert header[:5] == ["run", "model", "epochs", "image size", "best"]
     assert {"valid accuracy", "test accuracy", "test f1_macro"} <= set(header)
-    assert len(lines) == 4 and lines[2].startswith("| demo | test_resnet | 2 | 32 |")
+    assert len(lines) == 4 and lines[2].startswith("| demo | test_resnet | 2 | 48 |")
     assert main(["report", str(tmp_path), "--out", str(out)]) == 2
     assert "metrics.json not found" in capsys.readouterr().err
 
