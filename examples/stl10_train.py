@@ -7,6 +7,7 @@ layout is built from scikit-learn's handwritten digits, so the same reader runs.
 
     python examples/stl10_train.py                       # demo, ~1-2 min on 2 CPU cores
     python examples/stl10_train.py --data ~/stl10 --arch resnet50 --pretrained weights/resnet50.pth
+    python examples/stl10_train.py --pseudo-label      # + a stage on confident predictions for unlabeled_X.bin
 """
 from __future__ import annotations
 
@@ -21,11 +22,14 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader
 
 from cvkit.data import stl10
+from cvkit.io import atomic_write_json
+from cvkit.losses import create_criterion
 from cvkit.metrics import ClassificationMetrics
 from cvkit.models import create_model
 from cvkit.perf import FastPaths
 from cvkit.runners import StagedRunner
 from cvkit.stages import Stage
+from cvkit.tools.pseudo import PseudoLabelled, pseudo_label
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,6 +53,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--limit", type=int, default=None, help="use only this many train/test images (smoke runs)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--loss", default="ce", choices=["ce", "bce"], help="cross-entropy, or BCE on one-hot targets")
+    p.add_argument("--pseudo-label", action="store_true",
+                   help="third stage on labelled + confidently pseudo-labelled unlabeled_X.bin images")
+    p.add_argument("--pseudo-threshold", type=float, default=0.9, help="minimum confidence of a pseudo-label")
+    p.add_argument("--pseudo-epochs", type=int, default=4, help="maximum epochs of the pseudo-label stage")
     return p.parse_args(argv)
 
 
@@ -58,6 +67,34 @@ def transforms(size: int, train: bool) -> A.Compose:
         steps.append(A.Affine(scale=(0.9, 1.1), translate_percent=(-0.06, 0.06), rotate=(-8, 8), p=0.7))
         steps.append(A.RandomBrightnessContrast(p=0.3))
     return A.Compose(steps + [A.Normalize(), ToTensorV2()])
+
+
+def weak_transforms(size: int) -> A.Compose:
+    """What the unlabelled images are predicted with: a small shift only."""
+    return A.Compose([A.Resize(size, size), A.Affine(translate_percent=(-0.03, 0.03), p=0.5), A.Normalize(), ToTensorV2()])
+
+
+def strong_transforms(size: int) -> A.Compose:
+    """What the pseudo-label stage trains with: stronger geometry, colour, blur and cut-out."""
+    return A.Compose([
+        A.Resize(size, size), A.Affine(scale=(0.8, 1.2), translate_percent=(-0.1, 0.1), rotate=(-15, 15), p=0.9),
+        A.RandomBrightnessContrast(0.3, 0.3, p=0.7), A.OneOf([A.GaussianBlur(), A.GaussNoise()], p=0.3),
+        A.CoarseDropout(num_holes_range=(1, 3), hole_height_range=(0.1, 0.25), hole_width_range=(0.1, 0.25), p=0.5),
+        A.Normalize(), ToTensorV2()])
+
+
+def pseudo_train_set(model: torch.nn.Module, root: Path, args: argparse.Namespace, train: stl10.ArrayDataset,
+                     size: int) -> torch.utils.data.Dataset:
+    """Labelled train images plus the unlabelled ones the model predicts confidently, all strongly augmented."""
+    unlabeled, _ = stl10.load_split(root, "unlabeled")
+    unlabeled = unlabeled[: args.limit] if args.limit else unlabeled
+    loader = DataLoader(stl10.ArrayDataset(unlabeled, None, weak_transforms(size)), 128, num_workers=args.workers)
+    kept = pseudo_label(model, loader, threshold=args.pseudo_threshold)
+    print(f"[stl10] pseudo-labels: kept {len(kept.indices)} of {kept.total} unlabelled images "
+          f"(threshold {args.pseudo_threshold})")
+    atomic_write_json(args.logdir / "pseudo_labels.json", kept.summary())
+    strong = stl10.ArrayDataset(unlabeled, None, strong_transforms(size))
+    return torch.utils.data.ConcatDataset([train, PseudoLabelled(strong, kept, index_offset=len(train))])
 
 
 def main(argv=None) -> dict:
@@ -74,6 +111,9 @@ def main(argv=None) -> dict:
     def loaders(stage: Stage) -> dict:
         size, batch = stage.image_size, stage.batch_size
         train = stl10.ArrayDataset(images[train_idx], labels[train_idx], transforms(size, train=True))
+        if stage.name == "pseudo":  # the model holds the previous stage's best weights by now
+            train = pseudo_train_set(model, root, args, stl10.ArrayDataset(
+                images[train_idx], labels[train_idx], strong_transforms(size)), size)
         valid = stl10.ArrayDataset(images[valid_idx], labels[valid_idx], transforms(size, train=False))
         return {
             "train": DataLoader(train, batch, shuffle=True, num_workers=args.workers, drop_last=True,
@@ -91,10 +131,15 @@ def main(argv=None) -> dict:
               early_stopping=dict(patience=3, min_delta=1e-3),
               batch_size=args.batch_size, image_size=args.image_size),
     ]
+    if args.pseudo_label:
+        stages.append(Stage("pseudo", epochs=args.pseudo_epochs, trainable="all", lr={"head": 0.01, "backbone": 0.005},
+                            optimizer="sgd", optimizer_kwargs=dict(momentum=0.9, nesterov=True), weight_decay=5e-4,
+                            scheduler="cosine", batch_size=args.batch_size, image_size=args.image_size))
+    criterion = torch.nn.CrossEntropyLoss() if args.loss == "ce" else create_criterion("bce_one_hot")
     model = create_model(args.arch, num_classes=len(names), pretrained=args.pretrained)
     test = DataLoader(stl10.ArrayDataset(test_images, test_labels, transforms(args.image_size, train=False)), 128)
     runner = StagedRunner().fit(
-        model, stages, loaders, torch.nn.CrossEntropyLoss(), args.logdir,
+        model, stages, loaders, criterion, args.logdir,
         metrics=lambda: [ClassificationMetrics(len(names))],
         valid_metric="accuracy", minimize_valid_metric=False,
         engine=args.device, seed=args.seed, verbose=not args.quiet, test_loader=test, resume=args.resume,

@@ -1,0 +1,215 @@
+"""Every issue-5 example end to end on its demo data, in a smoke mode (few images, 1 epoch a stage, tiny sizes).
+
+Each test checks something a broken example would get wrong: test metrics that a re-evaluation
+of best.pth reproduces, one prediction row per test image in the competition's format, RLE that
+decodes back to the predicted mask, BatchNorm statistics that a frozen-BN stage must not move.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import examples_loader
+from cvkit.io import load_checkpoint, state_dict_of
+
+SMOKE = ["--limit", "40", "--epochs", "1", "--quiet", "--seed", "0"]
+
+
+def run(name: str, logdir: Path, *extra: str) -> dict:
+    module = examples_loader.load(name)
+    result = module.main(["--logdir", str(logdir), *SMOKE, *extra])
+    for artefact in ("metrics.json", "config.json", "progress.png", "best.pth", "log.csv"):
+        assert (logdir / artefact).is_file(), artefact
+    assert any((logdir / "tensorboard").iterdir())
+    return result
+
+
+def best_weights(logdir: Path) -> dict:
+    return state_dict_of(load_checkpoint(logdir / "best.pth"))
+
+
+@pytest.mark.slow
+def test_localization_test_metrics_reproduce_and_predictions_are_pixels(tmp_path):
+    from cvkit.data import BoxDataset, create_preset
+    from cvkit.examples_support import ClassBoxCriterion, ClassBoxTargets
+    from cvkit.metrics import BoxMetrics
+    from cvkit.models import ClassBoxModel
+    from cvkit.runners import evaluate
+
+    logdir = tmp_path / "run"
+    result = run("localization_train", logdir, "--head-epochs", "1", "--image-size", "32")
+    stored = json.loads((logdir / "metrics.json").read_text())
+    assert stored["test"] == pytest.approx(result["test"])
+    assert [s["name"] for s in json.loads((logdir / "config.json").read_text())["stages"]] == ["v1", "v2"]
+
+    root = tmp_path / "demo_data" / "boxes"
+    test_rows = pd.read_csv(root / "test.csv").head(40)
+    classes = {n: i for i, n in enumerate(sorted(pd.read_csv(root / "train.csv")["label"].unique()))}
+    model = ClassBoxModel("test_resnet", len(classes))
+    model.load_state_dict(best_weights(logdir))
+    test = ClassBoxTargets(BoxDataset(test_rows, root=root, class_map=classes, transform=create_preset("resize", 32)))
+    # the box weight of the last stage (100) must be what the final evaluation used, not the initial 75
+    again = evaluate(model, DataLoader(test, 16), ClassBoxCriterion(len(classes), box_weight=100.0),
+                     lambda: [BoxMetrics(len(classes))])
+    assert again == pytest.approx(stored["test"], rel=1e-5)
+
+    predictions = pd.read_csv(logdir / "predictions.csv")
+    assert list(predictions.columns) == ["path", "label", "probability", "x1", "y1", "x2", "y2"]
+    assert predictions["path"].tolist() == test_rows["path"].tolist()
+    assert set(predictions["label"]) <= set(classes)
+    boxes = predictions[["x1", "y1", "x2", "y2"]].to_numpy()
+    assert (boxes >= 0).all() and (boxes <= 96).all() and boxes.max() > 1  # pixels of the 96x96 originals
+
+
+@pytest.mark.slow
+def test_facial_keypoints_reports_plain_and_tta_error(tmp_path):
+    logdir = tmp_path / "run"
+    result = run("facial_keypoints_train", logdir, "--image-size", "32", "--batch-size", "8")
+    stored = json.loads((logdir / "metrics.json").read_text())
+    assert set(stored) >= {"test", "test_plain", "test_hflip_tta"}
+    # all demo images are 96x96, so per-sample sizes and the fixed size must give the same error
+    assert stored["test_plain"]["mean_error_px"] == pytest.approx(stored["test"]["mean_error_px"], rel=1e-4)
+    assert stored["test_hflip_tta"]["mean_error_px"] != stored["test_plain"]["mean_error_px"]
+    assert result["test_hflip_tta"] == pytest.approx(stored["test_hflip_tta"])
+    assert json.loads((logdir / "config.json").read_text())["flip_pairs"] == [[0, 1], [2, 3]]  # left/right names
+    assert sorted(p.name for p in (logdir / "worst").iterdir())[0] == "worst_e001.png"
+
+
+@pytest.mark.slow
+def test_steel_submission_rle_decodes_to_the_predicted_masks(tmp_path):
+    from cvkit.data import SegmentationDataset, create_preset
+    from cvkit.data.io import read_image
+    from cvkit.data.rle import rle_decode
+    from cvkit.examples_support import resize_probabilities
+    from cvkit.inference.tta import tta_predict
+    from cvkit.models import create_segmentation_model
+
+    logdir = tmp_path / "run"
+    run("steel_segmentation_train", logdir, "--head-epochs", "1", "--image-size", "32", "--limit", "12",
+        "--overlays", "--threshold", "0.4")
+    root = tmp_path / "demo_data" / "segmentation"
+    submission = pd.read_csv(logdir / "submission.csv", keep_default_na=False)
+    test = SegmentationDataset.from_rle(root / "test_rle.csv", root / "images", 4, transform=create_preset("resize", 32))
+    test = test.subset(np.arange(12))
+    names = [test.path(i).name for i in range(len(test))]
+    assert submission["ImageId_ClassId"].tolist() == [f"{n}_{c}" for n in names for c in (1, 2, 3, 4)]
+    assert sorted(p.name for p in (logdir / "overlays").iterdir()) == sorted(names)
+
+    model = create_segmentation_model("tu-test_resnet", 4)
+    model.load_state_dict(best_weights(logdir))
+    model.eval()
+    for i in (0, len(test) - 1):
+        with torch.no_grad():
+            probs = tta_predict(model, test[i]["features"][None], ["identity", "hflip"], target="mask")[0]
+        image = read_image(test.path(i))
+        expected = (resize_probabilities(probs, *image.shape[:2]) > 0.4).numpy()
+        rows = submission.set_index("ImageId_ClassId")["EncodedPixels"]
+        for c in range(4):
+            decoded = rle_decode(rows[f"{names[i]}_{c + 1}"], image.shape[:2])
+            np.testing.assert_array_equal(decoded, expected[c])
+
+
+@pytest.mark.slow
+def test_sports_submission_export_and_start_weights(tmp_path):
+    from cvkit.examples_support import load_weights
+    from cvkit.models import create_model
+
+    logdir, export = tmp_path / "run", tmp_path / "by_class"
+    start = tmp_path / "start.pth"
+    torch.save(create_model("test_convnext", 10).state_dict(), start)
+    result = run("sports_train", logdir, "--export-dir", str(export), "--weights", str(start))
+    assert json.loads((logdir / "config.json").read_text())["valid"]["metric"] == "f1_macro"
+    submission = pd.read_csv(logdir / "submission.csv")
+    assert list(submission.columns) == ["path", "label", "probability"]
+    assert len(submission) == 40 and submission["path"].is_unique
+    exported = {p.parent.name + "/" + p.name for p in export.rglob("*.jpg")}
+    assert exported == {f"{label}/{Path(path).name}" for path, label in zip(submission["path"], submission["label"])}
+    stored = json.loads((logdir / "metrics.json").read_text())
+    assert result["test"]["f1_macro"] == pytest.approx(stored["test"]["f1_macro"])
+    model = create_model("test_convnext", 10)
+    load_weights(model, logdir / "best.pth")
+    assert torch.equal(model.state_dict()["head.fc.weight"], best_weights(logdir)["head.fc.weight"])
+
+
+@pytest.mark.slow
+def test_ford_vs_ferrari_keeps_backbone_bn_frozen_and_resizes_per_stage(tmp_path):
+    logdir = tmp_path / "run"
+    run("ford_vs_ferrari_train", logdir, "--head-epochs", "1", "--sizes", "32", "40", "48", "--batch-size", "8")
+    config = json.loads((logdir / "config.json").read_text())
+    stages = config["stages"]
+    assert [(s["image_size"], s["batch_size"]) for s in stages] == [(32, 8), (40, 6), (48, 4)]
+    assert [s["train_bn"] for s in stages[1:]] == [False, False]
+    assert config["unfrozen_from"] == "blocks.2"
+    stored = json.loads((logdir / "metrics.json").read_text())
+    sizes = {s["name"]: s["image_size"] for s in stages}
+    assert stored["test_image_size"] == sizes[stored["best"]["stage"]]
+    split = config["split"]
+    assert split == {"train": 20, "valid": 10, "test": 10}  # --limit keeps 4 per class; 1 of each to test and valid
+    weights = best_weights(logdir)
+    backbone_bn = [k[: -len(".running_mean")] for k in weights
+                   if k.endswith("running_mean") and not k.startswith("classifier")]
+    assert backbone_bn
+    for name in backbone_bn:  # frozen in every stage: the statistics of a fresh BatchNorm
+        assert torch.equal(weights[f"{name}.running_mean"], torch.zeros_like(weights[f"{name}.running_mean"]))
+        assert torch.equal(weights[f"{name}.running_var"], torch.ones_like(weights[f"{name}.running_var"]))
+
+
+def test_flip_pairs_from_names():
+    from cvkit.examples_support import flip_pairs_from_names
+
+    names = ["left_eye_center", "right_eye_center", "nose_tip", "mouth_right_corner", "mouth_left_corner"]
+    assert flip_pairs_from_names(names) == [(0, 1), (3, 4)]
+    assert flip_pairs_from_names(["centre", "top"]) == []
+
+
+def test_severstal_rows_one_per_class_with_empty_runs():
+    from cvkit.data.rle import rle_decode
+    from cvkit.examples_support import severstal_rows
+
+    mask = np.zeros((2, 3, 4), np.uint8)
+    mask[1, 0:2, 1] = 1  # column 1, rows 0-1: pixels 4 and 5 in column-major 1-based order
+    rows = severstal_rows("a.jpg", mask)
+    assert rows == [{"ImageId_ClassId": "a.jpg_1", "EncodedPixels": ""},
+                    {"ImageId_ClassId": "a.jpg_2", "EncodedPixels": "4 2"}]
+    np.testing.assert_array_equal(rle_decode(rows[1]["EncodedPixels"], (3, 4)), mask[1])
+
+
+def test_export_by_class_keeps_repeated_names_apart(tmp_path):
+    from cvkit.examples_support import export_by_class
+
+    for folder in ("a", "b"):
+        (tmp_path / "src" / folder).mkdir(parents=True)
+        (tmp_path / "src" / folder / "1.jpg").write_bytes(folder.encode())
+    (tmp_path / "src" / "a" / "2.jpg").write_bytes(b"2")
+    paths = [tmp_path / "src" / "a" / "1.jpg", tmp_path / "src" / "b" / "1.jpg", tmp_path / "src" / "a" / "2.jpg"]
+    assert export_by_class(paths, ["x", "x", "y"], tmp_path / "out") == 3
+    assert sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*.jpg")) == \
+        ["x/a_1.jpg", "x/b_1.jpg", "y/2.jpg"]
+
+
+def test_class_box_targets_and_criterion_weight_set_per_stage():
+    from types import SimpleNamespace
+
+    from cvkit.examples_support import ClassBoxCriterion, ClassBoxTargets, SetCriterionAttribute
+
+    items = [{"features": torch.zeros(3, 4, 4), "targets": torch.tensor(2), "boxes": torch.tensor([0.1, 0.2, 0.3, 0.4]),
+              "box_visible": torch.tensor(v), "index": i} for i, v in enumerate((1.0, 0.0))]
+    wrapped = ClassBoxTargets(items)
+    assert wrapped[0]["targets"].tolist() == pytest.approx([2, 0.1, 0.2, 0.3, 0.4])
+    assert wrapped[1]["targets"][0] == 2 and torch.isnan(wrapped[1]["targets"][1:]).all()
+    criterion = ClassBoxCriterion(3, box_weight=75.0)
+    runner = SimpleNamespace(criterion=criterion)
+    SetCriterionAttribute("box_weight", 100.0).on_experiment_start(runner)
+    assert criterion.loss.box_weight == 100.0
+    out = torch.tensor([[0.0, 0.0, 5.0, 0.1, 0.2, 0.3, 0.5]])
+    target = wrapped[0]["targets"][None]
+    box_part = criterion(out, target) - ClassBoxCriterion(3, box_weight=0.0)(out, target)
+    assert box_part.item() > 0
+    with pytest.raises(AttributeError, match="no attribute 'gamma'"):
+        SetCriterionAttribute("gamma", 1.0).on_experiment_start(runner)
