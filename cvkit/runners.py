@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import platform
 import time
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
@@ -374,22 +375,28 @@ class StagedRunner(dl.SupervisedRunner):
         loggers: Dict[str, Any] = {"tensorboard": dl.TensorboardLogger(logdir=str(self.logdir / "tensorboard"))}
         if verbose:
             loggers["console"] = dl.ConsoleLogger()
-        self.train(
-            model=model,
-            engine=engine,
-            criterion=criterion,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            loaders=OrderedDict(loaders),
-            callbacks=callbacks,
-            loggers=loggers,
-            num_epochs=stage.epochs,
-            seed=seed,
-            valid_loader=self.valid_loader_key,
-            valid_metric=self.valid_metric_key,
-            minimize_valid_metric=self.minimize,
-            verbose=False,
-        )
+        with warnings.catch_warnings():
+            # Two known, harmless warnings from the pinned stack, repeated every stage otherwise:
+            # accelerate<1.0 deprecating its TPU enum, and Catalyst's loss metric calling float()
+            # on the undetached loss.
+            warnings.filterwarnings("ignore", message=r"The `TPU` of `<enum 'DistributedType'>`", category=FutureWarning)
+            warnings.filterwarnings("ignore", message=r"Converting a tensor with requires_grad=True to a scalar")
+            self.train(
+                model=model,
+                engine=engine,
+                criterion=criterion,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                loaders=OrderedDict(loaders),
+                callbacks=callbacks,
+                loggers=loggers,
+                num_epochs=stage.epochs,
+                seed=seed,
+                valid_loader=self.valid_loader_key,
+                valid_metric=self.valid_metric_key,
+                minimize_valid_metric=self.minimize,
+                verbose=False,
+            )
 
     def resume_payload(self) -> Dict[str, Any]:
         """Everything needed to continue after the epoch that just ended (plain data only)."""
