@@ -194,9 +194,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     arms = {k: v for k, v in ARMS.items() if available(k)}
     times: Dict[str, List[float]] = {k: [] for k in arms}
+    names = list(arms)
     for repeat in range(args.repeats):
-        for name, fn in arms.items():
-            times[name].append(fn(args))
+        # rotate the order so that no arm always runs first (cold) or last (after the others' allocations)
+        for name in names[repeat % len(names):] + names[: repeat % len(names)]:
+            times[name].append(arms[name](args))
             print(f"repeat {repeat + 1}: {name}: {times[name][-1]:.3f} s/epoch", flush=True)
     base = statistics.median(times["(a) hand-written loop"])
     lines = ["| loop | median s/epoch | all repeats | ratio to (a) |", "|---|---|---|---|"]
@@ -220,7 +222,7 @@ def write_section(args, table: str, skipped: List[str]) -> None:
         f"Command: `python bench/runner_overhead.py --repeats {args.repeats} --epochs {args.epochs} --write` "
         f"({args.arch} at {args.size}x{args.size}, batch {args.batch}, {args.train} train / {args.valid} valid "
         f"images in memory, SGD, {args.threads} CPU threads; torch {torch.__version__}, catalyst {catalyst.__version__}, "
-        f"{platform.processor() or platform.machine()}). Each arm trains and validates every epoch; arms interleaved.\n\n"
+        f"{platform.processor() or platform.machine()}). Each arm trains and validates every epoch; arms interleaved, the order rotated each repeat.\n\n"
         f"{table}\n"
         + (f"\nNot installed, skipped: {', '.join(skipped)}.\n" if skipped else "")
     )
