@@ -85,6 +85,57 @@ def predict(model: nn.Module, loader: DataLoader, fn: Optional[PredictFn] = None
     return torch.cat(outputs), indices
 
 
+def demo_pretrained(arch: str, cache_dir: Path, epochs: int = 8, seed: int = 0) -> Path:
+    """Backbone weights for the demos, standing in for the ImageNet weights a real run would load.
+
+    A frozen randomly initialised backbone (with BatchNorm statistics frozen at their initial
+    values) makes head-only and frozen-BN stages meaningless, and nothing may be downloaded. So
+    the demos first train ``arch`` on a pretext task that uses no digit labels: which of four
+    rotations (0/90/180/270 degrees) was applied to a digit pasted at a random place and scale on
+    a 32x32 tinted canvas (a few seconds for timm's ``test_*`` models). The demo test sets are
+    built from the same digit glyphs, so their labels must not be seen here. The file is cached
+    as ``cache_dir/<arch>-digits-rotation.safetensors``; load it with ``pretrained=`` like any
+    other local weights (the 4-way classifier is skipped).
+    """
+    from safetensors.torch import save as to_safetensors
+    import timm
+
+    from cvkit.data.augment import IMAGENET_MEAN, IMAGENET_STD
+    from cvkit.data.demo import digits_canvases
+
+    path = Path(cache_dir) / f"{arch}-digits-rotation.safetensors"
+    if path.is_file():
+        return path
+    images, _ = digits_canvases(size=32, seed=seed)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    generator = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 4, (len(x),), generator=generator)
+    x = torch.stack([torch.rot90(image, int(k), dims=(1, 2)) for image, k in zip(x, y)])
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = timm.create_model(arch, num_classes=4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    model.train()
+    for _ in range(epochs):
+        for batch in torch.randperm(len(y), generator=generator).split(64):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+            optimizer.step()
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    atomic_write_bytes(path, to_safetensors(state))
+    return path
+
+
+def starting_weights(args: argparse.Namespace) -> Optional[Path]:
+    """``--pretrained`` when given; on demo data (no ``--data``) :func:`demo_pretrained`'s weights; else None."""
+    if args.pretrained:
+        return Path(args.pretrained)
+    if args.data is None:
+        return demo_pretrained(args.arch, args.logdir.parent / "demo_data" / "pretrained")
+    return None
+
+
 def main_blocks(model: nn.Module) -> List[str]:
     """The model's stages in order (``layer1``..``layer4``, ``blocks.0``.., ``stages.0``..), as
     ``trainable`` block names: ``main_blocks(m)[-2]`` unfreezes the last two, ``[len // 2]`` the top half."""

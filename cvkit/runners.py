@@ -376,11 +376,13 @@ class StagedRunner(dl.SupervisedRunner):
         if verbose:
             loggers["console"] = dl.ConsoleLogger()
         with warnings.catch_warnings():
-            # Two known, harmless warnings from the pinned stack, repeated every stage otherwise:
-            # accelerate<1.0 deprecating its TPU enum, and Catalyst's loss metric calling float()
-            # on the undetached loss.
+            # Known, harmless warnings from the pinned stack, repeated every stage otherwise:
+            # accelerate<1.0 deprecating its TPU enum, Catalyst's loss metric calling float() on
+            # the undetached loss, and Catalyst not recognising cvkit's per-batch plateau callback
+            # as a scheduler callback.
             warnings.filterwarnings("ignore", message=r"The `TPU` of `<enum 'DistributedType'>`", category=FutureWarning)
             warnings.filterwarnings("ignore", message=r"Converting a tensor with requires_grad=True to a scalar")
+            warnings.filterwarnings("ignore", message=r"No ``ISchedulerCallback/SchedulerCallback`` were found")
             self.train(
                 model=model,
                 engine=engine,

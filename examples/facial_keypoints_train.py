@@ -13,6 +13,8 @@ Real data (``--data DIR``): ``DIR/train.csv`` and ``DIR/test.csv`` with ``path``
 ``left_eye_center_x, left_eye_center_y, ...``; an empty cell marks a missing point). Names
 holding ``left``/``right`` are mirrored by the flip TTA. Without ``--data`` a demo set in that
 layout is built from scikit-learn's digits (corners and centre of a pasted digit, 96x96).
+Without ``--pretrained``, the demo's backbone starts from weights trained on a label-free pretext
+task over the digits (``cvkit.examples_support.demo_pretrained``), standing in for ImageNet weights.
 
     python examples/facial_keypoints_train.py            # demo, under a minute on 2 CPU cores
     python examples/facial_keypoints_train.py --data ~/facial --arch resnet34 --image-size 96
@@ -30,7 +32,8 @@ from cvkit.callbacks.worst import WorstPredictionsCallback, draw_keypoints
 from cvkit.data import KeypointDataset, compose, create_preset, split_train_valid
 from cvkit.data.demo import KEYPOINT_NAMES, build_keypoints
 from cvkit.io import atomic_write_json
-from cvkit.examples_support import common_args, flip_pairs_from_names, image_sizes, predict, train_valid_loaders
+from cvkit.examples_support import (common_args, flip_pairs_from_names, image_sizes, predict, starting_weights,
+                                    train_valid_loaders)
 from cvkit.inference.tta import tta_predict
 from cvkit.losses import KeypointLoss
 from cvkit.metrics import KeypointMetrics
@@ -100,7 +103,7 @@ def main(argv=None) -> dict:
 
     test = KeypointDataset(test_table, columns, root=root, transform=plain)
     torch.manual_seed(args.seed)  # the same seed gives the same initial weights
-    model = KeypointModel(args.arch, len(names), pretrained=args.pretrained)
+    model = KeypointModel(args.arch, len(names), pretrained=starting_weights(args))
     runner = StagedRunner().fit(
         model, stages, loaders, KeypointLoss(), args.logdir, metrics=metrics, callbacks=worst,
         valid_metric="mean_error_px", minimize_valid_metric=True, engine=args.device, seed=args.seed,

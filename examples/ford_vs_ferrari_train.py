@@ -10,6 +10,8 @@ with harsh light. The test set is scored at the image size of the stage the best
 Real data (``--data DIR``): class folders ``DIR/<class>/*.jpg`` (e.g. ``ferrari/``, ``ford/``),
 split 64/16/20 stratified by class. Without ``--data`` a demo set in that layout is built from
 scikit-learn's digits (ten classes of tinted 32x32 digits under ``images/digit_k/``).
+Without ``--pretrained``, the demo's backbone starts from weights trained on a label-free pretext
+task over the digits (``cvkit.examples_support.demo_pretrained``), standing in for ImageNet weights.
 
     python examples/ford_vs_ferrari_train.py                     # demo, about a minute on 2 CPU cores
     python examples/ford_vs_ferrari_train.py --data ~/cars --arch efficientnet_b0 \\
@@ -23,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from cvkit.data import ClassificationDataset, compose, create_preset, split_train_valid
 from cvkit.data.demo import build_classification
-from cvkit.examples_support import common_args, main_blocks, train_valid_loaders
+from cvkit.examples_support import common_args, main_blocks, starting_weights, train_valid_loaders
 from cvkit.io import atomic_write_json
 from cvkit.losses import create_criterion
 from cvkit.metrics import ClassificationMetrics
@@ -33,7 +35,7 @@ from cvkit.stages import Stage
 
 
 def parse_args(argv=None):
-    p = common_args(__doc__, "ford_vs_ferrari", arch="test_efficientnet", epochs=6, batch_size=32)
+    p = common_args(__doc__, "ford_vs_ferrari", arch="test_efficientnet", epochs=10, batch_size=32)
     p.add_argument("--head-epochs", type=int, default=2, help="epochs of the head-only stage")
     p.add_argument("--sizes", type=int, nargs=3, default=[48, 64, 80], help="image size of each stage")
     p.add_argument("--batch-sizes", type=int, nargs=3, default=None,
@@ -49,7 +51,7 @@ def train_transform(size: int) -> A.Compose:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     demo = args.logdir.parent / "demo_data" / "classification"
-    root = args.data or build_classification(demo, seed=0, per_class=30) / "images"
+    root = args.data or build_classification(demo, seed=0, per_class=100) / "images"
     everything = ClassificationDataset.from_folders(root)
     frame = everything.frame
     if args.limit:  # the same number of images from every class
@@ -67,7 +69,7 @@ def main(argv=None) -> dict:
         return train_valid_loaders(train, valid, stage.batch_size, args.workers, args.seed)
 
     torch.manual_seed(args.seed)  # the same seed gives the same initial weights
-    model = create_model(args.arch, len(names), pretrained=args.pretrained, head="bn_dropout", head_dropout=0.5)
+    model = create_model(args.arch, len(names), pretrained=starting_weights(args), head="bn_dropout", head_dropout=0.5)
     middle = main_blocks(model)[len(main_blocks(model)) // 2]
     stages = [
         Stage("head", epochs=args.head_epochs, trainable="head", lr={"head": 1e-2}, optimizer="adamw",

@@ -9,8 +9,10 @@ pixels of the image, ``path`` relative to ``DIR``) and ``DIR/test.csv`` with ``p
 same columns if the test set is labelled: then it is also evaluated). Predictions (class and box
 in pixels of the original image) go to ``LOGDIR/predictions.csv``. Without ``--data`` a demo set
 in that layout is built from scikit-learn's digits (one digit pasted on a 96x96 canvas).
+Without ``--pretrained``, the demo's backbone starts from weights trained on a label-free pretext
+task over the digits (``cvkit.examples_support.demo_pretrained``), standing in for ImageNet weights.
 
-    python examples/localization_train.py                  # demo, about a minute on 2 CPU cores
+    python examples/localization_train.py                  # demo, about two minutes on 2 CPU cores
     python examples/localization_train.py --data ~/pets --arch resnet34 --pretrained weights/resnet34.pth
 """
 from __future__ import annotations
@@ -23,7 +25,8 @@ from torch.utils.data import DataLoader
 from cvkit.data import BoxDataset, compose, create_preset, split_train_valid
 from cvkit.data.demo import build_boxes
 from cvkit.examples_support import (ClassBoxCriterion, ClassBoxTargets, SetCriterionAttribute, UnlabelledImages,
-                                    common_args, image_sizes, main_blocks, predict, train_valid_loaders, write_table)
+                                    common_args, image_sizes, main_blocks, predict, starting_weights,
+                                    train_valid_loaders, write_table)
 from cvkit.metrics import BoxMetrics
 from cvkit.models import ClassBoxModel, split_output
 from cvkit.runners import StagedRunner
@@ -48,7 +51,7 @@ def train_transform(size: int) -> A.Compose:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    root = args.data or build_boxes(args.logdir.parent / "demo_data" / "boxes", seed=0, per_class=20)
+    root = args.data or build_boxes(args.logdir.parent / "demo_data" / "boxes", seed=0, per_class=80)
     table, test_table = pd.read_csv(root / "train.csv"), pd.read_csv(root / "test.csv")
     classes = {name: i for i, name in enumerate(sorted(table["label"].unique()))}
     if args.limit:
@@ -64,7 +67,7 @@ def main(argv=None) -> dict:
         return train_valid_loaders(train, valid, args.batch_size, args.workers, args.seed)
 
     torch.manual_seed(args.seed)  # the same seed gives the same initial weights
-    model = ClassBoxModel(args.arch, len(classes), pretrained=args.pretrained, dropout=0.2)
+    model = ClassBoxModel(args.arch, len(classes), pretrained=starting_weights(args), dropout=0.2)
     stages = [
         Stage("v1", epochs=args.head_epochs, trainable="head", lr={"head": 1e-2}, optimizer="adamw",
               early_stopping=dict(patience=3, min_delta=1e-3)),

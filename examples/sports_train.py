@@ -10,6 +10,8 @@ Real data (``--data DIR``, Kaggle's "100 Sports Image Classification" layout): c
 ``DIR/train/<class>/*.jpg``, ``DIR/valid/<class>/*.jpg`` and ``DIR/test/<class>/*.jpg``.
 Without ``--data`` a demo set is built from scikit-learn's digits (ten classes of 32x32 JPEGs,
 ``train.csv``/``test.csv`` with ``path,label``; valid is a stratified fifth of train).
+Without ``--pretrained``, the demo's backbone starts from weights trained on a label-free pretext
+task over the digits (``cvkit.examples_support.demo_pretrained``), standing in for ImageNet weights.
 
     python examples/sports_train.py                                  # demo, under a minute on 2 CPU cores
     python examples/sports_train.py --data ~/sports --arch efficientnet_b0 --pretrained weights/efficientnet_b0.pth \\
@@ -25,7 +27,8 @@ from torch.utils.data import DataLoader
 
 from cvkit.data import ClassificationDataset, create_preset, split_train_valid
 from cvkit.data.demo import build_classification
-from cvkit.examples_support import common_args, export_by_class, load_weights, predict, train_valid_loaders, write_table
+from cvkit.examples_support import (common_args, export_by_class, load_weights, predict, starting_weights,
+                                    train_valid_loaders, write_table)
 from cvkit.losses import create_criterion
 from cvkit.metrics import ClassificationMetrics
 from cvkit.models import create_model
@@ -48,7 +51,7 @@ def datasets(args, train_tf, plain):
         valid = ClassificationDataset.from_folders(args.data / "valid", class_map=train.class_map, transform=plain)
         test = ClassificationDataset.from_folders(args.data / "test", class_map=train.class_map, transform=plain)
     else:
-        root = build_classification(args.logdir.parent / "demo_data" / "classification", seed=0, per_class=30)
+        root = build_classification(args.logdir.parent / "demo_data" / "classification", seed=0, per_class=100)
         train_rows, valid_rows = split_train_valid(root / "train.csv", 0.2, "label", seed=args.seed)
         classes = root / "encode_classes.json"
         train = ClassificationDataset(train_rows, root=root, class_map=classes, transform=train_tf)
@@ -66,7 +69,7 @@ def main(argv=None) -> dict:
     train, valid, test = datasets(args, create_preset("light", args.image_size), plain)
     names = sorted(train.class_map, key=train.class_map.get)
     torch.manual_seed(args.seed)  # the same seed gives the same initial weights
-    model = create_model(args.arch, num_classes=len(names), pretrained=args.pretrained)
+    model = create_model(args.arch, num_classes=len(names), pretrained=starting_weights(args))
     load_weights(model, args.weights)
     stages = [
         Stage("head", epochs=1, trainable="head", lr={"head": 1e-2}, optimizer="adamw"),

@@ -155,9 +155,12 @@ def test_ford_vs_ferrari_keeps_backbone_bn_frozen_and_resizes_per_stage(tmp_path
     backbone_bn = [k[: -len(".running_mean")] for k in weights
                    if k.endswith("running_mean") and not k.startswith("classifier")]
     assert backbone_bn
-    for name in backbone_bn:  # frozen in every stage: the statistics of a fresh BatchNorm
-        assert torch.equal(weights[f"{name}.running_mean"], torch.zeros_like(weights[f"{name}.running_mean"]))
-        assert torch.equal(weights[f"{name}.running_var"], torch.ones_like(weights[f"{name}.running_var"]))
+    # frozen in every stage: still the statistics of the demo's pretrained weights the run started from
+    start = load_checkpoint(tmp_path / "demo_data" / "pretrained" / "test_efficientnet-digits-rotation.safetensors")
+    for name in backbone_bn:
+        for stat in ("running_mean", "running_var"):
+            assert torch.equal(weights[f"{name}.{stat}"], start[f"{name}.{stat}"]), f"{name}.{stat}"
+    assert not torch.equal(start[f"{backbone_bn[0]}.running_var"], torch.ones_like(start[f"{backbone_bn[0]}.running_var"]))
 
 
 def test_flip_pairs_from_names():

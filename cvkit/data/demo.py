@@ -13,7 +13,9 @@ kept (a marker file) so examples can call it on every run.
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple, Union
 
@@ -30,7 +32,7 @@ KEYPOINT_NAMES = ("top_left", "top_right", "bottom_right", "bottom_left", "centr
 KEYPOINT_COLS = tuple(c for i in range(len(KEYPOINT_NAMES)) for c in (f"x{i}", f"y{i}"))
 
 __all__ = ["build_classification", "build_boxes", "build_keypoints", "build_segmentation", "build_stl10",
-           "build_all", "KEYPOINT_NAMES", "KEYPOINT_COLS"]
+           "build_all", "digits_canvases", "KEYPOINT_NAMES", "KEYPOINT_COLS"]
 
 
 def _digits() -> Tuple[np.ndarray, np.ndarray]:
@@ -76,12 +78,21 @@ def _pick(labels: np.ndarray, classes: int, per_class: int, rng: np.random.Gener
 
 
 def _build(root: PathLike, name: str, seed: int, make: Callable[[Path, np.random.Generator], List[Dict]],
-           test_fraction: float) -> Path:
-    """Run ``make`` once per (root, seed) and write its rows as train/test CSVs, stratified by ``label``."""
+           test_fraction: float, **settings: object) -> Path:
+    """Run ``make`` once per (root, seed, settings) and write its rows as train/test CSVs, stratified by ``label``.
+
+    The marker file records the settings; a set built with other settings (e.g. a smaller
+    ``per_class`` by an older cvkit) is deleted and rebuilt rather than silently reused.
+    """
     root = Path(root)
     marker = root / f".demo-{name}-seed-{seed}"
+    stamp = json.dumps({"test_fraction": test_fraction, **settings}, sort_keys=True)
     if marker.is_file():
-        return root
+        if marker.read_text().strip() == stamp:
+            return root
+        for old in ("images", "masks"):
+            shutil.rmtree(root / old, ignore_errors=True)
+        marker.unlink()
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     frame = pd.DataFrame(make(root, rng))
@@ -91,7 +102,7 @@ def _build(root: PathLike, name: str, seed: int, make: Callable[[Path, np.random
         test[group.index[:n_test]] = True
     frame[~test].to_csv(root / "train.csv", index=False)
     frame[test].to_csv(root / "test.csv", index=False)
-    marker.write_text("complete\n")
+    marker.write_text(stamp + "\n")
     return root
 
 
@@ -113,7 +124,25 @@ def build_classification(root: PathLike, seed: int = 0, per_class: int = 20, siz
         save_class_map(root / "encode_classes.json", {f"digit_{k}": k for k in range(10)})
         return rows
 
-    return _build(root, "classification", seed, make, test_fraction)
+    return _build(root, "classification", seed, make, test_fraction, per_class=per_class, size=size)
+
+
+def digits_canvases(size: int = 32, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+    """All 1,797 digits as tinted ``size`` x ``size`` RGB arrays in [0, 1] (N, H, W, 3), and their labels.
+
+    Each digit is placed at a random position and scale, as in :func:`build_classification`; kept in
+    memory (no files), for pretraining the demos' backbones.
+    """
+    images8, labels = _digits()
+    rng = np.random.default_rng(seed)
+    out = np.empty((len(labels), size, size, 3), np.float32)
+    for n, img8 in enumerate(images8):
+        side = int(rng.integers(size * 3 // 8, size - 1))
+        canvas = _background(rng, size, size)
+        x, y = rng.integers(0, size - side + 1, size=2)
+        _paste(canvas, _glyph(img8, side), int(x), int(y), rng.uniform(0.5, 1.0, size=3))
+        out[n] = canvas
+    return out, labels
 
 
 def _pasted_digit(rng: np.random.Generator, img8: np.ndarray, canvas: int, side_range: Tuple[int, int]
@@ -141,7 +170,7 @@ def build_boxes(root: PathLike, seed: int = 0, per_class: int = 10, canvas: int 
         save_class_map(root / "encode_classes.json", {f"digit_{k}": k for k in range(10)})
         return rows
 
-    return _build(root, "boxes", seed, make, test_fraction)
+    return _build(root, "boxes", seed, make, test_fraction, per_class=per_class, canvas=canvas)
 
 
 def build_keypoints(root: PathLike, seed: int = 0, per_class: int = 10, canvas: int = 96,
@@ -164,7 +193,8 @@ def build_keypoints(root: PathLike, seed: int = 0, per_class: int = 10, canvas: 
             rows.append(row)
         return rows
 
-    return _build(root, "keypoints", seed, make, test_fraction)
+    return _build(root, "keypoints", seed, make, test_fraction, per_class=per_class, canvas=canvas,
+                  missing=missing)
 
 
 def build_segmentation(root: PathLike, seed: int = 0, per_class: int = 10, canvas: int = 96,
@@ -192,7 +222,8 @@ def build_segmentation(root: PathLike, seed: int = 0, per_class: int = 10, canva
             rows.append({"path": f"images/{name}", "mask": f"masks/{name}", "label": f"digit_{labels[i]}"})
         return rows
 
-    out = _build(root, "segmentation", seed, make, test_fraction)
+    out = _build(root, "segmentation", seed, make, test_fraction, per_class=per_class, canvas=canvas,
+                 num_classes=num_classes)
     for split in ("train", "test"):
         if not (out / f"{split}_rle.csv").is_file():
             names = [Path(p).name for p in pd.read_csv(out / f"{split}.csv")["path"]]
