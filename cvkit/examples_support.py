@@ -25,9 +25,8 @@ from cvkit.data.datasets import TableDataset
 from cvkit.data.io import read_image_info
 from cvkit.data.rle import rle_encode
 from cvkit.io import atomic_write_bytes, load_checkpoint, state_dict_of
-from cvkit.losses import ClassBoxLoss
+from cvkit.losses import ClassBoxCriterion
 from cvkit.models.groups import block_names
-from cvkit.models.tasks import split_output
 
 PredictFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
@@ -188,40 +187,6 @@ class ClassBoxTargets(Dataset):
         box = item["boxes"] if float(item["box_visible"]) > 0 else torch.full((4,), float("nan"))
         targets = torch.cat([item["targets"].float().view(1), box.float()])
         return {"features": item["features"], "targets": targets, "index": item["index"]}
-
-
-class ClassBoxCriterion(nn.Module):
-    """:class:`~cvkit.losses.ClassBoxLoss` on a ClassBoxModel's ``(B, C + 4)`` output and ``(B, 5)`` targets.
-
-    ``box_weight`` can be changed between stages with :class:`SetCriterionAttribute`.
-    """
-
-    returns_per_sample = True
-
-    def __init__(self, num_classes: int, box_weight: float = 1.0, reduction: str = "mean", **kwargs: Any) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.loss = ClassBoxLoss(reduction=reduction, box_weight=box_weight, **kwargs)
-
-    @property
-    def reduction(self) -> str:
-        return self.loss.reduction
-
-    @reduction.setter
-    def reduction(self, value: str) -> None:
-        self.loss.reduction = value
-
-    @property
-    def box_weight(self) -> float:
-        return self.loss.box_weight
-
-    @box_weight.setter
-    def box_weight(self, value: float) -> None:
-        self.loss.box_weight = float(value)
-
-    def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits, box = split_output(outputs, self.num_classes)
-        return self.loss((logits, box), (targets[:, 0].long(), targets[:, 1:]))
 
 
 class SetCriterionAttribute(Callback):

@@ -392,26 +392,6 @@ class ClassBoxTargets(Dataset):
         return item
 
 
-class ClassBoxCriterion(nn.Module):
-    """Feeds a ClassBoxModel output ``(B, C + 4)`` and ``(B, 5)`` targets to a class+box loss."""
-
-    def __init__(self, loss: nn.Module, num_classes: int) -> None:
-        super().__init__()
-        self.loss, self.num_classes = loss, num_classes
-
-    @property
-    def reduction(self) -> str:
-        return self.loss.reduction
-
-    @reduction.setter
-    def reduction(self, value: str) -> None:
-        self.loss.reduction = value
-
-    def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        c = self.num_classes
-        return self.loss((outputs[:, :c], outputs[:, c:]), (targets[:, 0].long(), targets[:, 1:]))
-
-
 # --- the experiment ----------------------------------------------------------------------------
 
 @dataclass
@@ -519,7 +499,7 @@ def build_model(config: Mapping[str, Any]) -> nn.Module:
 
 def build_criterion(config: Mapping[str, Any]) -> nn.Module:
     """The criterion of a completed experiment, adapted to the task model's output."""
-    from cvkit.losses import create_criterion
+    from cvkit.losses import ClassBoxCriterion, create_criterion
 
     spec = dict(config["criterion"])
     if "name" not in spec:
@@ -531,7 +511,7 @@ def build_criterion(config: Mapping[str, Any]) -> nn.Module:
     except KeyError as exc:
         raise ConfigError(f"criterion: {exc.args[0]}") from None
     if config["task"] == "class_box":
-        criterion = ClassBoxCriterion(criterion, int(config["model"]["num_classes"]))
+        criterion = ClassBoxCriterion(int(config["model"]["num_classes"]), loss=criterion)
     return criterion
 
 

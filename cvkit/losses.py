@@ -340,8 +340,46 @@ class DiceBCELoss(nn.Module):
         return _reduce(self.dice_weight * dice.mean(dim=1) + self.bce_weight * pixel, self.reduction)
 
 
+class ClassBoxCriterion(nn.Module):
+    """:class:`ClassBoxLoss` on a ClassBoxModel's ``(B, C + 4)`` output and ``(B, 5)`` targets (class, box).
+
+    Built around ``loss`` (a configured :class:`ClassBoxLoss`) or a new one from ``box_weight``,
+    ``reduction`` and ``kwargs``. ``box_weight`` and ``reduction`` pass through to it, so a callback
+    can change the box weight between stages and the loss-range callback can ask for per-sample losses.
+    """
+
+    returns_per_sample = True
+
+    def __init__(self, num_classes: int, box_weight: float = 1.0, reduction: str = "mean",
+                 loss: Optional[nn.Module] = None, **kwargs: Any) -> None:
+        super().__init__()
+        self.num_classes = int(num_classes)
+        self.loss = loss if loss is not None else ClassBoxLoss(reduction=reduction, box_weight=box_weight, **kwargs)
+
+    @property
+    def reduction(self) -> str:
+        return self.loss.reduction
+
+    @reduction.setter
+    def reduction(self, value: str) -> None:
+        self.loss.reduction = value
+
+    @property
+    def box_weight(self) -> float:
+        return self.loss.box_weight
+
+    @box_weight.setter
+    def box_weight(self, value: float) -> None:
+        self.loss.box_weight = float(value)
+
+    def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        c = self.num_classes
+        return self.loss((outputs[:, :c], outputs[:, c:]), (targets[:, 0].long(), targets[:, 1:]))
+
+
 __all__ = [
     "BCEOneHotLoss",
+    "ClassBoxCriterion",
     "ClassBoxLoss",
     "DiceBCELoss",
     "KeypointLoss",
