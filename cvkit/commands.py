@@ -11,7 +11,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from cvkit.cli import UsageError, register_command
 
@@ -61,6 +61,8 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="submission.csv", help="CSV to write, one row per image (per class for masks)")
     p.add_argument("--tta", help="comma-separated test-time transforms averaged with the plain "
                                             "prediction, e.g. hflip,vflip or 'shift(4, 0)'")
+    p.add_argument("--flip-pairs", type=_flip_pairs, metavar="I-J,...",
+                   help="keypoint index pairs that swap under a mirror TTA, e.g. 0-1,2-3 ('none' if no pair does)")
     p.add_argument("--probs", action="store_true", help="add one prob_<class> column per class")
     p.add_argument("--root", help="folder the CSV's image paths are relative to (default: the CSV's folder)")
     p.add_argument("--path-col", default="path", help="image path column of an --images CSV")
@@ -80,9 +82,19 @@ def _predict(args: argparse.Namespace) -> int:
     frame = predict(args.checkpoint, args.config, args.images, args.out, tta=tta, probs=args.probs,
                     batch_size=args.batch_size, device=args.device, image_size=args.image_size, root=args.root,
                     path_col=args.path_col, threshold=args.threshold, workers=args.workers,
-                    progress=sys.stderr.isatty())
+                    progress=sys.stderr.isatty(), flip_pairs=args.flip_pairs)
     print(f"wrote {args.out} ({len(frame)} rows)")
     return 0
+
+
+def _flip_pairs(text: str) -> List[Tuple[int, int]]:
+    """``0-1,2-3`` -> ``[(0, 1), (2, 3)]``; ``none`` -> ``[]``."""
+    if text.strip().lower() == "none":
+        return []
+    try:
+        return [(int(a), int(b)) for a, b in (part.split("-") for part in text.split(","))]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected index pairs like 0-1,2-3 (or 'none'), got {text!r}") from None
 
 
 def _split_specs(text: str) -> List[str]:

@@ -131,3 +131,24 @@ def test_every_option_has_help():
     for name in ("train", "predict", "lr-find", "outliers", "report"):
         for action in sub.choices[name]._actions:
             assert action.help, f"cvkit {name}: option {action.option_strings or action.dest} has no help"
+
+
+def test_keypoint_mirror_tta_needs_flip_pairs(tmp_path, capsys):
+    logdir = tmp_path / "kp"
+    config = EXAMPLE.with_name("keypoints_demo.yaml")
+    fast = ["--set", "data.per_class=4", "--set", "stages.0.epochs=1", "--set", "stages.1.epochs=1",
+            "--set", "augmentation.size=32"]
+    assert main(["train", str(config), "--quiet", "--set", f"logdir={logdir}", *fast]) == 0
+    test_csv = next((tmp_path / "demo_data").rglob("test.csv"))
+    base = ["predict", "--checkpoint", str(logdir / "best.pth"), "--config", str(logdir / "config.json"),
+            "--images", str(test_csv), "--device", "cpu", "--tta", "hflip"]
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "none.csv")]) != 0
+    assert "flip_pairs" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "none.csv"), "--flip-pairs", "none"]) == 0
+    assert main([*base, "--out", str(tmp_path / "pairs.csv"), "--flip-pairs", "0-1,2-3"]) == 0
+    plain, paired = pd.read_csv(tmp_path / "none.csv"), pd.read_csv(tmp_path / "pairs.csv")
+    assert list(plain.columns) == list(paired.columns) and len(plain) == len(paired)
+    # swapping the mirrored top-left/top-right predictions changes them; the centre (4) has no partner
+    assert not np.allclose(plain[["x0", "x1"]], paired[["x0", "x1"]])
+    assert np.allclose(plain[["x4", "y4"]], paired[["x4", "y4"]])

@@ -110,6 +110,7 @@ def predict(
     threshold: float = 0.5,
     workers: int = 0,
     progress: bool = True,
+    flip_pairs: Optional[Sequence[Tuple[int, int]]] = None,
 ) -> pd.DataFrame:
     """Predict every image and return (and with ``out``, write) the task's submission table.
 
@@ -123,6 +124,8 @@ def predict(
         image_size: network input size; default the last stage's (or the augmentation's) size.
         threshold: mask probability above which a pixel is set (segmentation).
         device: ``auto`` (GPU when visible), ``cpu`` or ``cuda``.
+        flip_pairs: keypoint index pairs that trade places under a mirror (left/right eye...);
+            required for a mirroring TTA (``hflip``, ``vflip``) on a keypoint run, ``[]`` if none.
     """
     from cvkit.data.io import DataError
     from cvkit.experiment import eval_transform
@@ -140,6 +143,13 @@ def predict(
     loader = DataLoader(ImageFiles(files, names, eval_transform(experiment, size)), batch_size if size else 1,
                         shuffle=False, num_workers=workers)
     transforms = ["identity", *[t for t in tta if t != "identity"]]
+    if task == "keypoints" and flip_pairs is None:
+        from cvkit.inference.tta import create_tta
+
+        mirrors = [t for t in transforms if create_tta(t).swaps_pairs]
+        if mirrors:
+            raise ValueError(f"TTA {mirrors} mirrors the image, so keypoints such as left/right eye trade "
+                             "places: pass flip_pairs (CLI: --flip-pairs 0-1,2-3), or an empty list if none do")
     rows: List[Dict[str, Any]] = []
     batches = loader
     if progress:
@@ -150,7 +160,8 @@ def predict(
         x = batch["features"].to(device)
         try:
             pred = tta_predict(model, x, transforms, target=TTA_TARGET[task],
-                               num_classes=len(classes) if task == "class_box" else None).float().cpu()
+                               num_classes=len(classes) if task == "class_box" else None,
+                               flip_pairs=flip_pairs or None).float().cpu()
         except RuntimeError as exc:
             raise DataError(f"the model failed on images {[names[int(i)] for i in batch['index'][:3]]}...: "
                             f"{' '.join(str(exc).split())[:200]}") from None
