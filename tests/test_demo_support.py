@@ -22,6 +22,14 @@ def test_demo_set_built_with_other_settings_is_rebuilt_not_reused(tmp_path):
     assert all((root / p).is_file() for p in rows["path"])
 
 
+def test_rebuilt_segmentation_set_has_rle_rows_for_its_own_images(tmp_path):
+    root = demo.build_segmentation(tmp_path / "seg", per_class=3, canvas=32)
+    demo.build_segmentation(tmp_path / "seg", per_class=2, canvas=32)
+    for split in ("train", "test"):
+        images = {p.split("/")[-1] for p in pd.read_csv(root / f"{split}.csv")["path"]}
+        assert set(pd.read_csv(root / f"{split}_rle.csv")["ImageId"]) == images, split  # not the old build's
+
+
 def test_digit_canvases_cover_every_digit_once():
     images, labels = demo.digits_canvases(size=24, seed=1)
     assert images.shape == (len(labels), 24, 24, 3) and images.dtype == "float32"

@@ -92,6 +92,8 @@ def _build(root: PathLike, name: str, seed: int, make: Callable[[Path, np.random
             return root
         for old in ("images", "masks"):
             shutil.rmtree(root / old, ignore_errors=True)
+        for table in root.glob("*.csv"):  # train/test and files derived from them (e.g. *_rle.csv)
+            table.unlink()
         marker.unlink()
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -106,6 +108,15 @@ def _build(root: PathLike, name: str, seed: int, make: Callable[[Path, np.random
     return root
 
 
+def _tinted_canvas(rng: np.random.Generator, img8: np.ndarray, size: int, min_side: int) -> np.ndarray:
+    """A ``size`` x ``size`` tinted background with the digit pasted at a random place, side in [min_side, size - 1)."""
+    side = int(rng.integers(min_side, size - 1))
+    canvas = _background(rng, size, size)
+    x, y = rng.integers(0, size - side + 1, size=2)
+    _paste(canvas, _glyph(img8, side), int(x), int(y), rng.uniform(0.5, 1.0, size=3))
+    return canvas
+
+
 def build_classification(root: PathLike, seed: int = 0, per_class: int = 20, size: int = 32,
                          test_fraction: float = 0.25) -> Path:
     """Tinted digits in class folders ``images/digit_k/NNNNN.jpg``, CSVs and ``encode_classes.json``."""
@@ -114,10 +125,7 @@ def build_classification(root: PathLike, seed: int = 0, per_class: int = 20, siz
     def make(root: Path, rng: np.random.Generator) -> List[Dict]:
         rows = []
         for n, i in enumerate(_pick(labels, 10, per_class, rng)):
-            side = int(rng.integers(size * 5 // 8, size - 1))
-            canvas = _background(rng, size, size)
-            x, y = rng.integers(0, size - side + 1, size=2)
-            _paste(canvas, _glyph(images8[i], side), int(x), int(y), rng.uniform(0.5, 1.0, size=3))
+            canvas = _tinted_canvas(rng, images8[i], size, min_side=size * 5 // 8)
             rel = f"images/digit_{labels[i]}/{n:05d}.jpg"
             _write(root / rel, _to_uint8(canvas))
             rows.append({"path": rel, "label": f"digit_{labels[i]}"})
@@ -137,11 +145,7 @@ def digits_canvases(size: int = 32, seed: int = 0) -> Tuple[np.ndarray, np.ndarr
     rng = np.random.default_rng(seed)
     out = np.empty((len(labels), size, size, 3), np.float32)
     for n, img8 in enumerate(images8):
-        side = int(rng.integers(size * 3 // 8, size - 1))
-        canvas = _background(rng, size, size)
-        x, y = rng.integers(0, size - side + 1, size=2)
-        _paste(canvas, _glyph(img8, side), int(x), int(y), rng.uniform(0.5, 1.0, size=3))
-        out[n] = canvas
+        out[n] = _tinted_canvas(rng, img8, size, min_side=size * 3 // 8)
     return out, labels
 
 
