@@ -19,7 +19,6 @@ import io
 import statistics
 import time
 import warnings
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -31,9 +30,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from cvkit.callbacks.loss_range import LossRangeCallback
+from results import current_section, replace_section
 
 warnings.filterwarnings("ignore")
-RESULTS = Path(__file__).with_name("RESULTS.md")
 HEADING = "## Loss-range study"
 NOTES = "### Reading"
 BATCH = 32
@@ -215,18 +214,6 @@ def table(rows: List[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def replace_section(path: Path, heading: str, section: str) -> None:
-    """Replace (or append) one '## ' section of a Markdown file, leaving the others as they are."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find(heading)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(heading))
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
-    path.write_text(text.rstrip("\n") + "\n")
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, default=3)
@@ -275,18 +262,14 @@ def write(args: argparse.Namespace, rows: List[Dict[str, Any]], overhead: Dict[s
         )
         + "\n"
     )
-    replace_section(RESULTS, HEADING, section + _kept_notes())
+    replace_section(HEADING, section + _kept_notes())
 
 
 def _kept_notes() -> str:
     """The hand-written '### Reading' part of the current section, kept across reruns (re-check it!)."""
-    text = RESULTS.read_text() if RESULTS.exists() else ""
-    start = text.find(HEADING)
-    notes = text.find(NOTES, start) if start >= 0 else -1
-    end = text.find("\n## ", start + len(HEADING)) if start >= 0 else -1
-    if notes < 0 or (0 <= end < notes):
-        return ""
-    return "\n" + text[notes: end if end >= 0 else len(text)].rstrip("\n") + "\n"
+    current = current_section(HEADING)
+    notes = current.find(NOTES)
+    return "" if notes < 0 else "\n" + current[notes:].rstrip("\n") + "\n"
 
 
 if __name__ == "__main__":

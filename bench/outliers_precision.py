@@ -10,10 +10,8 @@ reported. ``--write`` puts the table in the ``## Outlier search`` section of ben
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
-from pathlib import Path
 from typing import Dict, List, Tuple
 
 import numpy as np
@@ -22,11 +20,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from cvkit.data.stl10 import ArrayDataset, render_digits
-from cvkit.io import atomic_write_bytes
 from cvkit.models import create_model
 from cvkit.tools.outliers import METHODS, extract_features, score_outliers
+from results import replace_section
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## Outlier search"
 
 
@@ -138,17 +135,6 @@ def run(args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str) -> None:
-    """Replace (or append) this bench's section of RESULTS.md, leaving every other section as it is."""
-    current = RESULTS.read_text() if RESULTS.is_file() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(current):
-        updated = pattern.sub(lambda _: text + "\n", current, count=1)
-    else:
-        updated = current.rstrip("\n") + "\n\n" + text
-    atomic_write_bytes(RESULTS, updated.rstrip("\n").encode() + b"\n")
-
-
 def main(argv: List[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=8)
@@ -162,7 +148,7 @@ def main(argv: List[str]) -> None:
     text = run(args)
     print(text)
     if args.write:
-        write_section(text)
+        replace_section(SECTION, text)
 
 
 if __name__ == "__main__":

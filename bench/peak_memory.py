@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Dict, List
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).with_name("RESULTS.md")
 PROBE = """
 import resource, runpy, sys, json
 sys.argv = [sys.argv[1]] + sys.argv[2:]
@@ -63,10 +62,10 @@ def main() -> None:
     print(table)
     if args.write:
         sys.path.insert(0, str(ROOT / "bench"))
-        from runner_overhead import replace_section
+        from results import replace_section
 
         command = "python bench/peak_memory.py --write" + (f" {' '.join(args.examples)}" if args.examples else "")
-        replace_section(RESULTS, "## Peak memory of the examples",
+        replace_section("## Peak memory of the examples",
                         f"## Peak memory of the examples\n\nCommand: `{command}` (CPU, 2 cores; each example in a "
                         f"fresh process with `--quiet`; peak = largest RSS of the process or its children).\n\n{table}\n")
 

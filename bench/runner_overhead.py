@@ -15,15 +15,15 @@ import statistics
 import tempfile
 import time
 import warnings
-from pathlib import Path
 from typing import Callable, Dict, List
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from results import replace_section
+
 warnings.filterwarnings("ignore")
-RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
 class Synthetic(Dataset):
@@ -226,19 +226,7 @@ def write_section(args, table: str, skipped: List[str]) -> None:
         f"{table}\n"
         + (f"\nNot installed, skipped: {', '.join(skipped)}.\n" if skipped else "")
     )
-    replace_section(RESULTS, "## Runner overhead", section)
-
-
-def replace_section(path: Path, heading: str, section: str) -> None:
-    """Replace (or append) one '## ' section of a Markdown file, leaving the others intact."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    start = text.find(heading)
-    if start == -1:
-        text = text.rstrip() + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(heading))
-        text = text[:start] + section + (text[end + 1:] if end != -1 else "")
-    path.write_text(text)
+    replace_section("## Runner overhead", section)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,11 @@ from pathlib import Path
 import albumentations as A
 import numpy as np
 import torch
-from albumentations.pytorch import ToTensorV2
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader
 
 from cvkit.data import stl10
+from cvkit.data.augment import FastAffine, NormalizeToTensor
 from cvkit.io import atomic_write_json
 from cvkit.losses import create_criterion
 from cvkit.metrics import ClassificationMetrics
@@ -64,23 +64,23 @@ def parse_args(argv=None) -> argparse.Namespace:
 def transforms(size: int, train: bool) -> A.Compose:
     steps = [A.Resize(size, size)]
     if train:
-        steps.append(A.Affine(scale=(0.9, 1.1), translate_percent=(-0.06, 0.06), rotate=(-8, 8), p=0.7))
+        steps.append(FastAffine(scale=(0.9, 1.1), translate_percent=(-0.06, 0.06), rotate=(-8, 8), p=0.7))
         steps.append(A.RandomBrightnessContrast(p=0.3))
-    return A.Compose(steps + [A.Normalize(), ToTensorV2()])
+    return A.Compose(steps + [NormalizeToTensor()])
 
 
 def weak_transforms(size: int) -> A.Compose:
     """What the unlabelled images are predicted with: a small shift only."""
-    return A.Compose([A.Resize(size, size), A.Affine(translate_percent=(-0.03, 0.03), p=0.5), A.Normalize(), ToTensorV2()])
+    return A.Compose([A.Resize(size, size), FastAffine(translate_percent=(-0.03, 0.03), p=0.5), NormalizeToTensor()])
 
 
 def strong_transforms(size: int) -> A.Compose:
     """What the pseudo-label stage trains with: stronger geometry, colour, blur and cut-out."""
     return A.Compose([
-        A.Resize(size, size), A.Affine(scale=(0.8, 1.2), translate_percent=(-0.1, 0.1), rotate=(-15, 15), p=0.9),
+        A.Resize(size, size), FastAffine(scale=(0.8, 1.2), translate_percent=(-0.1, 0.1), rotate=(-15, 15), p=0.9),
         A.RandomBrightnessContrast(0.3, 0.3, p=0.7), A.OneOf([A.GaussianBlur(), A.GaussNoise()], p=0.3),
         A.CoarseDropout(num_holes_range=(1, 3), hole_height_range=(0.1, 0.25), hole_width_range=(0.1, 0.25), p=0.5),
-        A.Normalize(), ToTensorV2()])
+        NormalizeToTensor()])
 
 
 def pseudo_train_set(model: torch.nn.Module, root: Path, args: argparse.Namespace, train: stl10.ArrayDataset,

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from albumentations.pytorch import ToTensorV2
 
 from cvkit.data import augment, demo
 from cvkit.data.datasets import (
@@ -160,3 +161,53 @@ def test_preset_saves_and_loads_with_albumentations_serialisation(tmp_path, suff
 def test_unknown_preset_suggests_close_names():
     with pytest.raises(KeyError, match="did you mean medium"):
         augment.create_preset("meduim", 32)
+
+
+def test_fast_affine_gives_the_same_pixels_mask_and_keypoints_as_albumentations_affine():
+    """FastAffine warps RGB through RGBA for speed; nothing it returns may differ from A.Affine's."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    mask = rng.integers(0, 3, (50, 70), dtype=np.uint8)
+    gray = image[..., 0].copy()
+    kwargs = dict(scale=(0.8, 1.2), translate_percent=(-0.1, 0.1), rotate=(-30, 30),
+                  border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=1.0)
+    ours = A.Compose([augment.FastAffine(**kwargs)], keypoint_params=augment.keypoint_params())
+    theirs = A.Compose([A.Affine(**kwargs)], keypoint_params=augment.keypoint_params())
+    for seed in range(4):
+        ours.set_random_seed(seed)
+        theirs.set_random_seed(seed)
+        a = ours(image=image, mask=mask, keypoints=np.array([[10.0, 20.0]]))
+        b = theirs(image=image, mask=mask, keypoints=np.array([[10.0, 20.0]]))
+        assert not np.array_equal(a["image"], image)
+        assert np.array_equal(a["image"], b["image"]) and np.array_equal(a["mask"], b["mask"])
+        np.testing.assert_allclose(a["keypoints"], b["keypoints"])
+        ours.set_random_seed(seed)
+        theirs.set_random_seed(seed)
+        assert np.array_equal(ours(image=gray)["image"], theirs(image=gray)["image"])
+
+
+@pytest.mark.parametrize("normalize", ["imagenet", "none", ((0.2, 0.3, 0.4), (0.5, 0.6, 0.7))])
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_normalize_to_tensor_equals_albumentations_normalize_then_to_tensor(normalize, dtype):
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (30, 20, 3)).astype(dtype)
+    mask = rng.integers(0, 2, (30, 20, 2), dtype=np.uint8)
+    mean, std = augment._mean_std(normalize)
+    ours = augment.compose([], normalize)(image=image, mask=mask)
+    theirs = A.Compose([A.Normalize(mean, std, max_pixel_value=255.0),
+                        ToTensorV2(transpose_mask=True)])(image=image, mask=mask)
+    assert ours["image"].dtype == torch.float32 and ours["image"].is_contiguous()
+    assert ours["image"].shape == (3, 30, 20)
+    torch.testing.assert_close(ours["image"], theirs["image"].float(), rtol=0, atol=1e-6)
+    assert torch.equal(ours["mask"], theirs["mask"]) and ours["mask"].shape == (2, 30, 20)
+
+
+def test_normalize_to_tensor_gray_image_and_channel_mismatch():
+    gray = np.full((4, 5), 51, np.uint8)
+    out = A.Compose([augment.NormalizeToTensor(mean=(0.1,), std=(0.5,))])(image=gray)["image"]
+    assert out.shape == (1, 4, 5)
+    torch.testing.assert_close(out, torch.full((1, 4, 5), (0.2 - 0.1) / 0.5))
+    with pytest.raises(ValueError, match="1 channels but mean/std have 3 values"):
+        A.Compose([augment.NormalizeToTensor()])(image=gray)
+    with pytest.raises(ValueError, match="std > 0"):
+        augment.NormalizeToTensor(mean=(0.5,), std=(0.0,))

@@ -12,7 +12,7 @@ _EXPORTS = {
            "read_image_info", "read_mask", "class_map_from_labels", "save_class_map", "load_class_map"),
     "boxes": ("BOX_FORMATS", "to_xyxy", "from_xyxy", "convert_boxes", "box_problem"),
     "rle": ("rle_encode", "rle_decode", "masks_from_rle", "masks_to_rle_frame"),
-    "augment": ("IMAGENET_MEAN", "IMAGENET_STD", "register_preset", "list_presets", "create_preset", "compose",
+    "augment": ("IMAGENET_MEAN", "IMAGENET_STD", "FastAffine", "NormalizeToTensor", "register_preset", "list_presets", "create_preset", "compose",
                 "default_transform", "with_targets", "transform_to_dict", "transform_from_dict", "save_transform",
                 "load_transform"),
     "datasets": ("ImageDataset", "TableDataset", "ClassificationDataset", "BoxDataset", "KeypointDataset",

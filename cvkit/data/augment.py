@@ -17,6 +17,8 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple, Union
 
 import albumentations as A
 import cv2
+import numpy as np
+import torch
 from albumentations.pytorch import ToTensorV2
 
 from cvkit.io import atomic_write_bytes
@@ -45,8 +47,62 @@ def keypoint_params() -> A.KeypointParams:
     return A.KeypointParams(format="xy", remove_invisible=False)
 
 
-def normalization(normalize: Normalize = "imagenet") -> A.Normalize:
-    """``"imagenet"``, ``"none"``/None (pixels / 255, for models that normalise inside) or ``(mean, std)`` in [0, 1]."""
+class FastAffine(A.Affine):
+    """``A.Affine`` with the same pixels, faster on RGB uint8 images.
+
+    OpenCV's bilinear ``warpAffine`` is vectorised for 1 and 4 channels but not for 3, so a
+    3-channel uint8 image is warped as RGBA and converted back (0.17 ms instead of 0.38 ms at
+    224x224 on one core, OpenCV 5.0; bench/RESULTS.md "Data throughput").
+    """
+
+    def apply(self, img: np.ndarray, matrix: np.ndarray, output_shape: Tuple[int, int], **params: Any) -> np.ndarray:
+        if img.ndim == 3 and img.shape[2] == 3 and img.dtype == np.uint8:
+            rgba = super().apply(cv2.cvtColor(img, cv2.COLOR_RGB2RGBA), matrix, output_shape, **params)
+            return cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB)
+        return super().apply(img, matrix, output_shape, **params)
+
+
+class NormalizeToTensor(ToTensorV2):
+    """``A.Normalize(mean, std, max_pixel_value=255)`` then ``ToTensorV2``, in one step.
+
+    The image comes out float32, channels first and contiguous, ``(pixel - 255 mean) / (255 std)``
+    as ``A.Normalize`` computes it; masks are converted as ``ToTensorV2`` does. A uint8 image is
+    split into planes and each plane mapped through a float lookup table straight into the tensor,
+    which skips the per-channel merge and the strided HWC -> CHW float copy (bench/RESULTS.md).
+    """
+
+    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 transpose_mask: bool = True, p: float = 1.0) -> None:
+        super().__init__(transpose_mask=transpose_mask, p=p)
+        if len(mean) != len(std) or any(float(v) <= 0 for v in std):
+            raise ValueError(f"NormalizeToTensor: mean={list(mean)} and std={list(std)} must have one value "
+                             f"per channel and std > 0")
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        shift, scale = np.array(self.mean) * 255.0, 1.0 / (np.array(self.std) * 255.0)
+        self._luts = ((np.arange(256)[None, :] - shift[:, None]) * scale[:, None]).astype(np.float32)
+        self._shift = torch.from_numpy(shift.astype(np.float32)).view(-1, 1, 1)
+        self._scale = torch.from_numpy(scale.astype(np.float32)).view(-1, 1, 1)
+
+    def apply(self, img: np.ndarray, **params: Any) -> torch.Tensor:
+        planes = cv2.split(img) if img.ndim == 3 else [img]
+        if len(planes) != len(self.mean):
+            raise ValueError(f"NormalizeToTensor: the image has {len(planes)} channels but mean/std have "
+                             f"{len(self.mean)} values")
+        if img.dtype != np.uint8:
+            chw = torch.from_numpy(np.stack(planes)).float()
+            return chw.sub_(self._shift).mul_(self._scale)
+        out = torch.empty((len(planes), *img.shape[:2]), dtype=torch.float32)
+        planes_out = out.numpy()
+        for plane, lut, dst in zip(planes, self._luts, planes_out):
+            cv2.LUT(plane, lut, dst=dst)
+        return out
+
+    def get_transform_init_args_names(self) -> Tuple[str, ...]:
+        return ("mean", "std", "transpose_mask")
+
+
+def _mean_std(normalize: Normalize) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """(mean, std) in [0, 1] for a ``normalize`` argument of :func:`compose`."""
     if normalize == "imagenet":
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     elif normalize in (None, "none"):
@@ -55,12 +111,17 @@ def normalization(normalize: Normalize = "imagenet") -> A.Normalize:
         mean, std = tuple(normalize[0]), tuple(normalize[1])
     else:
         raise ValueError(f"normalize={normalize!r}; expected 'imagenet', 'none' or (mean, std)")
-    return A.Normalize(mean=mean, std=std, max_pixel_value=255.0)
+    return mean, std
 
 
 def compose(transforms: Sequence[Any], normalize: Normalize = "imagenet") -> A.Compose:
-    """A Compose of ``transforms`` + normalisation + ToTensorV2, declaring image/mask/box/keypoint targets."""
-    return _declared([*transforms, normalization(normalize), ToTensorV2(transpose_mask=True)])
+    """A Compose of ``transforms`` + :class:`NormalizeToTensor`, declaring image/mask/box/keypoint targets.
+
+    ``normalize`` is ``"imagenet"``, ``"none"``/None (pixels / 255, for models that normalise
+    inside) or ``(mean, std)`` in [0, 1].
+    """
+    mean, std = _mean_std(normalize)
+    return _declared([*transforms, NormalizeToTensor(mean, std, transpose_mask=True)])
 
 
 def _declared(transforms: List[Any], p: float = 1.0) -> A.Compose:
@@ -109,8 +170,8 @@ def default_transform(normalize: Normalize = "imagenet") -> A.Compose:
 
 
 def _black_affine(scale: Tuple[float, float], shift: float, rotate: float, p: float) -> A.Affine:
-    return A.Affine(scale=scale, translate_percent=(-shift, shift), rotate=(-rotate, rotate),
-                    border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=p)
+    return FastAffine(scale=scale, translate_percent=(-shift, shift), rotate=(-rotate, rotate),
+                      border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=p)
 
 
 @register_preset("resize")

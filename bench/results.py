@@ -1,0 +1,30 @@
+"""bench/RESULTS.md: each bench owns one ``## `` section and rewrites only that one."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from cvkit.io import atomic_write_bytes
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def replace_section(heading: str, section: str, path: Path = RESULTS) -> None:
+    """Replace the section that starts with the line ``heading`` (or append it), atomically."""
+    text = path.read_text() if path.is_file() else "# Benchmarks\n"
+    start = text.find(f"{heading}\n")
+    if start == -1:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + len(heading))
+        text = text[:start] + section.rstrip("\n") + ("\n\n" + text[end + 1:] if end != -1 else "")
+    atomic_write_bytes(path, text.rstrip("\n").encode() + b"\n")
+
+
+def current_section(heading: str, path: Path = RESULTS) -> str:
+    """The text of the section ``heading`` as RESULTS.md has it now ("" when absent)."""
+    text = path.read_text() if path.is_file() else ""
+    start = text.find(f"{heading}\n")
+    if start == -1:
+        return ""
+    end = text.find("\n## ", start + len(heading))
+    return text[start: end if end != -1 else len(text)]
