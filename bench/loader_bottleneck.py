@@ -5,7 +5,7 @@ numbers on this machine, with cvkit's ``make_loader`` defaults (workers = cores 
 pinned memory when a GPU is present) over ``ClassificationDataset`` + ``medium`` preset on JPEGs
 of that competition's typical size:
 (a) the loader alone: batches pulled and dropped (decode, augment, collate, workers), images/s;
-(b) the model step alone: forward + backward + SGD step on a batch already in memory, images/s;
+(b) the model step alone: forward + backward + SGD step, again and again on one loaded batch, images/s;
 (c) the training loop: (b) fed by (a), images/s, and the share of its time spent waiting for a batch.
 The loader is not the bottleneck when (c) waits for under 10 % of its time. On a CPU-only machine
 the workers also take cores from the step, which (c) / (b) shows.
@@ -19,7 +19,7 @@ import platform
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, Iterator, NamedTuple
+from typing import Dict, Iterator, NamedTuple, Tuple
 
 import pandas as pd
 import timm
@@ -59,11 +59,16 @@ def loader_for(setting: Setting, folder: Path, batches: int, workers: int) -> to
     return make_loader(dataset, setting.batch, train=True, workers=workers)
 
 
-def timed_batches(loader: torch.utils.data.DataLoader, skip: int) -> Iterator[tuple]:
-    """Yield (batch, seconds waited for it), the first ``skip`` batches (worker start-up) not yielded."""
+def started(loader: torch.utils.data.DataLoader, skip: int) -> Iterator[dict]:
+    """An iterator over ``loader`` whose first ``skip`` batches (worker start-up) are already taken."""
     iterator = iter(loader)
     for _ in range(skip):
         next(iterator)
+    return iterator
+
+
+def timed(iterator: Iterator[dict]) -> Iterator[Tuple[dict, float]]:
+    """Yield (batch, seconds waited for it)."""
     while True:
         start = time.perf_counter()
         try:
@@ -88,20 +93,20 @@ def measure(setting: Setting, folder: Path, batches: int, workers: int) -> Dict[
 
     loader = loader_for(setting, folder, batches + 2, workers)
     waited, count = 0.0, 0
-    for batch, wait in timed_batches(loader, skip=2):
+    for batch, wait in timed(started(loader, skip=2)):
         waited, count = waited + wait, count + len(batch["targets"])
     loader_rate = count / waited
 
-    x = torch.randn(setting.batch, 3, setting.size, setting.size)
-    y = torch.randint(0, 10, (setting.batch,))
+    x, y = batch["features"].clone(), batch["targets"].clone()
     step(x, y)
     start = time.perf_counter()
     for _ in range(batches):
         step(x, y)
     step_rate = setting.batch * batches / (time.perf_counter() - start)
 
+    iterator = started(loader, skip=2)
     waited, count, start = 0.0, 0, time.perf_counter()
-    for batch, wait in timed_batches(loader, skip=2):
+    for batch, wait in timed(iterator):
         step(batch["features"], batch["targets"])
         waited, count = waited + wait, count + len(batch["targets"])
     total = time.perf_counter() - start
@@ -137,7 +142,7 @@ def main() -> None:
 
 def write_section(args: argparse.Namespace, workers: int, table: str) -> None:
     """Replace (or append) this bench's section of RESULTS.md, leaving every other section as it is."""
-    from results import replace_section
+    from results import kept_notes, replace_section
 
     command = f"python bench/loader_bottleneck.py --batches {args.batches} --write"
     device = "CPU only" if not torch.cuda.is_available() else torch.cuda.get_device_name(0)
@@ -148,7 +153,7 @@ def write_section(args: argparse.Namespace, workers: int, table: str) -> None:
         f"timm {timm.__version__}. Real-data settings of each example; random-init models; "
         f"{args.batches} timed batches after 2 warm-up.\n\n{table}\n\nCommand: `{command}`\n"
     )
-    replace_section(HEADING, section)
+    replace_section(HEADING, section + kept_notes(HEADING))
 
 
 if __name__ == "__main__":

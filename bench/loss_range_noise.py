@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from cvkit.callbacks.loss_range import LossRangeCallback
-from results import current_section, replace_section
+from results import kept_notes, replace_section
 
 warnings.filterwarnings("ignore")
 HEADING = "## Loss-range study"
@@ -262,14 +262,7 @@ def write(args: argparse.Namespace, rows: List[Dict[str, Any]], overhead: Dict[s
         )
         + "\n"
     )
-    replace_section(HEADING, section + _kept_notes())
-
-
-def _kept_notes() -> str:
-    """The hand-written '### Reading' part of the current section, kept across reruns (re-check it!)."""
-    current = current_section(HEADING)
-    notes = current.find(NOTES)
-    return "" if notes < 0 else "\n" + current[notes:].rstrip("\n") + "\n"
+    replace_section(HEADING, section + kept_notes(HEADING, NOTES))
 
 
 if __name__ == "__main__":

@@ -20,11 +20,13 @@ def replace_section(heading: str, section: str, path: Path = RESULTS) -> None:
     atomic_write_bytes(path, text.rstrip("\n").encode() + b"\n")
 
 
-def current_section(heading: str, path: Path = RESULTS) -> str:
-    """The text of the section ``heading`` as RESULTS.md has it now ("" when absent)."""
+def kept_notes(heading: str, notes: str = "### Reading", path: Path = RESULTS) -> str:
+    """The hand-written ``notes`` part of section ``heading``, to carry over a rerun (re-check it!)."""
     text = path.read_text() if path.is_file() else ""
     start = text.find(f"{heading}\n")
     if start == -1:
         return ""
     end = text.find("\n## ", start + len(heading))
-    return text[start: end if end != -1 else len(text)]
+    section = text[start: end if end != -1 else len(text)]
+    found = section.find(notes)
+    return "" if found == -1 else "\n" + section[found:].rstrip("\n") + "\n"
