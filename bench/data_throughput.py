@@ -1,10 +1,12 @@
 """Data throughput: JPEG decode + ``medium`` augmentation + to-tensor at 224x224, images/s on one core.
 
-Three arms read the same JPEG files, taking turns every 10 images, repeated (the median is reported):
+Four arms read the same JPEG files, taking turns every 10 images, repeated (the median is reported):
 (a) the floor: OpenCV decode + resize to 224x224, nothing else;
 (b) cvkit: ``ClassificationDataset`` with ``create_preset("medium", 224)`` (read_image, crop,
     flip, FastAffine, brightness/contrast, blur, NormalizeToTensor), i.e. what a DataLoader worker runs;
-(c) torchvision/PIL: the same steps with ``torchvision.transforms`` on PIL images.
+(c) OpenCV by hand: the same steps written directly in OpenCV, no framework, image only (how close
+    any Python pipeline of these steps can come to the floor);
+(d) torchvision/PIL: the same steps with ``torchvision.transforms`` on PIL images.
 One thread everywhere (OpenCV, torch), so the numbers are per core: multiply by DataLoader workers.
 
     python bench/data_throughput.py --write
@@ -55,6 +57,48 @@ def cvkit_arm(paths: List[Path], size: int) -> Callable[[int], object]:
     frame = pd.DataFrame({"path": [p.name for p in paths], "label": ["x"] * len(paths)})
     dataset = ClassificationDataset(frame, root=paths[0].parent, transform=create_preset("medium", size))
     return lambda i: dataset[i]["features"]
+
+
+def opencv_arm(paths: List[Path], size: int) -> Callable[[int], object]:
+    """The preset's steps written straight in OpenCV, no framework: what any Python pipeline could reach.
+
+    Same probabilities and ranges as ``medium`` (crop, flip, affine warped as RGBA, brightness /
+    contrast as one LUT, 3x3 blur, normalise by per-plane LUT); no targets besides the image.
+    """
+    flag = getattr(cv2, "IMREAD_COLOR_RGB", cv2.IMREAD_COLOR)
+    rng = np.random.default_rng(0)
+    shift = np.array([0.485, 0.456, 0.406]) * 255.0
+    scale = 1.0 / (np.array([0.229, 0.224, 0.225]) * 255.0)
+    luts = ((np.arange(256)[None, :] - shift[:, None]) * scale[:, None]).astype(np.float32)
+    levels = np.arange(256, dtype=np.float64)
+
+    def run(i: int) -> object:
+        image = cv2.imread(str(paths[i]), flag)
+        height, width = image.shape[:2]
+        area = height * width * rng.uniform(0.6, 1.0)
+        ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        w, h = min(width, round(np.sqrt(area * ratio))), min(height, round(np.sqrt(area / ratio)))
+        x, y = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+        out = cv2.resize(image[y:y + h, x:x + w], (size, size), interpolation=cv2.INTER_LINEAR)
+        if rng.random() < 0.5:
+            out = cv2.flip(out, 1)
+        if rng.random() < 0.5:
+            matrix = cv2.getRotationMatrix2D((size / 2, size / 2), rng.uniform(-15, 15), rng.uniform(0.9, 1.1))
+            matrix[:, 2] += rng.uniform(-0.0625, 0.0625, 2) * size
+            rgba = cv2.warpAffine(cv2.cvtColor(out, cv2.COLOR_RGB2RGBA), matrix, (size, size))
+            out = cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB)
+        if rng.random() < 0.5:
+            lut = levels * rng.uniform(0.8, 1.2) + rng.uniform(-0.2, 0.2) * 255
+            out = cv2.LUT(out, np.clip(lut, 0, 255).astype(np.uint8))
+        if rng.random() < 0.2:
+            out = cv2.blur(out, (3, 3))
+        tensor = torch.empty((3, size, size))
+        planes = tensor.numpy()
+        for plane, lut, dst in zip(cv2.split(out), luts, planes):
+            cv2.LUT(plane, lut, dst=dst)
+        return tensor
+
+    return run
 
 
 def torchvision_arm(paths: List[Path], size: int) -> Callable[[int], object]:
@@ -133,6 +177,7 @@ def run_source(args: argparse.Namespace, width: int, height: int) -> Dict[str, f
         arms: Dict[str, Callable[[int], object]] = {
             "floor: OpenCV decode + resize": floor_arm(paths, args.size),
             "cvkit: read_image + medium preset": cvkit_arm(paths, args.size),
+            "OpenCV by hand: same steps, no framework": opencv_arm(paths, args.size),
             "torchvision/PIL: same steps": torchvision_arm(paths, args.size),
         }
         runs: Dict[str, List[float]] = {name: [] for name in arms}
