@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from cvkit.callbacks.worst import WorstPredictionsCallback, draw_keypoints
-from cvkit.data import KeypointDataset, compose, create_preset, split_train_valid
+from cvkit.data import FastAffine, KeypointDataset, compose, create_preset, split_train_valid
 from cvkit.data.demo import KEYPOINT_NAMES, build_keypoints
 from cvkit.io import atomic_write_json
 from cvkit.examples_support import (common_args, flip_pairs_from_names, image_sizes, predict, starting_weights,
@@ -77,8 +77,8 @@ def main(argv=None) -> dict:
     train_rows, valid_rows = split_train_valid(table, 0.2, label_col=None, seed=args.seed)
     width, height = image_sizes([root / table["path"].iloc[0]])[0]
     size, plain = args.image_size, create_preset("resize", args.image_size)
-    augment = compose([A.Resize(size, size), A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05),
-                                                      rotate=(-10, 10), p=0.7), A.RandomBrightnessContrast(p=0.3)])
+    augment = compose([A.Resize(size, size), FastAffine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05),
+                                                        rotate=(-10, 10), p=0.7), A.RandomBrightnessContrast(p=0.3)])
 
     def loaders(stage: Stage) -> dict:
         train = KeypointDataset(train_rows, columns, root=root, transform=augment)

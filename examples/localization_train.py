@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from cvkit.data import BoxDataset, compose, create_preset, split_train_valid
+from cvkit.data import BoxDataset, FastAffine, compose, create_preset, split_train_valid
 from cvkit.data.demo import build_boxes
 from cvkit.examples_support import (ClassBoxCriterion, ClassBoxTargets, SetCriterionAttribute, UnlabelledImages,
                                     common_args, image_sizes, main_blocks, predict, starting_weights,
@@ -45,7 +45,7 @@ def parse_args(argv=None):
 
 def train_transform(size: int) -> A.Compose:
     return compose([A.Resize(size, size), A.HorizontalFlip(p=0.5),
-                    A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), p=0.5),
+                    FastAffine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), p=0.5),
                     A.RandomBrightnessContrast(p=0.3)])
 
 

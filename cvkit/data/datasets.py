@@ -96,7 +96,8 @@ class ImageDataset(Dataset):
         out = self.transform(**targets)
         image = out["image"]
         if isinstance(image, np.ndarray):
-            raise DataError("the transform must end with ToTensorV2 or NormalizeToTensor (cvkit.data.augment.compose adds the latter)")
+            raise DataError("the transform must end with NormalizeToTensor or ToTensorV2 "
+                            "(cvkit.data.augment.compose adds NormalizeToTensor)")
         out["image"] = image.float() if image.dtype != torch.float32 else image
         return out
 
