@@ -136,6 +136,7 @@ def main(argv=None) -> dict:
                             optimizer="sgd", optimizer_kwargs=dict(momentum=0.9, nesterov=True), weight_decay=5e-4,
                             scheduler="cosine", batch_size=args.batch_size, image_size=args.image_size))
     criterion = torch.nn.CrossEntropyLoss() if args.loss == "ce" else create_criterion("bce_one_hot")
+    torch.manual_seed(args.seed)  # the same seed gives the same initial weights
     model = create_model(args.arch, num_classes=len(names), pretrained=args.pretrained)
     test = DataLoader(stl10.ArrayDataset(test_images, test_labels, transforms(args.image_size, train=False)), 128)
     runner = StagedRunner().fit(

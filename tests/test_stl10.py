@@ -47,14 +47,16 @@ def test_demo_is_deterministic_and_stratified(tmp_path):
 
 
 @pytest.mark.slow
-def test_example_runs_and_best_pth_reproduces_its_test_metrics(tmp_path):
+def test_example_runs_repeats_with_its_seed_and_best_pth_reproduces_its_test_metrics(tmp_path):
     import examples_loader
 
     example = examples_loader.load("stl10_train")
-    result = example.main(["--logdir", str(tmp_path / "run"), "--limit", "240", "--head-epochs", "1",
-                           "--epochs", "2", "--image-size", "32", "--quiet"])
+    args = ["--limit", "240", "--head-epochs", "1", "--epochs", "2", "--image-size", "32", "--quiet"]
+    result = example.main(["--logdir", str(tmp_path / "run"), *args])
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["test"] == pytest.approx(result["test"])
+    # same seed, same demo data: same initial weights, augmentation and order, so the same result
+    assert example.main(["--logdir", str(tmp_path / "again"), *args])["test"] == result["test"]
     for name in ("config.json", "progress.png", "best.pth", "log.csv"):
         assert (tmp_path / "run" / name).is_file()
     from cvkit.metrics import ClassificationMetrics
