@@ -191,7 +191,7 @@ def write_section(args: argparse.Namespace, table: str) -> None:
     """Replace (or append) this bench's section of RESULTS.md, leaving every other section as it is."""
     import platform
 
-    from results import kept_notes, replace_section
+    from results import replace_section
 
     command = (f"python bench/data_throughput.py --images {args.images} --sources {args.sources} "
                f"--size {args.size} --repeats {args.repeats} --write")
@@ -203,7 +203,7 @@ def write_section(args: argparse.Namespace, table: str) -> None:
         f"OpenCV {cv2.__version__}, torch {torch.__version__}.\n\n"
         f"{table}\n\nGoals: cvkit >= 2x torchvision and >= 80% of the floor.\n\nCommand: `{command}`\n"
     )
-    replace_section(HEADING, section + kept_notes(HEADING))
+    replace_section(HEADING, section)
 
 
 if __name__ == "__main__":

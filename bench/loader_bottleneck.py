@@ -142,7 +142,7 @@ def main() -> None:
 
 def write_section(args: argparse.Namespace, workers: int, table: str) -> None:
     """Replace (or append) this bench's section of RESULTS.md, leaving every other section as it is."""
-    from results import kept_notes, replace_section
+    from results import replace_section
 
     command = f"python bench/loader_bottleneck.py --batches {args.batches} --write"
     device = "CPU only" if not torch.cuda.is_available() else torch.cuda.get_device_name(0)
@@ -153,7 +153,7 @@ def write_section(args: argparse.Namespace, workers: int, table: str) -> None:
         f"timm {timm.__version__}. Real-data settings of each example; random-init models; "
         f"{args.batches} timed batches after 2 warm-up.\n\n{table}\n\nCommand: `{command}`\n"
     )
-    replace_section(HEADING, section + kept_notes(HEADING))
+    replace_section(HEADING, section)
 
 
 if __name__ == "__main__":

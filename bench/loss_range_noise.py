@@ -30,11 +30,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from cvkit.callbacks.loss_range import LossRangeCallback
-from results import kept_notes, replace_section
+from results import replace_section
 
 warnings.filterwarnings("ignore")
 HEADING = "## Loss-range study"
-NOTES = "### Reading"
 BATCH = 32
 
 # arm name -> LossRangeCallback options (None: Catalyst's plain CriterionCallback)
@@ -262,7 +261,7 @@ def write(args: argparse.Namespace, rows: List[Dict[str, Any]], overhead: Dict[s
         )
         + "\n"
     )
-    replace_section(HEADING, section + kept_notes(HEADING, NOTES))
+    replace_section(HEADING, section)
 
 
 if __name__ == "__main__":
