@@ -19,8 +19,9 @@ from typing import Dict, List
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBE = """
-import resource, runpy, sys, json
+import os, resource, runpy, sys, json
 sys.argv = [sys.argv[1]] + sys.argv[2:]
+sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))  # as `python examples/x.py` does (for _common)
 try:
     runpy.run_path(sys.argv[0], run_name="__main__")
 finally:

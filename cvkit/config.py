@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Sequence, Union
 
 import yaml
 
-from cvkit.registry import get_version
+from cvkit.versions import get_version
 from cvkit.stages import Stage, list_optimizers, list_schedulers
 
 TOP_LEVEL: Dict[str, Any] = {
@@ -38,9 +38,12 @@ TOP_LEVEL: Dict[str, Any] = {
     "workers": int,
     "fast": dict,
     "profile": bool,
+    "pipelines": (dict, type(None)),
 }
 REQUIRED = ("task", "data", "model", "stages")
-TASKS = ("classification", "class_box", "keypoints", "segmentation")
+# Facts StagedRunner writes into config.json next to the experiment; not experiment keys.
+RUNNER_KEYS = ("loaders", "valid", "fast_paths", "versions", "started")
+AUGMENTATION_KEYS = {"preset", "size", "normalize"}
 STAGE_KEYS = [f.name for f in dataclasses.fields(Stage)]
 OPTIMIZER_KEYS = {"name", "weight_decay"}
 SCHEDULER_KEYS = {"name", "interval", "monitor"}
@@ -55,20 +58,23 @@ def _near(key: str, valid: Iterable[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
+def read_mapping(path: Union[str, Path], what: str = "experiment file (YAML)") -> Dict[str, Any]:
+    """A YAML or JSON file whose top level is a mapping; a one-line ConfigError naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} not found; expected the {what}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML/JSON: {' '.join(str(exc).split())}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top, got {type(raw).__name__}")
+    return raw
+
+
 def load_config(source: Union[str, Path, Mapping[str, Any]], overrides: Sequence[str] = ()) -> Dict[str, Any]:
     """Read a YAML/JSON experiment (or take a dict), apply ``key.sub=value`` overrides, resolve it."""
-    if isinstance(source, Mapping):
-        raw = copy.deepcopy(dict(source))
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"experiment file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of keys at the top, got {type(raw).__name__}")
+    raw = copy.deepcopy(dict(source)) if isinstance(source, Mapping) else read_mapping(source)
     for item in overrides:
         apply_override(raw, item)
     return resolve(raw)
@@ -80,7 +86,12 @@ def apply_override(config: Dict[str, Any], item: str) -> None:
         raise ConfigError(f"override {item!r} must look like key.sub=value")
     dotted, _, text = item.partition("=")
     parts = dotted.strip().split(".")
-    value = yaml.safe_load(text)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or "not a YAML value"
+        raise ConfigError(f"override {item!r}: the value {text!r} is not valid YAML ({problem}); "
+                          "quote strings, close brackets") from None
     node: Any = config
     for depth, part in enumerate(parts):
         last = depth == len(parts) - 1
@@ -116,8 +127,12 @@ def resolve(raw: Mapping[str, Any]) -> Dict[str, Any]:
     missing = [k for k in REQUIRED if k not in config]
     if missing:
         raise ConfigError(f"missing required keys {missing}")
-    if config["task"] not in TASKS:
-        raise ConfigError(f"task: unknown task {config['task']!r}{_near(config['task'], TASKS)} valid: {list(TASKS)}")
+    from cvkit.tasks import get_task
+
+    try:
+        config["task"] = get_task(config["task"]).name
+    except KeyError as exc:
+        raise ConfigError(f"task: {exc}") from None
     for kind in ("model", "criterion", "augmentation", "data"):
         if isinstance(config.get(kind), str):
             config[kind] = get_version_or_error(kind, config[kind], kind)
@@ -174,6 +189,135 @@ def _resolve_stage(index: int, raw: Any, defaults: Mapping[str, Any]) -> Dict[st
         message = exc.args[0] if exc.args else str(exc)
         raise ConfigError(f"{where}: {message}") from None
     return built.to_dict()
+
+
+def load_experiment(path: Union[str, Path], overrides: Sequence[str] = ()) -> Dict[str, Any]:
+    """Read a YAML experiment or a run's ``config.json``, apply ``key=value`` overrides, resolve.
+
+    A run's ``config.json`` is recognised by the facts the runner adds (``versions``, ``started``),
+    which are dropped, and its ``logdir`` is the folder holding it (a copied or moved run continues
+    where it is); everything else is checked like a hand-written experiment.
+    """
+    path = Path(path)
+    raw = read_mapping(path)
+    if "versions" in raw and "started" in raw:
+        # A run's own config.json: the run is the folder that holds it, wherever it was moved.
+        raw = {k: v for k, v in raw.items() if k not in RUNNER_KEYS}
+        raw["logdir"] = str(path.parent)
+    raw.setdefault("name", path.stem if path.name != "config.json" else path.parent.name)
+    if any(o.startswith("augmentation") or ".image_size=" in o for o in overrides):
+        raw.pop("pipelines", None)  # the recorded pipelines no longer describe the run
+    try:
+        return load_config(raw, overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _check_keys(where: str, spec: Mapping[str, Any], valid: Iterable[str]) -> None:
+    valid = sorted(valid)
+    for key in spec:
+        if key not in valid:
+            raise ConfigError(f"{where}: unknown key {key!r}{_near(key, valid)} valid: {valid}")
+
+
+def complete(config: Mapping[str, Any]) -> Dict[str, Any]:
+    """The resolved experiment with every default written out (what ``config.json`` stores).
+
+    Defaults come from the task (:mod:`cvkit.tasks`): model, criterion, valid metric, and the
+    metric's own direction. Does not touch data on disk; the model's sizes (``num_classes``...)
+    are filled in by :func:`cvkit.experiment.build` once the data is known.
+    """
+    from cvkit.metrics import METRICS
+    from cvkit.perf import FastPaths
+    from cvkit.tasks import get_task
+
+    config = copy.deepcopy(dict(config))
+    task = get_task(config["task"])
+    config.setdefault("name", "experiment")
+    config.setdefault("logdir", f"runs/{config['name']}")
+    config.setdefault("seed", 42)
+    config.setdefault("engine", None)
+    config.setdefault("workers", 0)
+    config.setdefault("profile", False)
+    config.setdefault("fast", {})
+    config.setdefault("weights", None)
+    config.setdefault("augmentation", None)
+    config.setdefault("criterion", {"name": task.criterion})
+    if isinstance(config["criterion"], str):
+        config["criterion"] = {"name": config["criterion"]}
+    config["model"] = dict(config["model"])
+    config["model"].setdefault("name", task.model)
+    config.setdefault("valid_metric", task.valid_metric)
+    metric = METRICS.get(task.metric)
+    minimized = config["valid_metric"].startswith("loss") or config["valid_metric"] in getattr(metric, "lower_is_better", ())
+    config.setdefault("minimize_valid_metric", minimized)
+    data = config["data"]
+    kind = data.get("kind")
+    if kind not in task.data_kinds:
+        raise ConfigError(f"data.kind: {kind!r} is not a data kind of task {task.name!r}"
+                          f"{_near(str(kind), task.data_kinds)} valid: {list(task.data_kinds)}")
+    _check_keys(f"data ({kind})", data, task.data_keys(kind))
+    augmentation = config["augmentation"]
+    if isinstance(augmentation, dict) and "transform" not in augmentation:
+        _check_keys("augmentation", augmentation, AUGMENTATION_KEYS)
+        if "preset" not in augmentation:
+            raise ConfigError("augmentation: needs 'preset' (a registered preset name) and 'size', "
+                              "or an albumentations serialised pipeline with a 'transform' key")
+    _check_keys("fast", config["fast"], FastPaths().to_dict())
+    _check_values(config)
+    return config
+
+
+ENGINES = ("cpu", "gpu", "amp", "ddp", "ddp_amp")
+MODEL_KEYS_ELSEWHERE = {"checkpoint_path": "weights: (a checkpoint or run folder) or model.pretrained: (a file)",
+                        "pretrained_cfg_overlay": "model.pretrained: (a local weights file)"}
+
+
+def _int_at_least(where: str, value: Any, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ConfigError(f"{where}: expected an integer >= {low}, got {value!r}")
+
+
+def _check_values(config: Mapping[str, Any]) -> None:
+    """Ranges and types of the values :func:`resolve` cannot check by key alone (before any data is read)."""
+    _int_at_least("seed", config["seed"], 0)
+    _int_at_least("workers", config["workers"], 0)
+    data = config["data"]
+    for key in ("limit", "per_class", "num_keypoints", "num_classes"):
+        if data.get(key) is not None:
+            _int_at_least(f"data.{key}", data[key], 1)
+    if "seed" in data:
+        _int_at_least("data.seed", data["seed"], 0)
+    fraction = data.get("valid_fraction", 0.2)
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise ConfigError(f"data.valid_fraction: expected a number between 0 and 1 (exclusive), got {fraction!r}")
+    for key, instead in MODEL_KEYS_ELSEWHERE.items():
+        if key in config["model"]:
+            raise ConfigError(f"model.{key}: cvkit loads weights itself (no download, no pickled code); use {instead}")
+    for key in ("num_classes", "num_keypoints"):
+        if config["model"].get(key) is not None:
+            _int_at_least(f"model.{key}", config["model"][key], 1)
+    augmentation = config["augmentation"]
+    if isinstance(augmentation, dict) and "transform" not in augmentation:
+        if augmentation.get("size") is not None:
+            _int_at_least("augmentation.size", augmentation["size"], 1)
+        from cvkit.data.augment import _mean_std
+
+        try:
+            mean, std = _mean_std(augmentation.get("normalize", "imagenet"))
+        except (TypeError, ValueError):
+            mean = std = ()
+        if not mean or len(mean) != len(std) or not all(isinstance(v, (int, float)) for v in (*mean, *std)) or min(std) <= 0:
+            raise ConfigError(f"augmentation.normalize: expected 'imagenet', 'none' or [mean, std] with one "
+                              f"number per channel each and std > 0, got {augmentation.get('normalize')!r}")
+    engine = config["engine"]
+    if engine is not None and engine not in ENGINES:
+        raise ConfigError(f"engine: unknown engine {engine!r}{_near(str(engine), ENGINES)} valid: {list(ENGINES)}")
+    if engine not in (None, "cpu"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"engine: {engine!r} needs a CUDA GPU and none is visible on this machine; use engine: cpu")
 
 
 def stages_from(config: Mapping[str, Any]) -> List[Stage]:

@@ -11,68 +11,61 @@ returns that vector (for boxes, keypoints and masks: the mean over the sample's 
 from __future__ import annotations
 
 import contextlib
-import difflib
-import fnmatch
-import warnings
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cvkit.registry import Registry
+
 Outputs = Union[torch.Tensor, Mapping[str, torch.Tensor], Sequence[torch.Tensor]]
 Example = Callable[[int], Tuple[Any, Any]]
 
 _REDUCTIONS = ("mean", "none")
-_CRITERIA: Dict[str, Callable[..., nn.Module]] = {}
-_EXAMPLES: Dict[str, Example] = {}
+CRITERIA: Registry[Callable[..., nn.Module]] = Registry("criterion")
 
 
 # Registry -----------------------------------------------------------------------------------
 
 def register_criterion(
-    fn: Optional[Callable[..., nn.Module]] = None, *, name: str = "", example: Optional[Example] = None
+    fn: Optional[Callable[..., nn.Module]] = None,
+    *,
+    name: str = "",
+    example: Optional[Example] = None,
+    override: bool = False,
 ) -> Any:
     """Decorator: make a criterion class or factory creatable by name (default: its ``__name__``).
 
-    ``example(batch_size) -> (outputs, targets)`` gives a tiny valid input; the registry tests use
-    it to check every criterion's shapes and gradients (a criterion without one is skipped there).
-    Works bare (``@register_criterion``) or with arguments (``@register_criterion(name="x")``).
+    ``example(batch_size) -> (outputs, targets)`` gives a tiny valid input, kept as the entry's
+    ``example`` metadata; the registry tests use it to check every criterion's shapes and
+    gradients (a criterion without one is skipped there). A taken name raises
+    :class:`cvkit.registry.RegistryError` unless ``override=True``. Works bare
+    (``@register_criterion``) or with arguments (``@register_criterion(name="x")``).
     """
 
     def wrap(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        key = name or factory.__name__
-        if key in _CRITERIA:
-            warnings.warn(f"criterion {key!r} is registered again; the new one replaces the old", stacklevel=3)
-        _CRITERIA[key] = factory
-        if example is not None:
-            _EXAMPLES[key] = example
-        else:
-            _EXAMPLES.pop(key, None)
-        return factory
+        return CRITERIA.register(factory, name=name, override=override, example=example)
 
     return wrap(fn) if fn is not None else wrap
 
 
 def list_criteria(pattern: str = "*") -> List[str]:
     """Registered criterion names matching a shell-style ``pattern``."""
-    return sorted(n for n in _CRITERIA if fnmatch.fnmatch(n, pattern))
+    return CRITERIA.list(pattern)
 
 
 def create_criterion(name: str, **kwargs: Any) -> nn.Module:
     """Build a registered criterion; ``None`` kwargs are dropped, unknown names list the close ones."""
-    if name not in _CRITERIA:
-        close = difflib.get_close_matches(name, list(_CRITERIA), n=3, cutoff=0.5)
-        hint = f"; did you mean {close}?" if close else ""
-        raise KeyError(f"unknown criterion {name!r}{hint} valid: {list_criteria()}")
-    return _CRITERIA[name](**{k: v for k, v in kwargs.items() if v is not None})
+    return CRITERIA.create(name, **kwargs)
 
 
 def criterion_example(name: str, batch_size: int = 4) -> Tuple[Any, Any]:
     """A tiny ``(outputs, targets)`` pair the criterion accepts (KeyError if none was registered)."""
-    if name not in _EXAMPLES:
+    example = CRITERIA.meta(name).get("example")
+    if example is None:
         raise KeyError(f"criterion {name!r} registered no example input")
-    return _EXAMPLES[name](batch_size)
+    return example(batch_size)
 
 
 # Per-sample helpers ---------------------------------------------------------------------------
@@ -379,6 +372,7 @@ class ClassBoxCriterion(nn.Module):
 
 __all__ = [
     "BCEOneHotLoss",
+    "CRITERIA",
     "ClassBoxCriterion",
     "ClassBoxLoss",
     "DiceBCELoss",

@@ -1,10 +1,11 @@
-"""progress.png: loss, the valid metric and every group's LR over all stages, boundaries marked."""
+"""progress.png (loss, the valid metric and every group's LR over all stages, boundaries marked) and PNG writing."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -53,3 +54,13 @@ def _mark_stages(ax: Any, history: Sequence[Dict[str, Any]]) -> None:
             ax.axvline(x, color="grey", linestyle="--", linewidth=0.8)
             ax.text(x, 1.0, f" {row['stage']}", transform=ax.get_xaxis_transform(), fontsize=8, va="top", color="grey")
             previous = row["stage"]
+
+
+def write_png(path: Path, rgb: np.ndarray) -> None:
+    """Write an RGB uint8 image (e.g. a mask overlay) as a lossless PNG, atomically."""
+    import cv2
+
+    ok, png = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise OSError(f"could not encode {path} as PNG; expected an (H, W, 3) uint8 RGB array, got {rgb.shape} {rgb.dtype}")
+    atomic_write_bytes(Path(path), png.tobytes())

@@ -1,95 +1,126 @@
-"""Named "versions" of experiment ingredients, registered by decorator and looked up by name.
+"""One :class:`Registry` class behind every "name -> thing" table in cvkit.
 
-The localisation project kept ``adam_v1``, ``rop_v1``, model ``v1``/``v2``... as functions; cvkit
-keeps that habit: a version is a function returning the inline YAML form of the ingredient, and
-an experiment can say ``optimizer: adam_v1`` instead of spelling it out.
+Models, task models, tasks, criteria, metrics, optimizers, schedulers, augmentation presets, TTA
+transforms, named versions and ``cvkit`` commands are each a ``Registry``: they register the same
+way, list with the same shell-style pattern, fail the same way on an unknown name (naming the
+nearest valid one) and refuse a second registration of a name unless ``override=True``::
 
-    from cvkit.registry import register_version
+    from cvkit.registry import Registry
 
-    @register_version("optimizer")
-    def sgd_fast():
-        return {"name": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4}
+    COLOURS = Registry("colour")
+
+    @COLOURS.register
+    def red(): ...
+
+    @COLOURS.register(name="blue", override=True, hex="#00f")   # extra keywords are metadata
+    def make_blue(): ...
+
+    COLOURS.create("red")            # calls the entry; COLOURS.get("red") returns it
+    COLOURS.list("b*")               # ['blue']
+    COLOURS.meta("blue")["hex"]      # '#00f'
 """
 from __future__ import annotations
 
-import copy
 import difflib
-import warnings
-from typing import Any, Callable, Dict, List
+import fnmatch
+from typing import Any, Callable, Dict, Generic, Iterator, List, Optional, TypeVar
 
-KINDS = ("model", "augmentation", "criterion", "optimizer", "scheduler", "data")
-
-_VERSIONS: Dict[str, Dict[str, Callable[[], Dict[str, Any]]]] = {kind: {} for kind in KINDS}
+T = TypeVar("T")
 
 
-def register_version(kind: str, name: str = "") -> Callable[[Callable[[], Dict[str, Any]]], Callable[[], Dict[str, Any]]]:
-    """Decorator: the function (no arguments, returns a dict) becomes version ``name`` (default: its name)."""
-    if kind not in _VERSIONS:
-        raise KeyError(f"unknown version kind {kind!r}; valid: {list(KINDS)}")
+class RegistryError(KeyError):
+    """An unknown or duplicate name; the message names the registry and the nearest valid names."""
 
-    def wrap(fn: Callable[[], Dict[str, Any]]) -> Callable[[], Dict[str, Any]]:
-        key = name or fn.__name__
-        if key in _VERSIONS[kind]:
-            warnings.warn(f"{kind} version {key!r} is registered again; the new one replaces the old", stacklevel=2)
-        _VERSIONS[kind][key] = fn
-        return fn
-
-    return wrap
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
-def list_versions(kind: str) -> List[str]:
-    """Registered version names of one kind."""
-    if kind not in _VERSIONS:
-        raise KeyError(f"unknown version kind {kind!r}; valid: {list(KINDS)}")
-    return sorted(_VERSIONS[kind])
+class Registry(Generic[T]):
+    """Names mapped to entries (a class, a factory function or a value) plus per-entry metadata."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: Dict[str, T] = {}
+        self._meta: Dict[str, Dict[str, Any]] = {}
+
+    def register(self, entry: Optional[T] = None, *, name: str = "", override: bool = False, **meta: Any) -> Any:
+        """Add ``entry`` under ``name`` (default: its ``__name__``); usable bare or as ``@register(...)``.
+
+        Registering a taken name raises :class:`RegistryError` unless ``override=True`` (then the
+        new entry replaces the old one). Extra keywords are stored as the entry's metadata.
+        """
+
+        def add(obj: T) -> T:
+            key = name or getattr(obj, "__name__", "")
+            if not key:
+                raise ValueError(f"{self.kind}: an entry without __name__ needs name=")
+            if key in self._entries and self._entries[key] is not obj and not override:
+                raise RegistryError(f"{self.kind} {key!r} is already registered; pass override=True to replace it")
+            self._entries[key] = obj
+            self._meta[key] = dict(meta)
+            return obj
+
+        return add(entry) if entry is not None else add
+
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (tests that register temporary entries clean up with this)."""
+        self.get(name)
+        del self._entries[name]
+        del self._meta[name]
+
+    def get(self, name: str) -> T:
+        """The entry registered as ``name``; an unknown name names the nearest valid ones."""
+        if not isinstance(name, str) or name not in self._entries:
+            raise RegistryError(self.unknown(name))
+        return self._entries[name]
+
+    def unknown(self, name: Any) -> str:
+        """The message for an unknown ``name``: the nearest registered names, then all of them."""
+        close = difflib.get_close_matches(str(name), list(self._entries), n=3, cutoff=0.5)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        return f"unknown {self.kind} {name!r}{hint} registered: {self.list()}"
+
+    def meta(self, name: str) -> Dict[str, Any]:
+        """A copy of the metadata given at registration."""
+        self.get(name)
+        return dict(self._meta[name])
+
+    def create(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """Call the entry ``name`` with the arguments (keyword arguments that are None are dropped)."""
+        factory: Callable[..., Any] = self.get(name)  # type: ignore[assignment]
+        return factory(*args, **{k: v for k, v in kwargs.items() if v is not None})
+
+    def list(self, pattern: str = "*") -> List[str]:
+        """Registered names matching a shell-style ``pattern``, sorted."""
+        return sorted(n for n in self._entries if fnmatch.fnmatchcase(n, pattern))
+
+    def items(self) -> List[tuple]:
+        """``(name, entry)`` pairs, sorted by name."""
+        return [(n, self._entries[n]) for n in self.list()]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.list())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}, {self.list()})"
 
 
-def get_version(kind: str, name: str) -> Dict[str, Any]:
-    """A fresh copy of version ``name``'s dict; unknown names list the close ones."""
-    versions = _VERSIONS.get(kind)
-    if versions is None:
-        raise KeyError(f"unknown version kind {kind!r}; valid: {list(KINDS)}")
-    if name not in versions:
-        close = difflib.get_close_matches(name, list(versions), n=3, cutoff=0.5)
-        hint = f"; did you mean {close}?" if close else ""
-        raise KeyError(f"unknown {kind} version {name!r}{hint} registered: {sorted(versions)}")
-    value = versions[name]()
-    if not isinstance(value, dict):
-        raise TypeError(f"{kind} version {name!r} must return a dict, got {type(value).__name__}")
-    return copy.deepcopy(value)
+__all__ = ["Registry", "RegistryError"]
 
 
-@register_version("optimizer")
-def adam_v1() -> Dict[str, Any]:
-    """Adam, no weight decay (the localisation project's first optimizer)."""
-    return {"name": "adam"}
+def __getattr__(name: str) -> Any:
+    """``register_version``/``get_version``/``list_versions`` moved to :mod:`cvkit.versions`."""
+    if name in ("register_version", "get_version", "list_versions"):
+        import warnings
 
+        from cvkit import versions
 
-@register_version("optimizer")
-def adamw_v1() -> Dict[str, Any]:
-    """AdamW with weight decay 1e-4 (the keypoints project)."""
-    return {"name": "adamw", "weight_decay": 1e-4}
-
-
-@register_version("optimizer")
-def sgd_v1() -> Dict[str, Any]:
-    """SGD, momentum 0.9, Nesterov, weight decay 5e-4 (STL-10)."""
-    return {"name": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4}
-
-
-@register_version("scheduler")
-def rop_v1() -> Dict[str, Any]:
-    """ReduceLROnPlateau: factor 0.15, patience 2 (the localisation project)."""
-    return {"name": "plateau", "factor": 0.15, "patience": 2}
-
-
-@register_version("scheduler")
-def step_v1() -> Dict[str, Any]:
-    """StepLR: x0.8 every 2 epochs (the sports project)."""
-    return {"name": "step", "step_size": 2, "gamma": 0.8}
-
-
-@register_version("scheduler")
-def onecycle_v1() -> Dict[str, Any]:
-    """One-cycle per batch over the stage."""
-    return {"name": "onecycle", "interval": "batch"}
+        warnings.warn(f"cvkit.registry.{name} moved to cvkit.versions.{name}", FutureWarning, stacklevel=2)
+        return getattr(versions, name)
+    raise AttributeError(f"module 'cvkit.registry' has no attribute {name!r}")

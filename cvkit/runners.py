@@ -7,24 +7,26 @@ weights of a stage start the next one unless the stage says otherwise.
 """
 from __future__ import annotations
 
+import json
 import math
 import platform
 import time
 import warnings
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from catalyst import dl
-from catalyst.core.callback import Callback
+from catalyst.core.callback import Callback, CallbackOrder
 from catalyst.core.engine import Engine
 from catalyst.core.misc import sort_callbacks_by_order
 from torch import nn
 from torch.utils.data import DataLoader
 
-from cvkit.callbacks.core import (
+from cvkit.callbacks import (
     BatchPlateauCallback,
+    CriterionCallback,
     EarlyStopping,
     FreezeBatchNormCallback,
     GradientGuardCallback,
@@ -34,9 +36,15 @@ from cvkit.callbacks.core import (
     LRMonitorCallback,
     MetricsCallback,
     NaNGuardCallback,
+    RunState,
     StageCheckpointCallback,
+    StageTensorboardLogger,
+    check_callbacks,
+    plateau_mode,
+    stage_suffix,
 )
-from cvkit.io import atomic_write_json, load_checkpoint, save_checkpoint, state_dict_of
+from cvkit.io import CheckpointError, atomic_write_json, clean_stale_temporaries, load_checkpoint, save_checkpoint, state_dict_of
+from cvkit.lock import RunLock
 from cvkit.metrics import Metric
 from cvkit.perf import FastPaths, ProfileCallback
 from cvkit.models.groups import apply_trainable, count_params, param_groups, resolve_lr, trainable_param_names
@@ -62,7 +70,7 @@ def make_engine(engine: Union[None, str, Engine] = None) -> Engine:
         return dl.CPUEngine()
     if engine in ("gpu", "amp", "ddp", "ddp_amp"):
         if not torch.cuda.is_available():
-            raise RuntimeError(f"engine {engine!r} needs a CUDA GPU and none is visible; use engine='cpu'")
+            raise ValueError(f"engine {engine!r} needs a CUDA GPU and none is visible; use engine='cpu'")
         precision = "fp16" if engine.endswith("amp") else "no"
         if engine.startswith("ddp"):
             return dl.DistributedDataParallelEngine(mixed_precision=precision)
@@ -70,11 +78,19 @@ def make_engine(engine: Union[None, str, Engine] = None) -> Engine:
     raise ValueError(f"unknown engine {engine!r}; valid: 'cpu', 'gpu', 'amp', 'ddp', 'ddp_amp' or a catalyst Engine")
 
 
+def _at(callback: Callback, order: int) -> Callback:
+    """``callback`` moved to ``order`` (for Catalyst callbacks whose default order is taken)."""
+    callback.order = order
+    return callback
+
+
 class StagedRunner(dl.SupervisedRunner):
     """Train one model through ``Stage`` after ``Stage``; see :meth:`fit`.
 
-    After :meth:`fit`: ``history`` (one dict per epoch), ``best`` (stage, epoch, score, path),
-    and the model holds the overall best weights.
+    The runner and its callbacks share one :class:`~cvkit.callbacks.RunState`, ``run_state``:
+    stage, counters, best epoch, history, the NaN guard's skip flag. After :meth:`fit`:
+    ``history`` (one dict per epoch), ``best`` (stage, epoch, score, path), and the model holds
+    the overall best weights.
     """
 
     def __init__(
@@ -85,25 +101,51 @@ class StagedRunner(dl.SupervisedRunner):
         loss_key: str = "loss",
     ) -> None:
         super().__init__(input_key=input_key, output_key=output_key, target_key=target_key, loss_key=loss_key)
-        self.stage: Optional[Stage] = None
-        self.stage_index = 0
-        self.stage_start_epoch = 0
-        self._batch_offset = 0
-        self._sample_offset = 0
-        self.history: List[Dict[str, Any]] = []
-        self.best: Dict[str, Any] = {}
+        self.run_state = RunState(resume_payload=self._resume_payload)
+        self._resume_state: Optional[Dict[str, Any]] = None
+
+    # Read-only views of the run state, for users of a finished (or running) fit.
+    @property
+    def stage(self) -> Optional[Stage]:
+        """The stage that runs (the last one after :meth:`fit`)."""
+        return self.run_state.stage
+
+    @property
+    def stage_index(self) -> int:
+        """Position of :attr:`stage` in the run's stages."""
+        return self.run_state.stage_index
+
+    @property
+    def stage_start_epoch(self) -> int:
+        """Global epochs completed before :attr:`stage` started."""
+        return self.run_state.stage_start_epoch
+
+    @property
+    def history(self) -> List[Dict[str, Any]]:
+        """One row per finished epoch, as in ``log.csv``."""
+        return self.run_state.history
+
+    @property
+    def best(self) -> Dict[str, Any]:
+        """The run's best epoch: stage, epoch, score and checkpoint path."""
+        return self.run_state.best
+
+    @property
+    def logdir(self) -> Optional[Path]:
+        """The run's folder."""
+        return self.run_state.logdir
 
     # Catalyst hooks: keep the global counters and use exactly the callbacks/loggers given.
     @property
     def num_epochs(self) -> int:
-        return self.stage_start_epoch + self._num_epochs
+        return self.run_state.stage_start_epoch + self._num_epochs
 
     def on_experiment_start(self, runner: "StagedRunner") -> None:
         super().on_experiment_start(runner)
-        resumed = getattr(self, "_resume_state", None)
-        self.epoch_step = resumed["epoch"] if resumed else self.stage_start_epoch
-        self.batch_step = self._batch_offset
-        self.sample_step = self._sample_offset
+        state, resumed = self.run_state, self._resume_state
+        self.epoch_step = resumed["epoch"] if resumed else state.stage_start_epoch
+        self.batch_step = state.batch_offset
+        self.sample_step = state.sample_offset
 
     def on_loader_start(self, runner: "StagedRunner") -> None:
         super().on_loader_start(runner)
@@ -115,7 +157,7 @@ class StagedRunner(dl.SupervisedRunner):
 
     def on_epoch_start(self, runner: "StagedRunner") -> None:
         super().on_epoch_start(runner)
-        self.epoch_metrics["_epoch_"]["stage_index"] = float(self.stage_index)
+        self.epoch_metrics["_epoch_"]["stage_index"] = float(self.run_state.stage_index)
 
     def get_callbacks(self) -> "OrderedDict[str, Callback]":
         return sort_callbacks_by_order(self._callbacks)
@@ -172,16 +214,27 @@ class StagedRunner(dl.SupervisedRunner):
         stages = list(stages)
         self._check_stages(model, stages)
         self._stages = stages
-        self._resume_state: Optional[Dict[str, Any]] = None
+        self._resume_state = None
         self._fast, self._profile = fast or FastPaths(), profile
         self._fast.apply(model)
         logdir = Path(logdir)
         logdir.mkdir(parents=True, exist_ok=True)
-        self.logdir = logdir
+        with RunLock(logdir):
+            self._fit_locked(model, stages, loaders, criterion, logdir, metrics, callbacks, valid_loader, valid_metric,
+                             minimize_valid_metric, engine, seed, verbose, config, test_loader, resume)
+        return self
+
+    def _fit_locked(self, model: nn.Module, stages: List[Stage], loaders: Union[Loaders, LoaderFactory],
+                    criterion: nn.Module, logdir: Path, metrics: Optional[MetricsFactory],
+                    callbacks: Optional[Callable[[Stage], Iterable[Callback]]], valid_loader: str, valid_metric: str,
+                    minimize_valid_metric: bool, engine: Union[None, str, Engine], seed: int, verbose: bool,
+                    config: Optional[Dict[str, Any]], test_loader: Optional[DataLoader],
+                    resume: Union[None, bool, str, Path]) -> None:
+        """:meth:`fit` once the run folder is held."""
+        clean_stale_temporaries(logdir)
         self.valid_loader_key, self.valid_metric_key = valid_loader, valid_metric
         self.minimize = minimize_valid_metric
-        self.history, self.best = [], {}
-        self.stage_start_epoch = self._batch_offset = self._sample_offset = 0
+        self.run_state = run = RunState(logdir=logdir, minimize=minimize_valid_metric, resume_payload=self._resume_payload)
         state = self._read_resume(logdir, stages, resume) if resume else None
         engine = make_engine(engine)
         if isinstance(engine, dl.DistributedDataParallelEngine):
@@ -192,23 +245,25 @@ class StagedRunner(dl.SupervisedRunner):
             self._write_config(logdir, model, stages, loaders, criterion, engine, seed, config)
         first = 0
         if state is not None:
-            self.history, self.best = list(state["history"]), dict(state["run_best"])
+            run.history, run.best = list(state["history"]), dict(state["run_best"])
             first = state["stage_index"] + (1 if state["stage_finished"] else 0)
-            self.stage_start_epoch = state["epoch"] if state["stage_finished"] else state["stage_start_epoch"]
-            self._batch_offset, self._sample_offset = state["batch_step"], state["sample_step"]
+            run.stage_start_epoch = state["epoch"] if state["stage_finished"] else state["stage_start_epoch"]
+            run.batch_offset, run.sample_offset = state["batch_step"], state["sample_step"]
             self.epoch_step = state["epoch"]
         previous: Optional[Path] = logdir / "checkpoints" / stages[first - 1].name if first else None
         for index, stage in enumerate(stages):
             if index < first:
                 continue
-            self.stage, self.stage_index = stage, index
             self._resume_state = state if state is not None and index == state["stage_index"] else None
+            run.start_stage(stage, index, self._resume_state)
             if self._resume_state is not None:
-                model.load_state_dict(self._resume_state["model"])
+                self._load_state(model, self._resume_state["model"], logdir / "checkpoints" / "resume.pth")
             else:
                 self._load_init(model, stage, previous)
             stage_loaders = loaders(stage) if callable(loaders) else loaders
             self._check_loaders(stage, stage_loaders, valid_loader)
+            if not (config or {}).get("pipelines"):
+                self._record_pipelines(logdir, stage, stage_loaders)
             folder = logdir / "checkpoints" / stage.name
             self._run_stage(
                 model, stage, stage_loaders, criterion, metrics, callbacks, folder, engine, seed, verbose
@@ -216,7 +271,25 @@ class StagedRunner(dl.SupervisedRunner):
             previous = folder
             self._sync_from_disk(logdir)
         self._finish(model, logdir, test_loader, metrics, engine)
-        return self
+
+    @staticmethod
+    def _load_state(model: nn.Module, state: Dict[str, torch.Tensor], path: Path) -> None:
+        """Weights this run wrote (``path``), or one line saying they belong to another model."""
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ValueError(f"{path} holds weights of another model than {type(model).__name__} (architecture "
+                             f"or sizes changed since the run started): {' '.join(str(exc).split())[:200]}") from None
+
+    def _record_pipelines(self, logdir: Path, stage: Stage, loaders: Loaders) -> None:
+        """Add the stage's loaders' exact augmentation pipelines to config.json (albumentations' own format)."""
+        recorded = {key: spec for key, loader in loaders.items() if (spec := _pipeline_of(loader)) is not None}
+        if not recorded:
+            return
+        path = logdir / "config.json"
+        config = json.loads(path.read_text()) if path.is_file() else {}
+        config.setdefault("pipelines", {})[stage.name] = recorded
+        atomic_write_json(path, config)
 
     def _check_stages(self, model: nn.Module, stages: List[Stage]) -> None:
         if not stages:
@@ -253,11 +326,11 @@ class StagedRunner(dl.SupervisedRunner):
         Under DDP the stage ran in spawned processes whose runner state never comes back;
         reading what rank 0 wrote keeps the parent right (and is a no-op otherwise).
         """
-        state = load_checkpoint(logdir / "checkpoints" / "resume.pth")
-        self.history[:] = state["history"]
-        self.best = dict(state["run_best"])
-        self.epoch_step = self.stage_start_epoch = int(state["epoch"])
-        self._batch_offset, self._sample_offset = int(state["batch_step"]), int(state["sample_step"])
+        state, run = load_checkpoint(logdir / "checkpoints" / "resume.pth"), self.run_state
+        run.history[:] = state["history"]
+        run.best = dict(state["run_best"])
+        self.epoch_step = run.stage_start_epoch = int(state["epoch"])
+        run.batch_offset, run.sample_offset = int(state["batch_step"]), int(state["sample_step"])
 
     def _load_init(self, model: nn.Module, stage: Stage, previous: Optional[Path]) -> None:
         if stage.init == "current" and previous is None:
@@ -266,7 +339,7 @@ class StagedRunner(dl.SupervisedRunner):
             path = previous / f"{'last' if stage.init == 'current' else stage.init}.pth"
         else:
             path = Path(stage.init)
-        model.load_state_dict(state_dict_of(load_checkpoint(path), path))
+        self._load_state(model, state_dict_of(load_checkpoint(path), path), path)
 
     def _stage_callbacks(
         self,
@@ -278,38 +351,35 @@ class StagedRunner(dl.SupervisedRunner):
         scheduler: Any,
         verbose: bool,
     ) -> Dict[str, Callback]:
-        keys = dict(input_key=self._output_key, target_key=self._target_key)
-        resumed = self._resume_state
+        """The stage's callbacks by name, each at its own ``order`` (checked before the stage runs).
+
+        cvkit's run at 3-5 (channels_last, profile, freeze_bn), 11-12 (criterion, metrics), 29-32
+        (nan_guard, backward, gradient_guard), 41 (optimizer), 51-52 (scheduler, lr_monitor) and
+        101-120 (early_stopping, progress, history, checkpoint); Catalyst's default orders (0, 10,
+        20, ..., 100) stay free for the user's callbacks.
+        """
+        logdir = self.run_state.logdir
         guard = NaNGuardCallback(stage.on_nan, loss_key=self._loss_key)
-        monitor = stage.monitor or (self.valid_loader_key, self.valid_metric_key)
-        out: Dict[str, Callback] = {
-            "freeze_bn": FreezeBatchNormCallback(frozen_bn),
-            "criterion": self._criterion_callback(stage),
-            "nan_guard": guard,
-            "backward": GuardedBackwardCallback(metric_key=self._loss_key),
-            "gradient_guard": GradientGuardCallback(guard),
-            "optimizer": GuardedOptimizerCallback(metric_key=self._loss_key),
-            "lr_monitor": LRMonitorCallback(),
-            "checkpoint": StageCheckpointCallback(
-                folder, self.logdir / "checkpoints" / "resume.pth", stage.name,
-                self.valid_loader_key, self.valid_metric_key, self.minimize,
-                **(resumed["stage_best"] if resumed else {}),
-            ),
-            "history": HistoryCallback(self.logdir / "log.csv", stage.name, self.stage_index, self.history),
-        }
+        out: Dict[str, Callback] = {"freeze_bn": FreezeBatchNormCallback(frozen_bn)}
+        out["criterion"] = self._criterion_callback(stage)
         if metrics is not None:
-            out["metrics"] = MetricsCallback(metrics(), **keys)
+            out["metrics"] = MetricsCallback(metrics(), input_key=self._output_key, target_key=self._target_key)
+        out["nan_guard"] = guard
+        out["backward"] = GuardedBackwardCallback(metric_key=self._loss_key)
+        out["gradient_guard"] = GradientGuardCallback(guard)
+        out["optimizer"] = GuardedOptimizerCallback(metric_key=self._loss_key)
         if isinstance(scheduler, SmoothedLossPlateau):
             out["scheduler"] = BatchPlateauCallback(self._loss_key)
         elif scheduler is not None:
             plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-            out["scheduler"] = dl.SchedulerCallback(
+            monitor = self._monitor(stage)
+            out["scheduler"] = _at(dl.SchedulerCallback(
                 mode=stage.interval, **(dict(loader_key=monitor[0], metric_key=monitor[1]) if plateau else {})
-            )
+            ), CallbackOrder.Scheduler + 1)
+        out["lr_monitor"] = LRMonitorCallback()
         if stage.early_stopping:
             es = stage.early_stopping
             out["early_stopping"] = EarlyStopping(
-                resume_state=resumed["early_stopping"] if resumed else None,
                 patience=es["patience"],
                 loader_key=es.get("loader", self.valid_loader_key),
                 metric_key=es.get("metric", self.valid_metric_key),
@@ -317,28 +387,33 @@ class StagedRunner(dl.SupervisedRunner):
                 min_delta=es.get("min_delta", 1e-6),
             )
         if verbose:
-            out["progress"] = dl.TqdmCallback()
+            out["progress"] = _at(dl.TqdmCallback(), CallbackOrder.External + 2)
+        out["history"] = HistoryCallback(logdir / "log.csv")
+        out["checkpoint"] = StageCheckpointCallback(
+            folder, logdir / "checkpoints" / "resume.pth", self.valid_loader_key, self.valid_metric_key
+        )
         out.update(self._fast.callbacks(self._input_key))
-        if self._profile and self.stage_index == 0:
-            out["profile"] = ProfileCallback(self.logdir)
+        if self._profile and self.run_state.stage_index == 0:
+            out["profile"] = ProfileCallback(logdir)
         for i, callback in enumerate(extra(stage) if extra else ()):
             out[f"extra_{i}_{type(callback).__name__}"] = callback
         return out
 
+    def _monitor(self, stage: Stage) -> Tuple[str, str]:
+        """``(loader, metric)`` the stage's plateau scheduler watches: the train loss for
+        ``plateau_batch``, else ``stage.monitor`` or the run's valid metric."""
+        if stage.scheduler == "plateau_batch":
+            return "train", self._loss_key
+        return stage.monitor or (self.valid_loader_key, self.valid_metric_key)
+
     def _criterion_callback(self, stage: Stage) -> Callback:
         keys = dict(input_key=self._output_key, target_key=self._target_key, metric_key=self._loss_key)
         if stage.loss_range is None:
-            return dl.CriterionCallback(**keys)
+            return CriterionCallback(**keys)
         from cvkit.callbacks.loss_range import LossRangeCallback
 
         options = stage.loss_range if isinstance(stage.loss_range, Mapping) else {"band": tuple(stage.loss_range)}
-        return LossRangeCallback(**keys, logdir=self.logdir / "loss_range" / stage.name, **options)
-
-    def record_best(self, stage: str, path: Path, score: float, epoch: int) -> None:
-        """Called by the checkpoint callback on a stage's new best: keep the run's overall best."""
-        old = self.best.get("score")
-        if old is None or (score < old if self.minimize else score > old):
-            self.best = {"stage": stage, "epoch": epoch, "score": score, "path": str(path)}
+        return LossRangeCallback(**keys, logdir=self.run_state.logdir / "loss_range" / stage.name, **options)
 
     def _run_stage(
         self,
@@ -353,26 +428,31 @@ class StagedRunner(dl.SupervisedRunner):
         seed: int,
         verbose: bool,
     ) -> None:
+        run = self.run_state
         trainable = trainable_param_names(model, stage.trainable)
         frozen_bn = apply_trainable(model, trainable, stage.train_bn)
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         groups = param_groups(model, names, stage.lr, stage.weight_decay, stage.layer_decay)
         optimizer = stage.build_optimizer(groups)
         train_key = next(k for k in loaders if k.startswith("train"))
-        scheduler = stage.build_scheduler(optimizer, len(loaders[train_key]), self.minimize)
+        minimize = plateau_mode(self._monitor(stage)[1], self.minimize, self._loss_key) == "min"
+        scheduler = stage.build_scheduler(optimizer, len(loaders[train_key]), minimize)
         if self._resume_state is not None:
             optimizer.load_state_dict(self._resume_state["optimizer"])
             if scheduler is not None and self._resume_state["scheduler"] is not None:
                 scheduler.load_state_dict(self._resume_state["scheduler"])
         callbacks = self._stage_callbacks(stage, frozen_bn, metrics, extra, folder, scheduler, verbose)
+        check_callbacks(callbacks, (self._input_key, self._target_key, self._output_key), f"stage {stage.name!r}: ")
         if verbose:
             n_train, n_total = count_params(model)
             print(
-                f"[cvkit] stage {self.stage_index + 1} {stage.name!r}: {n_train:,}/{n_total:,} parameters trainable, "
+                f"[cvkit] stage {run.stage_index + 1} {stage.name!r}: {n_train:,}/{n_total:,} parameters trainable, "
                 f"{len(frozen_bn)} BatchNorm frozen, groups "
                 + ", ".join(sorted({f"{g['name']}={g['lr']:.2e}" for g in groups}))
             )
-        loggers: Dict[str, Any] = {"tensorboard": dl.TensorboardLogger(logdir=str(self.logdir / "tensorboard"))}
+        loggers: Dict[str, Any] = {
+            "tensorboard": StageTensorboardLogger(str(run.logdir / "tensorboard"), stage_suffix(run.stage_index))
+        }
         if verbose:
             loggers["console"] = dl.ConsoleLogger()
         with warnings.catch_warnings():
@@ -400,19 +480,17 @@ class StagedRunner(dl.SupervisedRunner):
                 verbose=False,
             )
 
-    def resume_payload(self) -> Dict[str, Any]:
+    def _resume_payload(self) -> Dict[str, Any]:
         """Everything needed to continue after the epoch that just ended (plain data only)."""
-        callbacks = self.callbacks
-        early = callbacks.get("early_stopping")
-        checkpoint = callbacks["checkpoint"]
+        run = self.run_state
         model = self.engine.unwrap_model(self.model)
         return {
             "format": "cvkit-resume-1",
-            "stage": self.stage.name,
+            "stage": run.stage_name,
             "metrics": {k: dict(v) for k, v in self.epoch_metrics.items()},
             "stages": [s.name for s in self._stages],
-            "stage_index": self.stage_index,
-            "stage_start_epoch": self.stage_start_epoch,
+            "stage_index": run.stage_index,
+            "stage_start_epoch": run.stage_start_epoch,
             "epoch": int(self.epoch_step),
             "stage_finished": bool(self.need_early_stop or self.epoch_step >= self.num_epochs),
             "batch_step": int(self.batch_step),
@@ -420,23 +498,55 @@ class StagedRunner(dl.SupervisedRunner):
             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "early_stopping": early.state_dict() if early is not None else None,
-            "stage_best": {"best_score": checkpoint.best_score, "best_epoch": checkpoint.best_epoch},
-            "run_best": dict(self.best),
-            "history": list(self.history),
+            "early_stopping": run.early_stopping,
+            "stage_best": {"best_score": run.stage_best_score, "best_epoch": run.stage_best_epoch},
+            "run_best": dict(run.best),
+            "history": list(run.history),
         }
 
     def _read_resume(self, logdir: Path, stages: List[Stage], resume: Union[bool, str, Path]) -> Optional[Dict[str, Any]]:
-        path = logdir / "checkpoints" / "resume.pth" if resume is True else Path(resume)
-        if not path.is_file():
-            raise FileNotFoundError(f"nothing to resume: {path} does not exist (no epoch of this run finished)")
-        state = load_checkpoint(path)
+        """The state to continue from: ``resume.pth``, else (deleted or cut off) the newest intact
+        ``checkpoints/<stage>/last.pth`` (the same payload); None when no epoch ever finished."""
+        if resume is True:
+            path = logdir / "checkpoints" / "resume.pth"
+            state = self._try_resume_file(path)
+            if state is None:
+                state = self._newest_last(logdir, stages)
+            if state is None:
+                if path.exists():
+                    raise CheckpointError(f"cannot resume {logdir}: {path} and every checkpoints/<stage>/last.pth "
+                                          "are missing or unreadable; start the run again in a new logdir")
+                warnings.warn(f"{logdir}: no epoch of this run finished; starting from the beginning", stacklevel=3)
+                return None
+        else:
+            path = Path(resume)
+            state = load_checkpoint(path)
         if state.get("format") != "cvkit-resume-1":
             raise ValueError(f"{path} is not a cvkit resume file (format {state.get('format')!r})")
         names = [s.name for s in stages]
         if state["stages"] != names:
             raise ValueError(f"{path} was written by a run with stages {state['stages']}, not {names}")
         return state
+
+    @staticmethod
+    def _try_resume_file(path: Path) -> Optional[Dict[str, Any]]:
+        if not path.is_file():
+            return None
+        try:
+            return load_checkpoint(path)
+        except CheckpointError as exc:
+            warnings.warn(f"{exc}; looking for the newest intact last.pth instead", stacklevel=4)
+            return None
+
+    def _newest_last(self, logdir: Path, stages: List[Stage]) -> Optional[Dict[str, Any]]:
+        """The latest-epoch resume payload among the stages' ``last.pth`` files, if any is intact."""
+        best: Optional[Dict[str, Any]] = None
+        for stage in stages:
+            state = self._try_resume_file(logdir / "checkpoints" / stage.name / "last.pth")
+            if state is not None and state.get("format") == "cvkit-resume-1" and (
+                    best is None or state["epoch"] > best["epoch"]):
+                best = state
+        return best
 
     def _write_config(
         self,
@@ -479,18 +589,19 @@ class StagedRunner(dl.SupervisedRunner):
     def _finish(
         self, model: nn.Module, logdir: Path, test_loader: Optional[DataLoader], metrics: Optional[MetricsFactory], engine: Engine
     ) -> None:
-        if not self.best:
+        run = self.run_state
+        if not run.best:
             raise RuntimeError(
                 f"no epoch produced a finite {self.valid_loader_key}/{self.valid_metric_key}; nothing to keep as best"
             )
-        best_path = Path(self.best["path"])
+        best_path = logdir / run.best["path"]
         checkpoint = load_checkpoint(best_path)
-        model.load_state_dict(state_dict_of(checkpoint, best_path))
+        self._load_state(model, state_dict_of(checkpoint, best_path), best_path)
         save_checkpoint(logdir / "best.pth", {
             "model": state_dict_of(checkpoint, best_path), "stage": checkpoint["stage"],
             "epoch": checkpoint["epoch"], "metrics": checkpoint["metrics"],
         })
-        result: Dict[str, Any] = {"best": dict(self.best), "valid": checkpoint["metrics"].get(self.valid_loader_key, {})}
+        result: Dict[str, Any] = {"best": dict(run.best), "valid": checkpoint["metrics"].get(self.valid_loader_key, {})}
         result["epochs"] = int(self.epoch_step)
         if test_loader is not None:
             result["test"] = evaluate(model, test_loader, self.criterion, metrics, engine, self._input_key, self._target_key)
@@ -498,7 +609,25 @@ class StagedRunner(dl.SupervisedRunner):
         atomic_write_json(logdir / "metrics.json", result)
         from cvkit.plots import plot_progress
 
-        plot_progress(self.history, logdir / "progress.png", self.valid_metric_key)
+        plot_progress(run.history, logdir / "progress.png", self.valid_metric_key)
+
+
+def _pipeline_of(loader: Any) -> Optional[Dict[str, Any]]:
+    """The serialised albumentations pipeline of a loader's dataset (looking through wrappers), or None."""
+    import albumentations as A
+
+    from cvkit.data.augment import transform_to_dict
+
+    dataset = getattr(loader, "dataset", None)
+    for _ in range(4):
+        transform = getattr(dataset, "transform", None)
+        if isinstance(transform, A.BaseCompose):
+            try:
+                return transform_to_dict(transform)
+            except (NotImplementedError, ValueError, TypeError):
+                return None
+        dataset = getattr(dataset, "dataset", None)
+    return None
 
 
 @torch.no_grad()

@@ -5,63 +5,67 @@ Optimizers and schedulers come from small registries users extend with a decorat
 """
 from __future__ import annotations
 
-import difflib
 import math
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
+from cvkit.registry import Registry, RegistryError
+
 LRSpec = Union[float, Dict[str, float]]
 
-_OPTIMIZERS: Dict[str, Callable[..., torch.optim.Optimizer]] = {}
-_SCHEDULERS: Dict[str, Callable[..., Any]] = {}
-_DEFAULT_INTERVAL: Dict[str, str] = {}
+OPTIMIZERS: Registry[Callable[..., torch.optim.Optimizer]] = Registry("optimizer")
+SCHEDULERS: Registry[Callable[..., Any]] = Registry("scheduler")
 
 
-def _unknown(kind: str, name: str, valid: List[str]) -> KeyError:
-    close = difflib.get_close_matches(name, valid, n=3)
-    hint = f"; did you mean {close}?" if close else ""
-    return KeyError(f"unknown {kind} {name!r}{hint} valid: {sorted(valid)}")
+def register_optimizer(
+    fn: Optional[Callable[..., torch.optim.Optimizer]] = None, *, name: str = "", override: bool = False
+) -> Any:
+    """Decorator: ``fn(param_groups, **kwargs) -> Optimizer`` becomes usable as ``Stage(optimizer=name)``.
+
+    ``name`` defaults to the function's name; a taken name raises
+    :class:`cvkit.registry.RegistryError` unless ``override=True``. Works bare or with arguments.
+    """
+
+    def wrap(factory: Callable[..., torch.optim.Optimizer]) -> Callable[..., torch.optim.Optimizer]:
+        return OPTIMIZERS.register(factory, name=name, override=override)
+
+    return wrap(fn) if fn is not None else wrap
 
 
-def register_optimizer(fn: Callable[..., torch.optim.Optimizer]) -> Callable[..., torch.optim.Optimizer]:
-    """Decorator: ``fn(param_groups, **kwargs) -> Optimizer`` becomes usable as ``Stage(optimizer=fn.__name__)``."""
-    _OPTIMIZERS[fn.__name__] = fn
-    return fn
-
-
-def register_scheduler(interval: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def register_scheduler(
+    interval: str, *, name: str = "", override: bool = False
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: ``fn(optimizer, stage, steps_per_epoch, **kwargs)`` becomes a scheduler kind.
 
-    ``interval`` ("epoch" or "batch") is the default stepping of that kind.
+    ``interval`` ("epoch" or "batch") is the default stepping of that kind, kept as the entry's
+    ``interval`` metadata. ``name`` defaults to the function's name; a taken name raises
+    :class:`cvkit.registry.RegistryError` unless ``override=True``.
     """
     if interval not in ("epoch", "batch"):
         raise ValueError(f"interval must be 'epoch' or 'batch', got {interval!r}")
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-        _SCHEDULERS[fn.__name__] = fn
-        _DEFAULT_INTERVAL[fn.__name__] = interval
-        return fn
+        return SCHEDULERS.register(fn, name=name, override=override, interval=interval)
 
     return wrap
 
 
-def list_optimizers() -> List[str]:
-    """Registered optimizer names."""
-    return sorted(_OPTIMIZERS)
+def list_optimizers(pattern: str = "*") -> List[str]:
+    """Registered optimizer names matching a shell-style ``pattern``."""
+    return OPTIMIZERS.list(pattern)
 
 
 def create_optimizer(name: str, groups: List[dict], **kwargs: Any) -> torch.optim.Optimizer:
     """A registered optimizer over parameter ``groups``; unknown names list the close ones."""
-    if name not in _OPTIMIZERS:
-        raise _unknown("optimizer", name, list(_OPTIMIZERS))
-    return _OPTIMIZERS[name](groups, **kwargs)
+    return OPTIMIZERS.get(name)(groups, **kwargs)
 
 
-def list_schedulers() -> List[str]:
-    """Registered scheduler names."""
-    return sorted(_SCHEDULERS)
+def list_schedulers(pattern: str = "*") -> List[str]:
+    """Registered scheduler names matching a shell-style ``pattern``."""
+    return SCHEDULERS.list(pattern)
 
 
 @register_optimizer
@@ -84,7 +88,11 @@ def adamw(groups: List[dict], **kwargs: Any) -> torch.optim.Optimizer:
 
 @register_scheduler("epoch")
 def plateau(optimizer: torch.optim.Optimizer, stage: "Stage", steps_per_epoch: int, minimize: bool = True, **kwargs: Any) -> Any:
-    """ReduceLROnPlateau on the stage's monitored metric (default: the run's valid metric)."""
+    """ReduceLROnPlateau on the stage's monitored metric (default: the run's valid metric).
+
+    ``minimize`` is the direction of that monitored metric (StagedRunner decides it with
+    :func:`cvkit.callbacks.plateau_mode`), not necessarily the run's; ``mode`` overrides it.
+    """
     kwargs.setdefault("mode", "min" if minimize else "max")
     return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, **kwargs)
 
@@ -178,12 +186,12 @@ class Stage:
                 raise ValueError(f"{where}: every learning rate must be a positive number, got lr={self.lr!r}")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             raise ValueError(f"{where}: layer_decay must be in (0, 1], got {self.layer_decay!r}")
-        if self.optimizer not in _OPTIMIZERS:
-            raise _unknown(f"optimizer in {where}", self.optimizer, list(_OPTIMIZERS))
-        if self.scheduler is not None and self.scheduler not in _SCHEDULERS:
-            raise _unknown(f"scheduler in {where}", self.scheduler, list(_SCHEDULERS))
+        if self.optimizer not in OPTIMIZERS:
+            raise RegistryError(f"{where}: {OPTIMIZERS.unknown(self.optimizer)}")
+        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
+            raise RegistryError(f"{where}: {SCHEDULERS.unknown(self.scheduler)}")
         if self.interval is None and self.scheduler is not None:
-            self.interval = _DEFAULT_INTERVAL[self.scheduler]
+            self.interval = SCHEDULERS.meta(self.scheduler)["interval"]
         if self.interval not in (None, "epoch", "batch"):
             raise ValueError(f"{where}: interval must be 'epoch' or 'batch', got {self.interval!r}")
         if self.scheduler == "plateau_batch" and self.interval != "batch":
@@ -199,6 +207,11 @@ class Stage:
                 raise KeyError(f"{where}: unknown early_stopping keys {sorted(unknown)}; valid: {sorted(_EARLY_STOPPING_KEYS)}")
             if "patience" not in self.early_stopping:
                 raise KeyError(f"{where}: early_stopping needs 'patience'")
+            self._check_early_stopping()
+        if not isinstance(self.init, str) or (self.init not in ("best", "last", "current")
+                                              and not Path(self.init).is_file()):
+            raise ValueError(f"{where}: init must be 'best', 'last', 'current' or an existing checkpoint file, "
+                             f"got {self.init!r}")
         if self.on_nan not in ("stop", "skip"):
             raise ValueError(f"{where}: on_nan must be 'stop' or 'skip', got {self.on_nan!r}")
         for key in ("batch_size", "image_size"):
@@ -224,14 +237,42 @@ class Stage:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"stage {self.name!r}: loss_range={self.loss_range!r}: {exc}") from None
 
+    def _check_early_stopping(self) -> None:
+        """Types and ranges of ``early_stopping`` now, not epochs later inside Catalyst."""
+        es, where = self.early_stopping, f"stage {self.name!r}: early_stopping"
+        patience = es["patience"]
+        if not isinstance(patience, int) or isinstance(patience, bool) or patience < 1:
+            raise ValueError(f"{where}.patience must be an integer >= 1 (epochs without improvement), got {patience!r}")
+        delta = es.get("min_delta", 0.0)
+        if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not delta >= 0:
+            raise ValueError(f"{where}.min_delta must be a number >= 0, got {delta!r}")
+        for key in ("metric", "loader"):
+            if key in es and not isinstance(es[key], str):
+                raise ValueError(f"{where}.{key} must be a name, got {es[key]!r}")
+        if "minimize" in es and not isinstance(es["minimize"], bool):
+            raise ValueError(f"{where}.minimize must be true or false, got {es['minimize']!r}")
+
     def _check_builds(self) -> None:
-        """Build the optimizer and scheduler once on a dummy parameter, so bad kwargs fail now."""
+        """Build the optimizer and scheduler on a dummy parameter and step them once, so bad
+        kwargs and values (a ``step_size`` of 0...) fail now, not once training has started."""
         dummy = [{"params": [torch.zeros(1, requires_grad=True)], "lr": 1e-3, "name": "check"}]
         try:
-            optimizer = _OPTIMIZERS[self.optimizer](dummy, **self.optimizer_kwargs)
-        except TypeError as exc:
-            raise TypeError(f"stage {self.name!r}: bad optimizer_kwargs {self.optimizer_kwargs} for {self.optimizer!r}: {exc}") from None
-        self.build_scheduler(optimizer, steps_per_epoch=1, minimize=True)
+            optimizer = OPTIMIZERS.get(self.optimizer)(dummy, **self.optimizer_kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"stage {self.name!r}: bad optimizer_kwargs {self.optimizer_kwargs} for "
+                             f"{self.optimizer!r}: {exc}") from None
+        scheduler = self.build_scheduler(optimizer, steps_per_epoch=2, minimize=True)
+        if scheduler is None:
+            return
+        try:
+            optimizer.step()
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                scheduler.step(1.0)
+            else:
+                scheduler.step()
+        except (ArithmeticError, TypeError, ValueError) as exc:
+            raise ValueError(f"stage {self.name!r}: scheduler {self.scheduler!r} with {self.scheduler_kwargs} "
+                             f"fails when stepped: {type(exc).__name__}: {exc}") from None
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain-data form for config.json."""
@@ -241,7 +282,7 @@ class Stage:
         """The stage's optimizer over ``groups`` (already carrying per-group ``lr``/``weight_decay``)."""
         if not groups:
             raise ValueError(f"stage {self.name!r} has no trainable parameters (trainable={self.trainable!r})")
-        return _OPTIMIZERS[self.optimizer](groups, **self.optimizer_kwargs)
+        return OPTIMIZERS.get(self.optimizer)(groups, **self.optimizer_kwargs)
 
     def build_scheduler(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int, minimize: bool) -> Optional[Any]:
         """The stage's scheduler, or None."""
@@ -251,9 +292,9 @@ class Stage:
         if self.scheduler in ("plateau", "plateau_batch"):
             kwargs["minimize"] = minimize
         try:
-            return _SCHEDULERS[self.scheduler](optimizer, self, steps_per_epoch, **kwargs)
-        except TypeError as exc:
-            raise TypeError(f"stage {self.name!r}: bad scheduler_kwargs for {self.scheduler!r}: {exc}") from exc
+            return SCHEDULERS.get(self.scheduler)(optimizer, self, steps_per_epoch, **kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"stage {self.name!r}: bad scheduler_kwargs for {self.scheduler!r}: {exc}") from None
 
 
 class SmoothedLossPlateau(torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -261,7 +302,7 @@ class SmoothedLossPlateau(torch.optim.lr_scheduler.ReduceLROnPlateau):
 
     The keypoints project cut the LR when the train loss stalled for 10-25% of an epoch;
     Catalyst steps plateau schedulers once per epoch only, so cvkit steps this one from
-    :class:`cvkit.callbacks.core.BatchPlateauCallback`. ``patience`` counts batches.
+    :class:`cvkit.callbacks.BatchPlateauCallback`. ``patience`` counts batches.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, smoothing: float = 0.9, **kwargs: Any) -> None:
@@ -282,6 +323,11 @@ class SmoothedLossPlateau(torch.optim.lr_scheduler.ReduceLROnPlateau):
 
 @register_scheduler("batch")
 def plateau_batch(optimizer: torch.optim.Optimizer, stage: "Stage", steps_per_epoch: int, minimize: bool = True, **kwargs: Any) -> Any:
-    """Plateau on the smoothed train loss, checked every batch; ``patience`` in batches."""
+    """Plateau on the smoothed train loss, checked every batch; ``patience`` in batches.
+
+    ``minimize`` is the direction of the train loss by :func:`cvkit.callbacks.plateau_mode`
+    (always down); ``mode`` in the kwargs overrides it.
+    """
     kwargs.setdefault("patience", max(1, steps_per_epoch // 5))
-    return SmoothedLossPlateau(optimizer, mode="min", **kwargs)
+    kwargs.setdefault("mode", "min" if minimize else "max")
+    return SmoothedLossPlateau(optimizer, **kwargs)

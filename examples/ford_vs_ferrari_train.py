@@ -11,7 +11,7 @@ Real data (``--data DIR``): class folders ``DIR/<class>/*.jpg`` (e.g. ``ferrari/
 split 64/16/20 stratified by class. Without ``--data`` a demo set in that layout is built from
 scikit-learn's digits (ten classes of tinted 32x32 digits under ``images/digit_k/``).
 Without ``--pretrained``, the demo's backbone starts from weights trained on a label-free pretext
-task over the digits (``cvkit.examples_support.demo_pretrained``), standing in for ImageNet weights.
+task over the digits (``cvkit.data.demo.demo_pretrained``), standing in for ImageNet weights.
 
     python examples/ford_vs_ferrari_train.py                     # demo, about a minute on 2 CPU cores
     python examples/ford_vs_ferrari_train.py --data ~/cars --arch efficientnet_b0 \\
@@ -23,13 +23,15 @@ import albumentations as A
 import torch
 from torch.utils.data import DataLoader
 
+from _common import common_args, starting_weights
 from cvkit.data import ClassificationDataset, compose, create_preset, split_train_valid
 from cvkit.data.demo import build_classification
-from cvkit.examples_support import common_args, main_blocks, starting_weights, train_valid_loaders
+from cvkit.data.loaders import make_loader
 from cvkit.io import atomic_write_json
 from cvkit.losses import create_criterion
 from cvkit.metrics import ClassificationMetrics
 from cvkit.models import create_model
+from cvkit.models.groups import main_blocks
 from cvkit.runners import StagedRunner, evaluate
 from cvkit.stages import Stage
 
@@ -66,7 +68,8 @@ def main(argv=None) -> dict:
     def loaders(stage: Stage) -> dict:
         train = ClassificationDataset(train_rows, transform=train_transform(stage.image_size), **data)
         valid = ClassificationDataset(valid_rows, transform=create_preset("resize", stage.image_size), **data)
-        return train_valid_loaders(train, valid, stage.batch_size, args.workers, args.seed)
+        return {"train": make_loader(train, stage.batch_size, train=True, workers=args.workers, seed=args.seed),
+                "valid": make_loader(valid, stage.batch_size * 2, train=False, workers=args.workers)}
 
     torch.manual_seed(args.seed)  # the same seed gives the same initial weights
     model = create_model(args.arch, len(names), pretrained=starting_weights(args), head="bn_dropout", head_dropout=0.5)

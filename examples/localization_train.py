@@ -10,7 +10,7 @@ same columns if the test set is labelled: then it is also evaluated). Prediction
 in pixels of the original image) go to ``LOGDIR/predictions.csv``. Without ``--data`` a demo set
 in that layout is built from scikit-learn's digits (one digit pasted on a 96x96 canvas).
 Without ``--pretrained``, the demo's backbone starts from weights trained on a label-free pretext
-task over the digits (``cvkit.examples_support.demo_pretrained``), standing in for ImageNet weights.
+task over the digits (``cvkit.data.demo.demo_pretrained``), standing in for ImageNet weights.
 
     python examples/localization_train.py                  # demo, about two minutes on 2 CPU cores
     python examples/localization_train.py --data ~/pets --arch resnet34 --pretrained weights/resnet34.pth
@@ -18,19 +18,25 @@ task over the digits (``cvkit.examples_support.demo_pretrained``), standing in f
 from __future__ import annotations
 
 import albumentations as A
+import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
+from _common import common_args, predict_device, starting_weights
+from cvkit.callbacks.criterion import SetCriterionAttribute
 from cvkit.data import BoxDataset, FastAffine, compose, create_preset, split_train_valid
 from cvkit.data.demo import build_boxes
-from cvkit.examples_support import (ClassBoxCriterion, ClassBoxTargets, SetCriterionAttribute, UnlabelledImages,
-                                    common_args, image_sizes, main_blocks, predict, starting_weights,
-                                    train_valid_loaders, write_table)
+from cvkit.data.loaders import make_loader
+from cvkit.inference.predict import predict
+from cvkit.io import atomic_write_bytes
+from cvkit.losses import ClassBoxCriterion
 from cvkit.metrics import BoxMetrics
-from cvkit.models import ClassBoxModel, split_output
+from cvkit.models import ClassBoxModel
+from cvkit.models.groups import main_blocks
 from cvkit.runners import StagedRunner
 from cvkit.stages import Stage
+from cvkit.tasks import ClassBoxTargets
 
 BOX_COLS = ["x1", "y1", "x2", "y2"]
 BOX_WEIGHT = {"v1": 75.0, "v2": 100.0}
@@ -64,7 +70,8 @@ def main(argv=None) -> dict:
     def loaders(stage: Stage) -> dict:
         train = ClassBoxTargets(BoxDataset(train_rows, transform=train_transform(args.image_size), **boxes))
         valid = ClassBoxTargets(BoxDataset(valid_rows, transform=plain, **boxes))
-        return train_valid_loaders(train, valid, args.batch_size, args.workers, args.seed)
+        return {"train": make_loader(train, args.batch_size, train=True, workers=args.workers, seed=args.seed),
+                "valid": make_loader(valid, args.batch_size * 2, train=False, workers=args.workers)}
 
     torch.manual_seed(args.seed)  # the same seed gives the same initial weights
     model = ClassBoxModel(args.arch, len(classes), pretrained=starting_weights(args), dropout=0.2)
@@ -85,17 +92,15 @@ def main(argv=None) -> dict:
         config={"example": "localization", "arch": args.arch, "data": str(root), "classes": names,
                 "box_weight": BOX_WEIGHT, "args": vars(args)},
     )
-    images = UnlabelledImages(test_table, root=root, transform=plain)
-    out, index = predict(model, DataLoader(images, 64, num_workers=args.workers))
-    logits, box = split_output(out, len(classes))
-    probs = logits.softmax(dim=1)
-    sizes = torch.tensor(image_sizes(images.path(i) for i in index), dtype=torch.float32).repeat(1, 2)
-    pixels = (box * sizes).numpy().round(1)
-    frame = pd.DataFrame({"path": images.frame["path"].iloc[index].to_numpy(),
-                          "label": [names[k] for k in probs.argmax(dim=1).tolist()],
-                          "probability": probs.max(dim=1).values.numpy().round(4),
+    predictions = predict(model, [root / path for path in test_table["path"]], "class_box", classes=names,
+                          transform=plain, image_size=args.image_size, batch_size=64, workers=args.workers,
+                          device=predict_device(args))
+    decoded = [p.decode("class_box", names) for p in predictions]  # boxes in pixels of the original images
+    pixels = np.array([d["box"] for d in decoded]).round(1)
+    frame = pd.DataFrame({"path": test_table["path"].to_numpy(), "label": [names[d["label"]] for d in decoded],
+                          "probability": [round(float(d["probs"].max()), 4) for d in decoded],
                           **{col: pixels[:, k] for k, col in enumerate(BOX_COLS)}})
-    write_table(frame, args.logdir / "predictions.csv")
+    atomic_write_bytes(args.logdir / "predictions.csv", frame.to_csv(index=False).encode())
     result = runner.final_metrics
     if "test" in result:
         test_m = result["test"]

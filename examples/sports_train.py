@@ -6,12 +6,14 @@ step schedule (LR x 0.8 every 2 epochs). ``--weights`` starts from an earlier ru
 (``path,label,probability``); ``--export-dir DIR`` also copies every test image into
 ``DIR/<predicted class>/`` for a quick look at what the model confuses.
 
+The run is ``CONFIG`` with the command line's choices, built and trained by
+:mod:`cvkit.experiment` like ``cvkit train``: ``examples/configs/sports_train.yaml`` is its twin.
+
 Real data (``--data DIR``, Kaggle's "100 Sports Image Classification" layout): class folders
 ``DIR/train/<class>/*.jpg``, ``DIR/valid/<class>/*.jpg`` and ``DIR/test/<class>/*.jpg``.
-Without ``--data`` a demo set is built from scikit-learn's digits (ten classes of 32x32 JPEGs,
-``train.csv``/``test.csv`` with ``path,label``; valid is a stratified fifth of train).
-Without ``--pretrained``, the demo's backbone starts from weights trained on a label-free pretext
-task over the digits (``cvkit.examples_support.demo_pretrained``), standing in for ImageNet weights.
+Without ``--data`` a demo set is built from scikit-learn's digits (a stratified fifth of train
+is valid), and without ``--pretrained`` the backbone starts from weights trained on a label-free
+pretext task over the digits (``cvkit.data.demo.demo_pretrained``), standing in for ImageNet weights.
 
     python examples/sports_train.py                                  # demo, under a minute on 2 CPU cores
     python examples/sports_train.py --data ~/sports --arch efficientnet_b0 --pretrained weights/efficientnet_b0.pth \\
@@ -19,80 +21,78 @@ task over the digits (``cvkit.examples_support.demo_pretrained``), standing in f
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pandas as pd
-import torch
-from torch.utils.data import DataLoader
 
-from cvkit.data import ClassificationDataset, create_preset, split_train_valid
-from cvkit.data.demo import build_classification
-from cvkit.examples_support import (common_args, export_by_class, load_weights, predict, starting_weights,
-                                    train_valid_loaders, write_table)
-from cvkit.losses import create_criterion
-from cvkit.metrics import ClassificationMetrics
-from cvkit.models import create_model
-from cvkit.runners import StagedRunner
-from cvkit.stages import Stage
+from _common import common_args, predict_device, starting_weights
+from cvkit.config import load_config
+from cvkit.experiment import build_datasets, run, with_transform
+from cvkit.inference.export import export_by_class
+from cvkit.inference.predict import load_run, predict
+from cvkit.io import atomic_write_bytes
+
+CONFIG = {
+    "name": "sports",
+    "task": "classification",
+    "data": {"kind": "demo", "per_class": 100},
+    "model": {"name": "classifier", "arch": "test_convnext",
+              "pretrained": "runs/demo_data/pretrained/test_convnext-digits-rotation.safetensors"},
+    "augmentation": {"preset": "light", "size": 32},
+    "criterion": {"name": "cross_entropy"},
+    "valid_metric": "f1_macro",
+    "seed": 42,
+    "stages": [
+        {"name": "head", "epochs": 1, "trainable": "head", "lr": {"head": 0.01}, "optimizer": "adamw",
+         "batch_size": 32},
+        {"name": "all", "epochs": 20, "trainable": "all", "lr": {"head": 0.05, "backbone": 0.02}, "optimizer": "sgd",
+         "optimizer_kwargs": {"nesterov": True}, "weight_decay": 0.0005, "scheduler": "step",
+         "scheduler_kwargs": {"step_size": 2, "gamma": 0.8}, "batch_size": 32},
+    ],
+}
 
 
 def parse_args(argv=None):
-    p = common_args(__doc__, "sports", arch="test_convnext", epochs=20, batch_size=32)
+    model, last = CONFIG["model"], CONFIG["stages"][-1]
+    p = common_args(__doc__, CONFIG["name"], model["arch"], last["epochs"], last["batch_size"])
     p.add_argument("--weights", type=Path, help="start from this checkpoint (an earlier run's best.pth)")
-    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=CONFIG["augmentation"]["size"])
     p.add_argument("--export-dir", type=Path, help="copy each test image into EXPORT_DIR/<predicted class>/")
     return p.parse_args(argv)
 
 
-def datasets(args, train_tf, plain):
-    """(train, valid, test) ClassificationDatasets sharing one class map."""
+def experiment(args) -> dict:
+    """``CONFIG`` with the command line's choices (the defaults give ``CONFIG`` itself)."""
+    config = copy.deepcopy(CONFIG)
+    config.update(logdir=str(args.logdir), seed=args.seed, engine=args.device, workers=args.workers,
+                  weights=str(args.weights) if args.weights else None)
     if args.data is not None:
-        train = ClassificationDataset.from_folders(args.data / "train", transform=train_tf)
-        valid = ClassificationDataset.from_folders(args.data / "valid", class_map=train.class_map, transform=plain)
-        test = ClassificationDataset.from_folders(args.data / "test", class_map=train.class_map, transform=plain)
-    else:
-        root = build_classification(args.logdir.parent / "demo_data" / "classification", seed=0, per_class=100)
-        train_rows, valid_rows = split_train_valid(root / "train.csv", 0.2, "label", seed=args.seed)
-        classes = root / "encode_classes.json"
-        train = ClassificationDataset(train_rows, root=root, class_map=classes, transform=train_tf)
-        valid = ClassificationDataset(valid_rows, root=root, class_map=classes, transform=plain)
-        test = ClassificationDataset(root / "test.csv", class_map=classes, transform=plain)
-    if args.limit:
-        train = train.subset(range(0, len(train), max(1, len(train) // args.limit))[: args.limit])
-        test = test.subset(range(0, len(test), max(1, len(test) // args.limit))[: args.limit])
-    return train, valid, test
+        config["data"] = {"kind": "folders", **{split: str(args.data / split) for split in ("train", "valid", "test")}}
+    config["data"].update({"limit": args.limit} if args.limit else {})
+    weights = starting_weights(args)
+    config["model"].update(arch=args.arch, pretrained=str(weights) if weights else None)
+    config["augmentation"]["size"] = args.image_size
+    for stage in config["stages"]:
+        stage["batch_size"] = args.batch_size
+    config["stages"][-1]["epochs"] = args.epochs
+    return config
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    plain = create_preset("resize", args.image_size)
-    train, valid, test = datasets(args, create_preset("light", args.image_size), plain)
-    names = sorted(train.class_map, key=train.class_map.get)
-    torch.manual_seed(args.seed)  # the same seed gives the same initial weights
-    model = create_model(args.arch, num_classes=len(names), pretrained=starting_weights(args))
-    load_weights(model, args.weights)
-    stages = [
-        Stage("head", epochs=1, trainable="head", lr={"head": 1e-2}, optimizer="adamw"),
-        Stage("all", epochs=args.epochs, trainable="all", lr={"head": 0.05, "backbone": 0.02}, optimizer="sgd",
-              optimizer_kwargs=dict(nesterov=True), weight_decay=5e-4,
-              scheduler="step", scheduler_kwargs=dict(step_size=2, gamma=0.8)),
-    ]
-    runner = StagedRunner().fit(
-        model, stages, train_valid_loaders(train, valid, args.batch_size, args.workers, args.seed),
-        create_criterion("cross_entropy"), args.logdir, metrics=lambda: [ClassificationMetrics(len(names))],
-        valid_metric="f1_macro", minimize_valid_metric=False, engine=args.device, seed=args.seed,
-        verbose=not args.quiet, test_loader=DataLoader(test, 128),
-        config={"example": "sports", "arch": args.arch, "data": str(args.data or "demo"), "classes": names,
-                "weights": str(args.weights), "args": vars(args)},
-    )
-    probs, index = predict(model, DataLoader(test, 128, num_workers=args.workers))
-    probs = probs.softmax(dim=1)
-    labels = [names[k] for k in probs.argmax(dim=1).tolist()]
-    write_table(pd.DataFrame({"path": [str(test.frame.at[i, "path"]) for i in index], "label": labels,
-                              "probability": probs.max(dim=1).values.numpy().round(4)}), args.logdir / "submission.csv")
+    result = run(load_config(experiment(args)), verbose=not args.quiet)  # checked and resolved as `cvkit train` does
+    trained = load_run(args.logdir)  # the run's model with its best weights, and its class names
+    test = with_transform(build_datasets(trained.config)["test"], trained.transform())
+    predictions = predict(trained.model, test, "classification", batch_size=128, workers=args.workers,
+                          device=predict_device(args))
+    decoded = [p.decode("classification", trained.classes) for p in predictions]
+    labels = [trained.classes[d["label"]] for d in decoded]
+    frame = pd.DataFrame({"path": [str(test.frame["path"].iloc[p.index]) for p in predictions], "label": labels,
+                          "probability": [round(float(d["probs"].max()), 4) for d in decoded]})
+    atomic_write_bytes(args.logdir / "submission.csv", frame.to_csv(index=False).encode())
     if args.export_dir:
-        export_by_class([test.path(i) for i in index], labels, args.export_dir)
-    result = runner.final_metrics
+        export_by_class([test.path(p.index) for p in predictions], labels, args.export_dir)
     print(f"test macro F1 {result['test']['f1_macro']:.4f}  accuracy {result['test']['accuracy']:.4f}  "
           f"(best: stage {result['best']['stage']!r}, epoch {result['best']['epoch']}; "
           f"submission in {args.logdir / 'submission.csv'})")

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+if str(EXAMPLES) not in sys.path:  # examples import their shared options as `from _common import ...`
+    sys.path.insert(0, str(EXAMPLES))
 
 
 def load(name: str) -> ModuleType:

@@ -155,3 +155,85 @@ def test_config_with_wrong_types_names_the_key(change, pattern):
             "stages": [{"name": "s", "epochs": 1}]}
     with pytest.raises(ConfigError, match=pattern):
         resolve({**base, **change})
+
+
+# --- the `cvkit` command: every bad experiment value is one line on stderr, exit code 2 -----------
+
+TINY_EXPERIMENT = {
+    "name": "tiny", "task": "classification", "engine": "cpu",
+    "data": {"kind": "demo", "per_class": 4}, "model": {"name": "classifier", "arch": "test_resnet"},
+    "augmentation": {"preset": "resize", "size": 32}, "stages": [{"name": "a", "epochs": 1, "batch_size": 8}],
+}
+
+
+@pytest.mark.parametrize("overrides, culprit", [
+    (["stages.0.epochs=[1"], "not valid YAML"),
+    (["seed=-1"], "seed: expected an integer >= 0"),
+    (["data.limit=-5"], "data.limit: expected an integer >= 1"),
+    (["data.limit=0"], "data.limit: expected an integer >= 1"),
+    (["augmentation.size=0"], "augmentation.size: expected an integer >= 1"),
+    (["augmentation.normalize=[1, 2]"], "augmentation.normalize: expected"),
+    (["model.num_classes=ten"], "model.num_classes: expected an integer >= 1, got 'ten'"),
+    (["model.checkpoint_path=a.pth"], "model.checkpoint_path: cvkit loads weights itself"),
+    (["engine=gpu"] if not torch.cuda.is_available() else ["engine=tpu"], "engine: "),
+    (["data.valid_fraction=1.5"], "data.valid_fraction: expected a number between 0 and 1"),
+    (["task=regresion"], "unknown task 'regresion'"),
+], ids=lambda v: v[0] if isinstance(v, list) else None)
+def test_bad_experiment_values_are_one_line_naming_the_key(tmp_path, capsys, overrides, culprit):
+    import yaml
+
+    from cvkit.cli import main
+
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({**TINY_EXPERIMENT, "logdir": str(tmp_path / "run")}))
+    args = ["train", str(path)]
+    for item in overrides:
+        args += ["--set", item]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and culprit in err, err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_predict_refuses_a_missing_checkpoint_and_a_cuda_device_without_gpu(tmp_path, capsys):
+    from cvkit.cli import main
+
+    (tmp_path / "imgs").mkdir()
+    good_jpeg(tmp_path / "imgs" / "a.jpg")
+    config = tmp_path / "run" / "config.json"
+    config.parent.mkdir()
+    config.write_text('{"task": "classification", "data": {"kind": "demo"}, "model": {"arch": "test_resnet", '
+                      '"num_classes": 2}, "stages": [{"name": "a", "epochs": 1}]}')
+    assert main(["predict", "--checkpoint", str(tmp_path / "run"), "--config", str(config),
+                 "--images", str(tmp_path / "imgs")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "best.pth" in err and "not found" in err
+    assert main(["predict", "--checkpoint", str(tmp_path / "run"), "--config", str(config),
+                 "--images", str(tmp_path / "imgs"), "--image-size", "-3"]) == 2
+    assert "--image-size must be a positive number" in capsys.readouterr().err
+    (tmp_path / "run" / "best.pth").write_bytes(b"PK\x03\x04 cut off")
+    assert main(["predict", "--checkpoint", str(tmp_path / "run"), "--config", str(config),
+                 "--images", str(tmp_path / "imgs")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "best.pth" in err
+
+
+def test_report_on_a_metrics_file_that_is_not_a_mapping(tmp_path, capsys):
+    from cvkit.cli import main
+
+    (tmp_path / "metrics.json").write_text("[1, 2]")
+    (tmp_path / "config.json").write_text("{}")
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "r.md")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "metrics.json" in err and "mapping" in err
+
+
+@pytest.mark.parametrize("stage, culprit", [
+    ({"scheduler": {"name": "step", "step_size": 0}}, "scheduler 'step' with {'step_size': 0} fails when stepped"),
+    ({"early_stopping": {"patience": "x"}}, "early_stopping.patience must be an integer >= 1"),
+    ({"early_stopping": {"patience": 2, "min_delta": -1}}, "early_stopping.min_delta must be a number >= 0"),
+    ({"optimizer": {"name": "sgd", "momentum": -1}}, "bad optimizer_kwargs"),
+])
+def test_bad_stage_options_fail_before_the_first_batch(stage, culprit):
+    with pytest.raises(ConfigError, match=r"stages\[0\]: .*" + culprit.replace("(", r"\(").replace("{", r"\{")):
+        resolve({**TINY_EXPERIMENT, "stages": [{"name": "a", "epochs": 1, **stage}]})

@@ -13,10 +13,9 @@ import pytest
 import torch
 import yaml
 
-import cvkit.commands  # noqa: F401  (registers the commands for build_parser)
 from cvkit.cli import build_parser, main
 from cvkit.data.rle import rle_decode
-from cvkit.inference.predict import _rows
+from cvkit.tasks import get_task
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "configs" / "classification_demo.yaml"
 FAST = ["--set", "data.per_class=20", "--set", "data.limit=40", "--set", "stages.0.epochs=1",
@@ -84,7 +83,9 @@ def test_predict_writes_one_row_per_image(run_dir, tmp_path, capsys):
 def test_segmentation_rows_are_rle_that_decodes_to_the_mask():
     torch.manual_seed(0)
     probs = torch.rand(2, 4, 6)
-    rows = _rows("segmentation", "a.png", probs, [], False, 4, 6, 0.5)
+    task = get_task("segmentation")
+    rows = task.rows("a.png", task.decode(probs, 4, 6, []), [], threshold=0.5)
+    assert [list(r) for r in rows] == [["ImageId", "EncodedPixels", "ClassId"]] * 2
     assert [(r["ImageId"], r["ClassId"]) for r in rows] == [("a.png", 1), ("a.png", 2)]
     for row, p in zip(rows, probs):
         assert np.array_equal(rle_decode(row["EncodedPixels"], (4, 6)), (p > 0.5).numpy().astype(np.uint8))

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from cvkit.config import ConfigError, load_config, resolve, stages_from
-from cvkit.registry import get_version, list_versions, register_version
+from cvkit.versions import VERSIONS, get_version, list_versions, register_version
 
 BASE = {
     "task": "classification",
@@ -77,5 +77,8 @@ def test_users_register_their_own_versions():
     first = get_version("optimizer", "my_sgd_v2")
     first["momentum"] = 0.0
     assert get_version("optimizer", "my_sgd_v2")["momentum"] == 0.5, "versions must be copies"
-    with pytest.warns(UserWarning, match="registered again"):
+    with pytest.raises(KeyError, match="already registered"):
         register_version("optimizer", "my_sgd_v2")(lambda: {"name": "adam"})
+    register_version("optimizer", "my_sgd_v2", override=True)(lambda: {"name": "adam"})
+    assert get_version("optimizer", "my_sgd_v2") == {"name": "adam"}
+    VERSIONS["optimizer"].unregister("my_sgd_v2")

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from cvkit.data.check import SKIPPED_ROWS_FILE, check_dataset, prepare_for_training
-from cvkit.data.datasets import BoxDataset, KeypointDataset, SegmentationDataset
+from cvkit.data.datasets import BoxDataset, ClassificationDataset, KeypointDataset, SegmentationDataset
 from cvkit.data.io import DatasetCheckError
 
 
@@ -83,3 +83,65 @@ def test_keypoint_count_and_mask_size_rows(tmp_path):
     report = check_dataset(seg)
     assert [(p.row, p.code) for p in report.problems] == [(1, "mask_size"), (2, "mask_missing_file")]
     assert "mask" in report.problems[0].message and "is 24x8, expected the image size 24x16" in report.problems[0].message
+
+
+def test_a_corrupt_jpeg_with_an_intact_end_marker_is_reported(tmp_path, capfd):
+    from test_data_formats import corrupt_jpeg, textured_jpeg
+
+    for i in range(6):
+        (tmp_path / f"ok{i}.jpg").write_bytes(textured_jpeg(seed=i))
+    (tmp_path / "bad.jpg").write_bytes(corrupt_jpeg(textured_jpeg(seed=3)))
+    _write(tmp_path / "ok.png")
+    names = ["ok0.jpg", "ok1.jpg", "bad.jpg", "ok2.jpg", "ok.png", "ok3.jpg", "ok4.jpg", "ok5.jpg"]
+    dataset = ClassificationDataset(pd.DataFrame({"path": names, "label": ["a", "b"] * 4}), root=tmp_path)
+    capfd.readouterr()
+    report = check_dataset(dataset, workers=4)
+    assert [(p.row, p.code) for p in report.problems] == [(2, "corrupt_data")]
+    assert "table row 2 (bad.jpg)" in report.problems[0].message
+    assert "libjpeg reports 'Corrupt JPEG data" in report.problems[0].message
+    assert "Corrupt JPEG" not in capfd.readouterr().err
+    with pytest.raises(DatasetCheckError, match="corrupt_data: 1"):
+        prepare_for_training(dataset)
+
+
+def _keypoint_table(tmp_path, xs, ys):
+    for i in range(len(xs)):
+        _write(tmp_path / f"{i}.png", seed=i)
+    return pd.DataFrame({"path": [f"{i}.png" for i in range(len(xs))], "x1": xs, "y1": ys,
+                         "x2": [np.nan] * len(xs), "y2": [np.nan] * len(xs)})
+
+
+def test_keypoints_missing_in_every_row_are_refused_up_front(tmp_path):
+    frame = _keypoint_table(tmp_path, [np.nan, np.nan, ""], [np.nan, np.nan, ""])
+    dataset = KeypointDataset(frame, ["x1", "y1", "x2", "y2"], root=tmp_path)
+    report = check_dataset(dataset)
+    assert [(p.index, p.code) for p in report.problems] == [(-1, "no_keypoints")]
+    assert report.problems[0].message == ("table: all 2 keypoints are missing (empty/NaN) in every one of the 3 rows; "
+                                          "expected labelled points in columns x1, y1, x2, y2")
+    assert report.bad_indices == [] and not report.ok
+    for skip in (False, True):  # dropping rows cannot fix it
+        with pytest.raises(DatasetCheckError, match="whole dataset") as info:
+            prepare_for_training(dataset, logdir=tmp_path / "logs", skip_errors=skip)
+        assert "no_keypoints: 1" in str(info.value)
+    frame.loc[1, ["x1", "y1"]] = ["3", "4"]
+    assert check_dataset(KeypointDataset(frame, ["x1", "y1", "x2", "y2"], root=tmp_path)).ok
+
+
+def test_a_text_cell_in_a_keypoint_column_is_a_bad_row_not_a_missing_point(tmp_path):
+    frame = _keypoint_table(tmp_path, [1.0, "12,5", 3.0], [2.0, 4.0, 5.0])  # a decimal comma
+    report = check_dataset(KeypointDataset(frame, ["x1", "y1", "x2", "y2"], root=tmp_path))
+    assert [(p.row, p.code) for p in report.problems] == [(1, "bad_keypoints")]
+    assert "table row 1 (1.png): column 'x1' = '12,5' is not a number" in report.problems[0].message
+
+
+def test_skipping_cannot_leave_an_empty_dataset(tmp_path):
+    dataset = ClassificationDataset(pd.DataFrame({"path": ["gone1.png", "gone2.png"], "label": ["a", "b"]}),
+                                    root=tmp_path)
+    with pytest.raises(DatasetCheckError, match="leave nothing to train on"):
+        prepare_for_training(dataset, logdir=tmp_path / "logs", skip_errors=True)
+    empty = ClassificationDataset(pd.DataFrame({"path": [], "label": []}), root=tmp_path, class_map={"a": 0})
+    report = check_dataset(empty)
+    assert [(p.code, p.message) for p in report.problems] == [
+        ("no_rows", "table: no rows; expected at least one image to train on")]
+    with pytest.raises(DatasetCheckError, match="no_rows"):
+        prepare_for_training(empty, skip_errors=True)

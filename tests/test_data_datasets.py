@@ -159,7 +159,7 @@ def test_preset_saves_and_loads_with_albumentations_serialisation(tmp_path, suff
 
 
 def test_unknown_preset_suggests_close_names():
-    with pytest.raises(KeyError, match="did you mean medium"):
+    with pytest.raises(KeyError, match="did you mean .medium."):
         augment.create_preset("meduim", 32)
 
 

@@ -1,6 +1,9 @@
 """Image reading conversions, RLE and box-format round trips, class maps."""
 from __future__ import annotations
 
+import io
+import os
+
 import cv2
 import numpy as np
 import pytest
@@ -9,13 +12,16 @@ from cvkit.data.boxes import BOX_FORMATS, box_problem, convert_boxes, from_xyxy,
 from cvkit.data.io import (
     DataError,
     ImageReadError,
+    NativeStderr,
+    decoder_warning,
+    jpeg_corruption,
     load_class_map,
     read_image,
     read_image_info,
     read_mask,
     save_class_map,
 )
-from cvkit.data.rle import masks_from_rle, masks_to_rle_frame, rle_decode, rle_encode
+from cvkit.data.rle import masks_from_rle, masks_to_rle_frame, rle_decode, rle_encode, rle_table_problems
 
 
 def test_read_image_converts_gray_rgba_and_16bit_predictably(tmp_path):
@@ -113,3 +119,117 @@ def test_class_map_round_trip_and_gaps(tmp_path):
     (tmp_path / "bad.json").write_text('{"a": 0, "b": 2}')
     with pytest.raises(DataError, match="bad.json: indices \\[0, 2\\] are not 0..1"):
         load_class_map(tmp_path / "bad.json")
+
+
+def test_rle_numbers_too_large_are_a_one_line_error_naming_the_row():
+    for rle in ("1 " + "1" + "0" * 24, "1" + "0" * 24 + " 3"):  # used to raise OverflowError
+        with pytest.raises(DataError) as info:
+            rle_decode(rle, (4, 4), where="train.csv row 7")
+        assert str(info.value).startswith("train.csv row 7: EncodedPixels holds 1000") and "\n" not in str(info.value)
+    # within int64 but start + length would wrap around: still "outside", not a wrapped slice
+    with pytest.raises(DataError, match="row 2: a run lies outside a 4x4 image"):
+        rle_decode(f"3 {2**63 - 2}", (4, 4), where="row 2")
+    with pytest.raises(DataError, match="x.csv: ClassId 'x' is not an integer; expected 1..2"):
+        masks_from_rle([("x", "1 1")], (3, 3), 2, where="x.csv")
+    assert masks_from_rle([("2", "1 1"), (1.0, "2 1")], (3, 3), 2)[..., 1][0, 0] == 1
+
+
+def test_rle_table_problems_lists_every_bad_row():
+    problems = rle_table_problems(["1", "x", 2, 3, "1.5", 1], ["1 2", "1 1", "1 " + "9" * 30, "1 1", "1 1", "5 1 2 1"], 2)
+    assert problems == [
+        "row 1: ClassId 'x' is not an integer; expected 1..2",
+        f"row 2: EncodedPixels holds {'9' * 30} (30 digits), too large for a pixel index; expected start/length "
+        "pairs within the image",
+        "row 3: ClassId 3 outside 1..2",
+        "row 4: ClassId '1.5' is not an integer; expected 1..2",
+        "row 5: runs are not sorted or overlap; expected increasing starts",
+    ]
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"a": 0, "c": 2}', r"bad.json: indices \[0, 2\] are not 0..1 without gaps \(index 1 is missing\)"),
+    ('{"a": 0, "b": 0, "c": 1}', r"bad.json: index 0 is used by 2 labels \['a', 'b'\]; expected each of 0..2 exactly once"),
+    ('{"a": 0, "b": true}', r"bad.json: index of 'b' is True; expected integer indices"),
+    ('["a", "b"]', r"bad.json: holds a JSON list; expected an object"),
+])
+def test_class_map_files_with_gaps_or_repeats_are_one_line_errors(tmp_path, content, message):
+    (tmp_path / "bad.json").write_text(content)
+    with pytest.raises(DataError, match=message) as info:
+        load_class_map(tmp_path / "bad.json")
+    assert "\n" not in str(info.value)
+
+
+def _gif(frames) -> bytes:
+    from PIL import Image
+
+    images = [Image.fromarray(frame) for frame in frames]
+    out = io.BytesIO()
+    images[0].save(out, format="GIF", save_all=True, append_images=images[1:])
+    return out.getvalue()
+
+
+def test_gif_reads_its_first_frame_with_or_without_opencv_gif_support(tmp_path, monkeypatch):
+    first = np.zeros((6, 8, 3), np.uint8)
+    first[..., 0], first[..., 1], first[..., 2] = 200, 40, 10  # red-ish: catches an RGB/BGR swap
+    second = np.full((6, 8, 3), 90, np.uint8)
+    (tmp_path / "a.gif").write_bytes(_gif([first, second]))
+    native = read_image(tmp_path / "a.gif")
+    real_imdecode = cv2.imdecode
+
+    def no_gif(data, flags):  # OpenCV before 4.11 has no GIF decoder
+        return None if bytes(data[:4]) == b"GIF8" else real_imdecode(data, flags)
+
+    monkeypatch.setattr(cv2, "imdecode", no_gif)
+    fallback = read_image(tmp_path / "a.gif")
+    assert fallback.shape == (6, 8, 3) and fallback.dtype == np.uint8
+    assert fallback[0, 0].tolist() == [200, 40, 10] and np.array_equal(fallback, native)
+    info = read_image_info(tmp_path / "a.gif")
+    assert (info["width"], info["height"], info["channels"]) == (8, 6, 3)
+    data = (tmp_path / "a.gif").read_bytes()
+    (tmp_path / "cut.gif").write_bytes(data[: len(data) - 20])
+    with pytest.raises(ImageReadError, match="cut.gif: GIF is truncated") as info:
+        read_image(tmp_path / "cut.gif")
+    assert info.value.code == "truncated"
+
+
+def corrupt_jpeg(good: bytes) -> bytes:
+    """``good`` with 8 bytes in the middle of its entropy-coded data inverted; the FFD9 end stays."""
+    data = bytearray(good)
+    sos = data.find(b"\xff\xda")
+    start = sos + 2 + int.from_bytes(data[sos + 2 : sos + 4], "big")
+    middle = (start + len(data) - 2) // 2
+    for i in range(middle, middle + 8):
+        data[i] ^= 0xFF
+    assert bytes(data[-2:]) == b"\xff\xd9"
+    return bytes(data)
+
+
+def textured_jpeg(seed: int = 0, shape=(48, 64)) -> bytes:
+    rng = np.random.default_rng(seed)
+    image = cv2.GaussianBlur(rng.integers(0, 256, (*shape, 3), dtype=np.uint8), (5, 5), 0)
+    return cv2.imencode(".jpg", image)[1].tobytes()
+
+
+def test_decoder_warning_catches_a_corrupt_jpeg_that_decodes_silently(tmp_path, capfd):
+    good = textured_jpeg()
+    (tmp_path / "good.jpg").write_bytes(good)
+    (tmp_path / "bad.jpg").write_bytes(corrupt_jpeg(good))
+    damaged = read_image(tmp_path / "bad.jpg")  # no error: that is the problem
+    assert np.abs(damaged.astype(int) - read_image(tmp_path / "good.jpg")).mean() > 2
+    capfd.readouterr()
+    assert decoder_warning(tmp_path / "good.jpg") is None
+    assert decoder_warning(tmp_path / "bad.jpg").startswith("Corrupt JPEG data")
+    cv2.imwrite(str(tmp_path / "p.png"), np.zeros((4, 4, 3), np.uint8))
+    assert decoder_warning(tmp_path / "p.png") is None
+    assert "Corrupt JPEG" not in capfd.readouterr().err, "the message was captured, not printed"
+
+
+def test_native_stderr_capture_gives_back_what_is_not_libjpeg(capfd):
+    with NativeStderr() as captured:
+        os.write(2, b"libpng warning: iCCP: known incorrect sRGB profile\n")
+        os.write(2, b"Corrupt JPEG data: 3 extraneous bytes before marker 0xd9\n")
+        assert captured.size() > 0
+    assert capfd.readouterr().err == ""
+    captured.replay()
+    assert capfd.readouterr().err == "libpng warning: iCCP: known incorrect sRGB profile\n"
+    assert jpeg_corruption(captured.text) == "Corrupt JPEG data: 3 extraneous bytes before marker 0xd9"

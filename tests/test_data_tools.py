@@ -10,7 +10,7 @@ import pytest
 
 from cvkit import cli
 from cvkit.data import demo
-from cvkit.data.io import read_image
+from cvkit.data.io import DataError, read_image
 from cvkit.data.tools import add_folds, eda, inventory, mean_std, split_train_valid
 
 
@@ -129,7 +129,44 @@ def test_cli_accepts_registered_commands():
     try:
         assert cli.main(["test-echo", "--n", "4"]) == 0 and calls == [4]
         assert "test-echo" in cli.build_parser().format_help()
-        with pytest.raises(ValueError, match="already registered"):
+        with pytest.raises(KeyError, match="already registered"):
             cli.register_command("check", "again", args)(lambda a: 0)
     finally:
-        cli._COMMANDS.pop("test-echo")
+        cli.COMMANDS.unregister("test-echo")
+
+
+def _one_line_error(kind, match, fn, *args, **kwargs):
+    with pytest.raises(kind, match=match) as info:
+        fn(*args, **kwargs)
+    assert "\n" not in str(info.value) and "sklearn" not in str(info.value)
+    return str(info.value)
+
+
+def test_tables_too_small_to_split_say_how_many_rows_they_need(tmp_path):
+    pd.DataFrame({"path": [], "label": []}).to_csv(tmp_path / "header.csv", index=False)
+    _one_line_error(DataError, r"header.csv: 0 rows give no valid row at valid_fraction=0.2; needs at least 3 rows "
+                    r"per 'label' value", split_train_valid, tmp_path / "header.csv")
+    two = pd.DataFrame({"path": ["a.png", "b.png"], "label": ["x", "y"]})
+    _one_line_error(DataError, r"table: 2 rows give no valid row at valid_fraction=0.2; needs at least 3 rows per "
+                    r"'label' value \(largest has 1\)", split_train_valid, two)
+    _one_line_error(DataError, "needs at least 3 rows$", split_train_valid, two.iloc[:1], label_col=None)
+    train, valid = split_train_valid(two, 0.5, label_col=None)
+    assert (len(train), len(valid)) == (1, 1)
+    # a class of one stays in train even at a large fraction (it used to go to valid entirely)
+    train, valid = split_train_valid(pd.DataFrame({"path": list("abcde"), "label": list("xxxxy")}), 0.6)
+    assert "y" in set(train.label) and len(valid) == 2
+    for fraction in (-0.1, 0, 1, 1.5, float("nan")):
+        _one_line_error(ValueError, "expected a fraction between 0 and 1", split_train_valid, two, fraction)
+
+
+def test_folds_need_enough_rows_groups_and_labels():
+    frame = pd.DataFrame({"path": [f"{i}.png" for i in range(4)], "label": list("aabb"), "patient": [1, 1, 2, 3]})
+    for n_folds in (0, 1, -3, 2.5, True):
+        _one_line_error(ValueError, "expected an integer of at least 2", add_folds, frame, n_folds)
+    _one_line_error(DataError, r"table: 4 rows; 5 folds need at least 5 rows \(one per fold\)", add_folds, frame, 5)
+    _one_line_error(DataError, r"table: 3 distinct 'patient' values; 4 folds need at least 4 groups", add_folds,
+                    frame, 4, group_col="patient")
+    _one_line_error(DataError, r"stratified 3 folds need at least 3 rows per 'label' value for some value; the "
+                    r"largest has 2", add_folds, frame, 3, label_col="label")
+    _one_line_error(DataError, "table: 0 rows; 2 folds need at least 2 rows", add_folds, frame.iloc[:0], 2)
+    assert sorted(add_folds(frame, 2, label_col="label").fold) == [0, 0, 1, 1]

@@ -5,7 +5,7 @@ import pandas as pd
 import torch
 
 from cvkit.data import demo
-from cvkit.examples_support import demo_pretrained
+from cvkit.data.demo import demo_pretrained
 from cvkit.models import KeypointModel, create_model
 
 

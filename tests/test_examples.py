@@ -3,10 +3,16 @@
 Each test checks something a broken example would get wrong: test metrics that a re-evaluation
 of best.pth reproduces, one prediction row per test image in the competition's format, RLE that
 decodes back to the predicted mask, BatchNorm statistics that a frozen-BN stage must not move.
+The library pieces the examples use (export by class, flip pairs from names, main blocks, a
+criterion attribute set per stage) are checked here too, and every example stays a short script.
 """
 from __future__ import annotations
 
+import io
 import json
+import subprocess
+import sys
+import tokenize
 from pathlib import Path
 
 import numpy as np
@@ -37,10 +43,11 @@ def best_weights(logdir: Path) -> dict:
 @pytest.mark.slow
 def test_localization_test_metrics_reproduce_and_predictions_are_pixels(tmp_path):
     from cvkit.data import BoxDataset, create_preset
-    from cvkit.examples_support import ClassBoxCriterion, ClassBoxTargets
+    from cvkit.losses import ClassBoxCriterion
     from cvkit.metrics import BoxMetrics
     from cvkit.models import ClassBoxModel
     from cvkit.runners import evaluate
+    from cvkit.tasks import ClassBoxTargets
 
     logdir = tmp_path / "run"
     result = run("localization_train", logdir, "--head-epochs", "1", "--image-size", "32")
@@ -82,43 +89,46 @@ def test_facial_keypoints_reports_plain_and_tta_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_steel_submission_rle_decodes_to_the_predicted_masks(tmp_path):
-    from cvkit.data import SegmentationDataset, create_preset
+def test_steel_submission_is_the_tasks_rle_of_the_flip_tta_masks_at_original_size(tmp_path):
+    import torch.nn.functional as F
+
+    from cvkit.data import create_preset
     from cvkit.data.io import read_image
     from cvkit.data.rle import rle_decode
-    from cvkit.examples_support import resize_probabilities
     from cvkit.inference.tta import tta_predict
     from cvkit.models import create_segmentation_model
 
     logdir = tmp_path / "run"
-    run("steel_segmentation_train", logdir, "--head-epochs", "1", "--image-size", "32", "--limit", "12",
-        "--overlays", "--threshold", "0.4")
-    root = tmp_path / "demo_data" / "segmentation"
+    result = run("steel_segmentation_train", logdir, "--head-epochs", "1", "--image-size", "32", "--limit", "12",
+                 "--overlays", "--threshold", "0.4")
+    assert set(result) >= {"test", "test_flip_tta"}
+    root = tmp_path / "demo_data" / "segmentation_25_per_class"
+    paths = [root / p for p in pd.read_csv(root / "test.csv")["path"].head(12)]  # data.limit keeps the first 12
+    names = [p.name for p in paths]
     submission = pd.read_csv(logdir / "submission.csv", keep_default_na=False)
-    test = SegmentationDataset.from_rle(root / "test_rle.csv", root / "images", 4, transform=create_preset("resize", 32))
-    test = test.subset(np.arange(12))
-    names = [test.path(i).name for i in range(len(test))]
-    assert submission["ImageId_ClassId"].tolist() == [f"{n}_{c}" for n in names for c in (1, 2, 3, 4)]
-    assert sorted(p.name for p in (logdir / "overlays").iterdir()) == sorted(names)
+    assert list(submission.columns) == ["ImageId", "EncodedPixels", "ClassId"]  # the layout Severstal scores
+    assert list(zip(submission["ImageId"], submission["ClassId"])) == [(n, c) for n in names for c in (1, 2, 3, 4)]
+    assert sorted(p.name for p in (logdir / "overlays").iterdir()) == sorted(f"{p.stem}.png" for p in paths)
 
     model = create_segmentation_model("tu-test_resnet", 4)
     model.load_state_dict(best_weights(logdir))
     model.eval()
-    for i in (0, len(test) - 1):
+    rows = submission.set_index(["ImageId", "ClassId"])["EncodedPixels"]
+    for path in (paths[0], paths[-1]):
+        image = read_image(path)
+        x = create_preset("resize", 32)(image=image)["image"]
         with torch.no_grad():
-            probs = tta_predict(model, test[i]["features"][None], ["identity", "hflip"], target="mask")[0]
-        image = read_image(test.path(i))
-        expected = (resize_probabilities(probs, *image.shape[:2]) > 0.4).numpy()
-        rows = submission.set_index("ImageId_ClassId")["EncodedPixels"]
+            probs = tta_predict(model, x[None], ["identity", "hflip"], target="mask")
+        expected = (F.interpolate(probs, size=image.shape[:2], mode="bilinear", align_corners=False)[0] > 0.4).numpy()
+        assert expected.any() or not any(rows[(path.name, c)] for c in (1, 2, 3, 4))
         for c in range(4):
-            decoded = rle_decode(rows[f"{names[i]}_{c + 1}"], image.shape[:2])
-            np.testing.assert_array_equal(decoded, expected[c])
+            np.testing.assert_array_equal(rle_decode(rows[(path.name, c + 1)], image.shape[:2]), expected[c])
 
 
 @pytest.mark.slow
 def test_sports_submission_export_and_start_weights(tmp_path):
-    from cvkit.examples_support import load_weights
     from cvkit.models import create_model
+    from cvkit.models.weights import load_weights
 
     logdir, export = tmp_path / "run", tmp_path / "by_class"
     start = tmp_path / "start.pth"
@@ -164,27 +174,15 @@ def test_ford_vs_ferrari_keeps_backbone_bn_frozen_and_resizes_per_stage(tmp_path
 
 
 def test_flip_pairs_from_names():
-    from cvkit.examples_support import flip_pairs_from_names
+    from cvkit.inference.tta import flip_pairs_from_names
 
     names = ["left_eye_center", "right_eye_center", "nose_tip", "mouth_right_corner", "mouth_left_corner"]
     assert flip_pairs_from_names(names) == [(0, 1), (3, 4)]
     assert flip_pairs_from_names(["centre", "top"]) == []
 
 
-def test_severstal_rows_one_per_class_with_empty_runs():
-    from cvkit.data.rle import rle_decode
-    from cvkit.examples_support import severstal_rows
-
-    mask = np.zeros((2, 3, 4), np.uint8)
-    mask[1, 0:2, 1] = 1  # column 1, rows 0-1: pixels 4 and 5 in column-major 1-based order
-    rows = severstal_rows("a.jpg", mask)
-    assert rows == [{"ImageId_ClassId": "a.jpg_1", "EncodedPixels": ""},
-                    {"ImageId_ClassId": "a.jpg_2", "EncodedPixels": "4 2"}]
-    np.testing.assert_array_equal(rle_decode(rows[1]["EncodedPixels"], (3, 4)), mask[1])
-
-
 def test_export_by_class_keeps_repeated_names_apart(tmp_path):
-    from cvkit.examples_support import export_by_class
+    from cvkit.inference.export import export_by_class
 
     for folder in ("a", "b"):
         (tmp_path / "src" / folder).mkdir(parents=True)
@@ -196,10 +194,38 @@ def test_export_by_class_keeps_repeated_names_apart(tmp_path):
         ["x/a_1.jpg", "x/b_1.jpg", "y/2.jpg"]
 
 
+def test_export_by_class_refuses_class_names_that_lead_outside_the_folder(tmp_path):
+    from cvkit.inference.export import export_by_class
+
+    image = tmp_path / "a.jpg"
+    image.write_bytes(b"x")
+    out = tmp_path / "out" / "by_class"
+    for bad in ("../../x", str(tmp_path / "abs"), "", ".."):
+        with pytest.raises(ValueError, match="class name") as caught:
+            export_by_class([image, image], ["ok", bad], out)
+        assert "\n" not in str(caught.value)
+        assert not (tmp_path / "out").exists()  # refused before anything was copied
+    assert not (tmp_path / "x").exists() and not (tmp_path / "abs").exists()
+    with pytest.raises(ValueError, match="one label per image"):
+        export_by_class([image], [], out)
+
+
+def test_main_blocks_are_the_stages_in_order():
+    from cvkit.models import ClassBoxModel, create_model
+    from cvkit.models.groups import main_blocks
+
+    assert main_blocks(create_model("test_resnet", 3)) == ["layer1", "layer2", "layer3", "layer4"]
+    assert main_blocks(ClassBoxModel("test_resnet", 3))[-2] == "backbone.layer3"
+    with pytest.raises(ValueError, match="no layerN / blocks.N / stages.N"):
+        main_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
 def test_class_box_targets_and_criterion_weight_set_per_stage():
     from types import SimpleNamespace
 
-    from cvkit.examples_support import ClassBoxCriterion, ClassBoxTargets, SetCriterionAttribute
+    from cvkit.callbacks.criterion import SetCriterionAttribute
+    from cvkit.losses import ClassBoxCriterion
+    from cvkit.tasks import ClassBoxTargets
 
     items = [{"features": torch.zeros(3, 4, 4), "targets": torch.tensor(2), "boxes": torch.tensor([0.1, 0.2, 0.3, 0.4]),
               "box_visible": torch.tensor(v), "index": i} for i, v in enumerate((1.0, 0.0))]
@@ -216,3 +242,47 @@ def test_class_box_targets_and_criterion_weight_set_per_stage():
     assert box_part.item() > 0
     with pytest.raises(AttributeError, match="no attribute 'gamma'"):
         SetCriterionAttribute("gamma", 1.0).on_experiment_start(runner)
+
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*_train.py"))
+
+
+def code_lines(path: Path) -> int:
+    """Lines that are not blank and not only a comment (docstring lines count)."""
+    comment_only = {t.start[0] for t in tokenize.generate_tokens(io.StringIO(path.read_text()).readline)
+                    if t.type == tokenize.COMMENT and not t.line[: t.start[1]].strip()}
+    return sum(1 for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip() and n not in comment_only)
+
+
+def test_examples_are_found():
+    assert len(EXAMPLES) >= 6, EXAMPLES
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+def test_every_example_is_a_short_script_of_choices(example):
+    assert code_lines(example) <= 100, f"{example.name}: {code_lines(example)} non-blank, non-comment lines"
+    assert "examples_support" not in example.read_text()
+
+
+def test_code_lines_counts_docstrings_but_not_comments(tmp_path):
+    script = tmp_path / "x.py"
+    script.write_text('"""Doc\n\nmore doc\n"""\n# a comment\nx = 1  # trailing\n\n    # indented comment\ny = "#"\n')
+    assert code_lines(script) == 5  # three docstring lines, x and y
+
+
+@pytest.mark.slow
+def test_an_example_runs_as_a_script_from_the_repo_root():
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "examples/sports_train.py", "--help"], cwd=root, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--export-dir" in done.stdout and "--limit" in done.stdout  # its own option and a shared one (_common)
+
+
+def test_write_png_round_trips_rgb(tmp_path):
+    from cvkit.data.io import read_image
+    from cvkit.plots import write_png
+
+    rgb = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    write_png(tmp_path / "sub" / "x.png", rgb)
+    np.testing.assert_array_equal(read_image(tmp_path / "sub" / "x.png"), rgb)  # channel order kept, lossless

@@ -10,9 +10,9 @@ import pytest
 import torch
 import yaml
 
-from cvkit.config import ConfigError, load_config
+from cvkit.config import ConfigError, load_config, stages_from
 from cvkit.data.io import DatasetCheckError
-from cvkit.experiment import build, complete, load_experiment, run
+from cvkit.experiment import build, complete, load_experiment, pipelines, run, train_transform
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "configs"
 
@@ -52,11 +52,42 @@ def test_config_json_reloads_to_the_completed_experiment(trained):
     logdir = Path(config["logdir"])
     expected = build(load_experiment(path)).config
     assert expected["model"] == {"name": "classifier", "arch": "test_resnet", "num_classes": 10}
-    assert load_experiment(logdir / "config.json") == expected
+    reloaded = load_experiment(logdir / "config.json")
+    assert reloaded.pop("pipelines") == pipelines(expected, stages_from(expected))
+    assert reloaded == expected
     assert json.loads((logdir / "metrics.json").read_text()) == json.loads(json.dumps(result))
     assert {"best", "valid", "test", "epochs"} <= set(result) and result["epochs"] == 2
     assert {"accuracy", "f1_macro", "loss"} <= set(result["valid"]) and math.isfinite(result["test"]["loss"])
     assert json.loads((logdir / "classes.json").read_text()) == [f"digit_{k}" for k in range(10)]
+
+
+def test_a_run_folder_rebuilds_its_recorded_pipeline(trained):
+    """config.json holds each stage's exact pipelines; a rerun from it uses them, not the preset."""
+    _, config, _ = trained
+    path = Path(config["logdir"]) / "config.json"
+    saved = json.loads(path.read_text())
+    flip = saved["pipelines"]["head"]["train"]["transform"]["transforms"][1]
+    assert flip["__class_fullname__"] == "HorizontalFlip"
+    flip["p"] = 0.123
+    path.write_text(json.dumps(saved))
+    reloaded = load_experiment(path)
+    assert train_transform(reloaded, 32, "head").transforms[1].p == 0.123
+    assert train_transform(load_experiment(path, ["augmentation.preset=light"]), 32, "head").transforms[1].p == 0.5
+
+
+def test_model_initialisation_follows_the_seed(trained):
+    _, config, _ = trained
+    first, second = build(config).model.state_dict(), build(config).model.state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    other = build({**config, "seed": 7}).model.state_dict()
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_num_classes_that_contradicts_the_data_is_refused(demo_root, tmp_path):
+    config = load_config(tiny(demo_root, tmp_path / "run", model={"name": "classifier", "arch": "test_resnet",
+                                                                  "num_classes": 3}))
+    with pytest.raises(ConfigError, match="model.num_classes: 3 does not match the data, which has 10"):
+        build(config)
 
 
 def test_weights_start_from_another_runs_best(trained):
@@ -69,10 +100,10 @@ def test_weights_start_from_another_runs_best(trained):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"data": {"kind": "dmeo"}}, "data.kind: unknown data kind 'dmeo'; did you mean 'demo'"),
+    ({"data": {"kind": "dmeo"}}, "data.kind: 'dmeo' is not a data kind of task 'classification'; did you mean 'demo'"),
     ({"data": {"kind": "demo", "per_clas": 5}}, "unknown key 'per_clas'; did you mean 'per_class'"),
     ({"augmentation": {"preset": "light", "sise": 32}}, "augmentation: unknown key 'sise'; did you mean 'size'"),
-    ({"data": {"kind": "stl10"}, "task": "keypoints"}, "task 'keypoints' needs kind 'csv' or 'demo'"),
+    ({"data": {"kind": "stl10"}, "task": "keypoints"}, r"'stl10' is not a data kind of task 'keypoints'.* valid: \['csv', 'demo'\]"),
 ])
 def test_typos_inside_data_and_augmentation_name_the_key(tmp_path, change, message):
     with pytest.raises(ConfigError, match=message):
@@ -124,3 +155,23 @@ def test_named_versions_expand():
     assert config["model"] == {"name": "class_box", "arch": "resnet34", "dropout": 0.2}
     assert config["augmentation"] == {"preset": "light", "size": 224}
     assert config["criterion"] == {"name": "class_box", "box_weight": 5.0}
+
+
+def test_resume_refuses_a_changed_experiment_and_leaves_a_finished_run_alone(trained, tmp_path):
+    path, config, result = trained
+    logdir = Path(config["logdir"])
+    best = (logdir / "best.pth").stat().st_mtime_ns
+    assert run(config, resume=True, verbose=False) == json.loads((logdir / "metrics.json").read_text())
+    assert (logdir / "best.pth").stat().st_mtime_ns == best, "resuming a finished run must change nothing"
+    changed = load_experiment(path, ["stages.1.lr=0.5", "seed=7"])
+    with pytest.raises(ConfigError, match=r"resume: .*differs .* in \['seed', 'stages.1.lr'\]"):
+        run(changed, resume=True, verbose=False)
+
+
+def test_a_copied_run_folder_continues_where_it_is(trained, tmp_path):
+    import shutil
+
+    _, config, _ = trained
+    copy = tmp_path / "copied_run"
+    shutil.copytree(config["logdir"], copy)
+    assert load_experiment(copy / "config.json")["logdir"] == str(copy)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from cvkit.callbacks.loss_range import LossRangeCallback, rank_masks
+from cvkit.callbacks.state import RunState
 from conftest import tiny_loaders
 
 
@@ -38,7 +39,7 @@ class Engine:
 
 def stub_runner(criterion: nn.Module, epoch: int = 1, stage_start_epoch: int = 0) -> SimpleNamespace:
     return SimpleNamespace(
-        criterion=criterion, engine=Engine(), epoch_step=epoch, stage_start_epoch=stage_start_epoch,
+        criterion=criterion, engine=Engine(), epoch_step=epoch, run_state=RunState(stage_start_epoch=stage_start_epoch),
         is_train_loader=True, is_valid_loader=False, is_infer_loader=False,
         batch={}, batch_size=0, batch_metrics={}, loader_metrics={},
     )

@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_loaders
 from torch import nn
 
-from cvkit.callbacks.core import NonFiniteLossError
+from cvkit.callbacks import NonFiniteLossError
 from cvkit.io import load_checkpoint
 from cvkit.models import create_model
 from cvkit.runners import StagedRunner

@@ -31,13 +31,23 @@ def uninterrupted(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kill_at,sigint", [(5, False), (11, False), (8, True)],
-                         ids=["sigkill-mid-stage-a", "sigkill-mid-stage-b", "ctrl-c-mid-stage-b"])
-def test_interrupt_then_resume_equals_uninterrupted(tmp_path, uninterrupted, kill_at, sigint):
+@pytest.mark.parametrize("kill_at,sigint,damage", [(5, False, None), (11, False, None), (8, True, None),
+                                                  (11, False, "delete"), (11, False, "truncate")],
+                         ids=["sigkill-mid-stage-a", "sigkill-mid-stage-b", "ctrl-c-mid-stage-b",
+                              "resume.pth-deleted", "resume.pth-truncated"])
+def test_interrupt_then_resume_equals_uninterrupted(tmp_path, uninterrupted, kill_at, sigint, damage):
     # 3 train batches per epoch: batch 5 is inside epoch 2 (stage a), 8 and 11 inside stage b.
     code = run(tmp_path / "killed", kill_at, sigint=sigint)
     assert code != 0 and (sigint or code == -signal.SIGKILL)
-    assert (tmp_path / "killed" / "checkpoints" / "resume.pth").is_file()
+    resume_file = tmp_path / "killed" / "checkpoints" / "resume.pth"
+    assert resume_file.is_file()
+    assert (tmp_path / "killed" / ".cvkit.lock").is_file() or sigint, "a SIGKILL leaves its lock behind"
+    if damage == "delete":
+        resume_file.unlink()
+    elif damage == "truncate":
+        data = resume_file.read_bytes()
+        resume_file.unlink()  # a hard link to last.pth: write a new, cut-off file instead of cutting both
+        resume_file.write_bytes(data[: len(data) // 2])
     assert run(tmp_path / "killed", 0, resume=True) == 0
     full = load_checkpoint(uninterrupted / "best.pth")
     resumed = load_checkpoint(tmp_path / "killed" / "best.pth")
@@ -51,13 +61,75 @@ def test_interrupt_then_resume_equals_uninterrupted(tmp_path, uninterrupted, kil
     assert all(torch.equal(last_full[k], last_resumed[k]) for k in last_full)
 
 
-def test_resume_without_state_is_a_clear_error(tmp_path):
+def test_resume_before_any_epoch_finished_starts_from_the_beginning(tmp_path):
     from conftest import tiny_loaders
 
     from cvkit.models import create_model
     from cvkit.runners import StagedRunner
     from cvkit.stages import Stage
 
-    with pytest.raises(FileNotFoundError, match="nothing to resume.*resume.pth"):
+    (tmp_path / "log.csv").write_text("stage,epoch\n")  # killed between the first log row and resume.pth
+    with pytest.warns(UserWarning, match="no epoch of this run finished; starting from the beginning"):
         StagedRunner().fit(create_model("test_resnet", 3), [Stage("a", 1)], tiny_loaders(),
                            torch.nn.CrossEntropyLoss(), tmp_path, verbose=False, resume=True)
+    assert (tmp_path / "metrics.json").is_file()
+
+
+def test_a_cut_off_resume_file_without_last_checkpoints_is_one_clear_error(tmp_path):
+    from conftest import tiny_loaders
+
+    from cvkit.io import CheckpointError
+    from cvkit.models import create_model
+    from cvkit.runners import StagedRunner
+    from cvkit.stages import Stage
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "resume.pth").write_bytes(b"PK\x03\x04cut")
+    with pytest.raises(CheckpointError, match="cannot resume .*last.pth are missing or unreadable"):
+        StagedRunner().fit(create_model("test_resnet", 3), [Stage("a", 1)], tiny_loaders(),
+                           torch.nn.CrossEntropyLoss(), tmp_path, verbose=False, resume=True)
+
+
+def test_resume_with_another_architecture_is_one_line(tmp_path):
+    from conftest import tiny_loaders
+
+    from cvkit.models import create_model
+    from cvkit.runners import StagedRunner
+    from cvkit.stages import Stage
+
+    stages = [Stage("a", 2, lr=0.01)]
+    StagedRunner().fit(create_model("test_resnet", 3), stages, tiny_loaders(), torch.nn.CrossEntropyLoss(),
+                       tmp_path, verbose=False)
+    (tmp_path / "metrics.json").unlink()
+    with pytest.raises(ValueError, match="holds weights of another model than EfficientNet"):
+        StagedRunner().fit(create_model("test_efficientnet", 3), stages, tiny_loaders(),
+                           torch.nn.CrossEntropyLoss(), tmp_path, verbose=False, resume=True)
+
+
+def test_two_runs_on_one_logdir_refuse_and_a_stale_lock_is_taken_over(tmp_path):
+    import json
+    import socket
+
+    from conftest import tiny_loaders
+
+    from cvkit.lock import LOCK_NAME, RunLockedError
+    from cvkit.models import create_model
+    from cvkit.runners import StagedRunner
+    from cvkit.stages import Stage
+
+    def fit():
+        StagedRunner().fit(create_model("test_resnet", 3), [Stage("a", 1)], tiny_loaders(),
+                           torch.nn.CrossEntropyLoss(), tmp_path, verbose=False)
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": live.pid, "host": socket.gethostname()}))
+        with pytest.raises(RunLockedError, match=f"being written by another run \\(pid {live.pid}"):
+            fit()
+        assert not (tmp_path / "config.json").exists()
+    finally:
+        live.kill()
+        live.wait()
+    with pytest.warns(UserWarning, match="taking over a stale lock"):
+        fit()
+    assert (tmp_path / "metrics.json").is_file() and not (tmp_path / LOCK_NAME).exists()

@@ -71,3 +71,34 @@ def test_example_runs_repeats_with_its_seed_and_best_pth_reproduces_its_test_met
     again = evaluate(model, test, torch.nn.CrossEntropyLoss(), lambda: [ClassificationMetrics(10)])
     assert again["accuracy"] == pytest.approx(metrics["test"]["accuracy"])
     assert again["loss"] == pytest.approx(metrics["test"]["loss"], rel=1e-5)
+
+
+def _old_read_images(path):
+    """The reader before memory-mapping: whole file, then a transposed copy."""
+    raw = np.fromfile(path, dtype=np.uint8).reshape(-1, 3, 96, 96)
+    return np.ascontiguousarray(raw.transpose(0, 3, 2, 1))
+
+
+def test_images_are_memory_mapped_and_identical_to_a_full_read(tmp_path):
+    import pickle
+
+    from cvkit.data.datasets import STL10Dataset
+
+    root = stl10.build_demo(tmp_path, seed=0, unlabeled=50)
+    for split in ("train", "test", "unlabeled"):
+        images, _ = stl10.load_split(root, split)
+        assert isinstance(images, np.memmap) and not images.flags.writeable
+        assert np.array_equal(images, _old_read_images(root / f"{split}_X.bin"))
+    dataset = STL10Dataset(tmp_path, "test")
+    assert isinstance(dataset.images, np.memmap), "the dataset holds an in-memory copy"
+    old = _old_read_images(root / "test_X.bin")
+    reference = stl10.ArrayDataset(old, dataset.labels, dataset.transform)
+    for i in (0, 7, len(dataset) - 1):
+        item = dataset[i]
+        assert torch.equal(item["features"], reference[i]["features"]) and item["targets"] == reference[i]["targets"]
+    array_item = stl10.ArrayDataset(dataset.images, dataset.labels)[3]["features"]
+    assert torch.equal(array_item, torch.from_numpy(old[3].transpose(2, 0, 1).copy()).float() / 255)
+    blob = pickle.dumps(dataset)
+    assert len(blob) < old.nbytes / 10, "pickling copied the images"
+    again = pickle.loads(blob)
+    assert isinstance(again.images, np.memmap) and torch.equal(again[5]["features"], dataset[5]["features"])

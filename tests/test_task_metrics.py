@@ -5,8 +5,17 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from cvkit.metrics import BoxMetrics, KeypointMetrics, SegmentationMetrics, box_iou, create_metric, list_metrics
+from cvkit.metrics import (
+    BoxMetrics,
+    ClassificationMetrics,
+    KeypointMetrics,
+    SegmentationMetrics,
+    box_iou,
+    create_metric,
+    list_metrics,
+)
 
 NAN = float("nan")
 
@@ -34,12 +43,54 @@ def test_box_metrics_accuracy_f1_iou_and_nan_box_left_out():
     metric.update(out[2:], target[2:])
     result = metric.compute()
     assert result["accuracy"] == pytest.approx(2 / 3)
-    # class 0: P=R=1 -> F1 1; class 2: P=1, R=1/2 -> F1 2/3; class 1 has no support
-    assert result["f1_macro"] == pytest.approx((1 + 2 / 3) / 2)
+    # class 0: P=R=1 -> F1 1; class 2: P=1, R=1/2 -> F1 2/3; class 1: predicted once, never true -> F1 0
+    assert result["f1_macro"] == pytest.approx((1 + 2 / 3 + 0) / 3)
     assert result["box_iou"] == pytest.approx((1.0 + 0.5) / 2)
     dict_form = BoxMetrics(3)
     dict_form.update({"class": out[:, :3], "box": out[:, 3:]}, (target[:, 0].long(), target[:, 1:]))
     assert dict_form.compute() == pytest.approx(result)
+
+
+def _sklearn_f1(true: torch.Tensor, pred: torch.Tensor, num_classes: int) -> dict:
+    from sklearn.metrics import f1_score
+
+    labels = list(range(num_classes))
+    return {f"f1_{average}": f1_score(true.numpy(), pred.numpy(), labels=labels, average=average, zero_division="warn")
+            for average in ("macro", "weighted", "micro")}
+
+
+def _classification(true: torch.Tensor, pred: torch.Tensor, num_classes: int) -> dict:
+    metric = ClassificationMetrics(num_classes)
+    metric.update(F.one_hot(pred, num_classes).float(), true)
+    return metric.compute()
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.UndefinedMetricWarning")
+def test_classification_f1_matches_sklearn_with_a_predicted_but_absent_class():
+    true = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])
+    pred = torch.tensor([0, 3, 1, 1, 3, 2, 0, 3])  # class 3 is predicted three times but never true
+    result = _classification(true, pred, 4)
+    assert result == pytest.approx({"accuracy": 3 / 8, **_sklearn_f1(true, pred, 4)})
+    # per class 2tp / (2tp + fp + fn): 2/5, 2/4, 2/4, 0 -> macro 0.35 (not 0.467 over the three true classes)
+    assert result["f1_macro"] == pytest.approx((2 / 5 + 2 / 4 + 2 / 4 + 0) / 4)
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.UndefinedMetricWarning")
+def test_classification_f1_matches_sklearn_on_random_cases():
+    """Random sizes, some classes absent from the truth, some from the predictions, some from both."""
+    g = torch.Generator().manual_seed(0)
+    for case in range(300):
+        num_classes = int(torch.randint(2, 9, (1,), generator=g))
+        true_classes, pred_classes = (torch.randperm(num_classes, generator=g)[: int(k)]
+                                      for k in torch.randint(1, num_classes + 1, (2,), generator=g))
+        n = int(torch.randint(1, 40, (1,), generator=g))
+        true = true_classes[torch.randint(0, len(true_classes), (n,), generator=g)]
+        pred = torch.where(torch.rand(n, generator=g) < 0.4, true,
+                           pred_classes[torch.randint(0, len(pred_classes), (n,), generator=g)])
+        result = _classification(true, pred, num_classes)
+        expected = _sklearn_f1(true, pred, num_classes)
+        assert {k: result[k] for k in expected} == pytest.approx(expected, abs=1e-12), (case, true, pred)
+        assert result["accuracy"] == pytest.approx(float((true == pred).double().mean()))
 
 
 def test_box_metrics_reject_wrong_width():
@@ -96,7 +147,8 @@ def test_segmentation_metrics_from_summed_counts():
 def test_segmentation_metrics_empty_class_scores_one_and_threshold():
     metric = SegmentationMetrics(1, threshold=0.9)
     metric.update(torch.full((2, 1, 3, 3), 1.0), torch.zeros(2, 3, 3))  # sigmoid(1) = 0.73 < 0.9
-    assert metric.compute() == {"dice": 1.0, "iou": 1.0, "dice_1": 1.0, "iou_1": 1.0}
+    assert metric.compute() == {"dice": 1.0, "iou": 1.0, "dice_1": 1.0, "iou_1": 1.0,
+                                "dice_image": 1.0, "dice_image/1": 1.0}
     with pytest.raises(ValueError, match="threshold"):
         SegmentationMetrics(1, threshold=1.5)
 

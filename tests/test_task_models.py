@@ -19,6 +19,7 @@ from cvkit.models.tasks import (
     register_task_model,
     split_output,
 )
+from cvkit.registry import RegistryError
 
 C, K, SIZE = 3, 4, 32
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -190,17 +191,20 @@ def test_unknown_names_list_close_matches():
         ClassBoxModel("test_resnet", 0)
 
 
-def test_register_warns_on_overwrite(monkeypatch):
-    monkeypatch.setattr(tasks, "_TASK_MODELS", dict(tasks._TASK_MODELS))
-
+def test_register_refuses_a_taken_name_unless_override():
     @register_task_model(name="tiny")
     def build(num_classes: int = 2) -> torch.nn.Module:
         return torch.nn.Linear(2, num_classes)
 
-    assert "tiny" in list_task_models("ti*")
-    assert create_task_model("tiny", num_classes=None).out_features == 2
-    with pytest.warns(UserWarning, match="tiny"):
-        register_task_model(lambda: None, name="tiny")
+    try:
+        assert "tiny" in list_task_models("ti*")
+        assert create_task_model("tiny", num_classes=None).out_features == 2
+        with pytest.raises(RegistryError, match="task model 'tiny' is already registered"):
+            register_task_model(lambda: None, name="tiny")
+        register_task_model(lambda: torch.nn.Identity(), name="tiny", override=True)
+        assert isinstance(create_task_model("tiny"), torch.nn.Identity)
+    finally:
+        tasks.TASK_MODELS.unregister("tiny")
 
 
 def test_class_box_trains_in_stages_with_the_runner(tmp_path):

@@ -121,7 +121,7 @@ def test_bad_arguments_name_what_is_wrong():
         lr_find(model, loader(), nn.CrossEntropyLoss(), group="head", num_steps=2, progress=False)
     with pytest.raises(KeyError, match=r"'head', 'layer4'|\['backbone', 'head'\]"):
         lr_find(model, loader(), nn.CrossEntropyLoss(), group="neck", lr=1e-3, num_steps=2, progress=False)
-    with pytest.raises(KeyError, match="valid: .*sgd"):
+    with pytest.raises(KeyError, match="registered: .*sgd"):
         lr_find(model, loader(), nn.CrossEntropyLoss(), optimizer="sdg", num_steps=2, progress=False)
     with pytest.raises(ValueError, match="start_lr < end_lr"):
         lr_find(model, loader(), nn.CrossEntropyLoss(), start_lr=1.0, end_lr=0.1, progress=False)

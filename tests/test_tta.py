@@ -17,6 +17,7 @@ from cvkit.inference.tta import (
     tta_examples,
     tta_predict,
 )
+from cvkit.registry import RegistryError
 
 H, W = 32, 40  # not square, so a swapped axis shows
 SPECS = tta_examples()
@@ -197,9 +198,7 @@ def test_clear_errors():
         create_tta("shift(3, 0)").mask(torch.rand(1, 1, H // 2, W // 2), size=(H, W))
 
 
-def test_register_tta_warns_on_overwrite(monkeypatch):
-    monkeypatch.setattr(tta, "_TTA", dict(tta._TTA))
-
+def test_register_tta_refuses_a_taken_name_unless_override():
     class Transpose(TTATransform):
         name = "transpose"
 
@@ -213,6 +212,11 @@ def test_register_tta_warns_on_overwrite(monkeypatch):
             return xy.flip(-1)
 
     register_tta("transpose")(Transpose)
-    assert "transpose" in list_tta("tr*") and tta_examples("transpose") == ["transpose"]
-    with pytest.warns(UserWarning, match="transpose"):
-        register_tta("transpose")(lambda: Transpose())
+    try:
+        assert "transpose" in list_tta("tr*") and tta_examples("transpose") == ["transpose"]
+        with pytest.raises(RegistryError, match="'transpose' is already registered"):
+            register_tta("transpose")(lambda: Transpose())
+        register_tta("transpose", examples=("transpose()",), override=True)(lambda: Transpose())
+        assert tta_examples("transpose") == ["transpose()"] and isinstance(create_tta("transpose"), Transpose)
+    finally:
+        tta.TTA_TRANSFORMS.unregister("transpose")

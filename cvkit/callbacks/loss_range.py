@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from catalyst.core.callback import ICriterionCallback
+from catalyst.core.callback import CallbackOrder, ICriterionCallback
 from catalyst.utils.misc import get_attr
 
 from cvkit.losses import per_sample_loss
@@ -90,7 +90,8 @@ class LossRangeCallback(ICriterionCallback):
         metric_key: where the loss goes in ``batch_metrics`` and ``loader_metrics``.
         criterion_key: which criterion when ``runner.criterion`` is a dict.
         index_key: batch key with each sample's dataset row (the dropped-top report needs it).
-        logdir: folder for ``dropped_top.csv`` (default: the runner's logdir; none: no file).
+        logdir: folder for ``dropped_top.csv`` (default: ``loss_range/`` in a StagedRunner's logdir;
+            with another runner and no logdir, no file).
         report_top: rows in that file (the most often dropped samples).
     """
 
@@ -111,6 +112,8 @@ class LossRangeCallback(ICriterionCallback):
         report_top: int = 200,
     ) -> None:
         super().__init__()
+        self.order = CallbackOrder.Metric + 1  # where cvkit's criterion callback runs
+        self.reads, self.writes = (input_key, target_key), (metric_key,)
         given = [name for name, v in (("band", band), ("hardest_k", hardest_k), ("drop_top", drop_top)) if v is not None]
         if len(given) != 1:
             raise ValueError(
@@ -168,7 +171,9 @@ class LossRangeCallback(ICriterionCallback):
 
     def in_warmup(self, runner: "IRunner") -> bool:
         """True during the stage's first ``warmup_epochs`` epochs (``epoch_step`` is 1-based)."""
-        return runner.epoch_step - getattr(runner, "stage_start_epoch", 0) <= self.warmup_epochs
+        state = getattr(runner, "run_state", None)  # absent under a plain Catalyst runner
+        start = state.stage_start_epoch if state is not None else 0
+        return runner.epoch_step - start <= self.warmup_epochs
 
     def select(self, losses: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(keep, top)`` masks for one train batch's per-sample losses (no host sync)."""
@@ -298,8 +303,9 @@ class LossRangeCallback(ICriterionCallback):
 
     def on_experiment_end(self, runner: "IRunner") -> None:
         folder = self.logdir
-        if folder is None and getattr(runner, "_logdir", None) is not None:
-            folder = Path(runner._logdir) / "loss_range"
+        state = getattr(runner, "run_state", None)  # absent under a plain Catalyst runner
+        if folder is None and state is not None and state.logdir is not None:
+            folder = Path(state.logdir) / "loss_range"
         if folder is None or not self.seen_counts.numel():
             return
         suffix = ""

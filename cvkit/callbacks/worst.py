@@ -95,6 +95,7 @@ class WorstPredictionsCallback(Callback):
             raise ValueError(f"k must be >= 1, got {k}")
         self.per_sample_loss, self.draw, self.k, self.loader = per_sample_loss, draw, k, loader
         self.keys = (input_key, output_key, target_key)
+        self.reads = self.keys
         self.mean, self.std = mean, std
         self.save_dir = Path(save_dir) if save_dir else None
         self.heap: List[Tuple[float, int, torch.Tensor, torch.Tensor, torch.Tensor]] = []

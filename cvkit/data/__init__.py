@@ -9,14 +9,16 @@ from typing import Any, List
 
 _EXPORTS = {
     "io": ("DataError", "ImageReadError", "TableError", "LabelError", "DatasetCheckError", "read_image",
-           "read_image_info", "read_mask", "class_map_from_labels", "save_class_map", "load_class_map"),
+           "read_image_info", "read_mask", "class_map_from_labels", "save_class_map", "load_class_map",
+           "check_class_map", "decoder_warning"),
     "boxes": ("BOX_FORMATS", "to_xyxy", "from_xyxy", "convert_boxes", "box_problem"),
-    "rle": ("rle_encode", "rle_decode", "masks_from_rle", "masks_to_rle_frame"),
+    "rle": ("rle_encode", "rle_decode", "masks_from_rle", "masks_to_rle_frame", "parse_rle", "rle_table_problems"),
     "augment": ("IMAGENET_MEAN", "IMAGENET_STD", "FastAffine", "NormalizeToTensor", "register_preset", "list_presets", "create_preset", "compose",
                 "default_transform", "with_targets", "transform_to_dict", "transform_from_dict", "save_transform",
                 "load_transform"),
     "datasets": ("ImageDataset", "TableDataset", "ClassificationDataset", "BoxDataset", "KeypointDataset",
-                 "SegmentationDataset", "STL10Dataset", "KeypointCountError", "MaskSizeError", "load_table"),
+                 "SegmentationDataset", "STL10Dataset", "KeypointCountError", "MaskSizeError", "load_table",
+                 "list_image_files", "IMAGE_EXTENSIONS"),
     "check": ("Problem", "CheckReport", "check_dataset", "prepare_for_training"),
     "tools": ("split_train_valid", "add_folds", "inventory", "mean_std", "eda"),
 }

@@ -8,7 +8,6 @@ target size, which keeps them cheap for large source images. Register your own w
 """
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import warnings
@@ -22,6 +21,7 @@ import torch
 from albumentations.pytorch import ToTensorV2
 
 from cvkit.io import atomic_write_bytes
+from cvkit.registry import Registry
 
 PathLike = Union[str, os.PathLike]
 Size = Union[int, Tuple[int, int]]
@@ -30,7 +30,7 @@ Normalize = Union[str, None, Tuple[Sequence[float], Sequence[float]]]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-_PRESETS: Dict[str, Callable[[Tuple[int, int]], List[Any]]] = {}
+PRESETS: Registry[Callable[[Tuple[int, int]], List[Any]]] = Registry("augmentation preset")
 
 
 def _hw(size: Size) -> Tuple[int, int]:
@@ -138,30 +138,28 @@ def with_targets(transform: A.Compose) -> A.Compose:
     return _declared(list(transform.transforms), p=transform.p)
 
 
-def register_preset(name: str) -> Callable[[Callable[[Tuple[int, int]], List[Any]]], Callable]:
-    """Register ``fn(size_hw) -> [albumentations transforms]`` (before normalisation) under ``name``."""
+def register_preset(
+    name: str, *, override: bool = False
+) -> Callable[[Callable[[Tuple[int, int]], List[Any]]], Callable]:
+    """Register ``fn(size_hw) -> [albumentations transforms]`` (before normalisation) under ``name``.
+
+    A taken name raises :class:`cvkit.registry.RegistryError` unless ``override=True``.
+    """
 
     def decorator(fn: Callable[[Tuple[int, int]], List[Any]]) -> Callable:
-        if name in _PRESETS:
-            warnings.warn(f"augmentation preset {name!r} is being overwritten", UserWarning, stacklevel=2)
-        _PRESETS[name] = fn
-        return fn
+        return PRESETS.register(fn, name=name, override=override)
 
     return decorator
 
 
-def list_presets() -> List[str]:
-    """Names of the registered presets, sorted."""
-    return sorted(_PRESETS)
+def list_presets(pattern: str = "*") -> List[str]:
+    """Names of the registered presets matching a shell-style ``pattern``, sorted."""
+    return PRESETS.list(pattern)
 
 
 def create_preset(name: str, size: Size, normalize: Normalize = "imagenet") -> A.Compose:
     """The preset ``name`` at ``size`` (int or (height, width)), normalised, as a tensor-producing Compose."""
-    if name not in _PRESETS:
-        close = difflib.get_close_matches(name, list(_PRESETS), n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise KeyError(f"unknown augmentation preset {name!r}{hint}; registered: {', '.join(list_presets())}")
-    return compose(_PRESETS[name](_hw(size)), normalize)
+    return compose(PRESETS.get(name)(_hw(size)), normalize)
 
 
 def default_transform(normalize: Normalize = "imagenet") -> A.Compose:

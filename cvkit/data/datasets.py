@@ -7,7 +7,8 @@ or crop moves all of them together. ``transform=None`` only normalises (ImageNet
 
 Table datasets do not validate every row when built, so that :func:`cvkit.data.check.check_dataset`
 can list all bad rows at once; reading a bad row raises a :class:`~cvkit.data.io.DataError`
-naming the CSV row and the file.
+naming the CSV row and the file. :data:`IMAGE_EXTENSIONS` is the one list of file types cvkit
+reads from a folder, and :func:`list_image_files` the one way to list a folder's images.
 """
 from __future__ import annotations
 
@@ -28,53 +29,30 @@ from cvkit.data.io import (
     ImageReadError,
     LabelError,
     TableError,
+    check_class_map,
     class_map_from_labels,
     load_class_map,
     read_image,
     read_mask,
 )
-from cvkit.data.rle import masks_from_rle
+from cvkit.data.rle import masks_from_rle, rle_table_problems
+from cvkit.data.tables import IMAGE_EXTENSIONS, PathLike, Table, list_image_files, load_table, require_columns
 from cvkit.data.seeding import reseed_transform
 
-PathLike = Union[str, os.PathLike]
-Table = Union[PathLike, pd.DataFrame]
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+_MAX_LISTED = 20
 
 
-class KeypointCountError(TableError):
-    """A row holds the wrong number of keypoint coordinates, or half a point."""
+def _some(paths: Sequence[Path], base: Path) -> str:
+    names = [str(p.relative_to(base)) for p in paths[:3]]
+    return ", ".join(names) + (", ..." if len(paths) > 3 else "")
 
 
-class MaskSizeError(DataError):
-    """A mask's size differs from its image's."""
-
-
-def load_table(table: Table) -> Tuple[pd.DataFrame, str, Path]:
-    """A CSV path or DataFrame -> (frame with a 0..n-1 index, name for messages, default image root)."""
-    if isinstance(table, pd.DataFrame):
-        return table.reset_index(drop=True), "table", Path(".")
-    path = Path(table)
-    if not path.is_file():
-        raise TableError(f"CSV not found: {path}")
-    try:
-        frame = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise TableError(f"{path}: not a readable CSV ({exc})") from exc
-    return frame, str(path), path.parent
-
-
-def require_columns(frame: pd.DataFrame, columns: Sequence[str], name: str) -> None:
-    """Raise :class:`TableError` listing the declared columns ``frame`` lacks."""
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise TableError(f"{name}: missing column(s) {missing}; the table has {list(frame.columns)}")
-
-
-def _resolve_class_map(class_map: Union[None, PathLike, Mapping[str, int]], labels: pd.Series) -> Dict[str, int]:
+def _resolve_class_map(class_map: Union[None, PathLike, Mapping[str, int]], labels: pd.Series,
+                       name: str) -> Dict[str, int]:
     if class_map is None:
         return class_map_from_labels(labels.dropna().map(_label_key))
     if isinstance(class_map, Mapping):
-        return {str(k): int(v) for k, v in class_map.items()}
+        return check_class_map(class_map, f"class_map given for {name}")
     return load_class_map(class_map)
 
 
@@ -83,6 +61,14 @@ def _label_key(value: Any) -> str:
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)
+
+
+class KeypointCountError(TableError):
+    """A row holds the wrong number of keypoint coordinates, or half a point."""
+
+
+class MaskSizeError(DataError):
+    """A mask's size differs from its image's."""
 
 
 class ImageDataset(Dataset):
@@ -103,7 +89,12 @@ class ImageDataset(Dataset):
 
 
 class TableDataset(ImageDataset):
-    """Images listed in a table: one row per image, ``path_col`` relative to ``root``."""
+    """Images listed in a table: one row per image, ``path_col`` relative to ``root``.
+
+    Image paths may leave ``root``: an absolute path is used as it is and ``..`` is followed,
+    as real CSVs (one table for several image folders) need. cvkit only reads these paths;
+    names that become files it writes go through :func:`cvkit.io.safe_child`.
+    """
 
     def __init__(self, table: Table, root: Optional[PathLike] = None, path_col: str = "path",
                  transform: Optional[Any] = None, normalize: Normalize = "imagenet") -> None:
@@ -113,6 +104,7 @@ class TableDataset(ImageDataset):
         self.path_col = path_col
         require_columns(self.frame, [path_col], self.name)
         self.rows = np.arange(len(self.frame))
+        self.skipped_files: List[Path] = []
         self._cache()
 
     def _cache(self) -> None:
@@ -143,6 +135,12 @@ class TableDataset(ImageDataset):
         """``(code, message)`` for every way row ``index``'s targets are wrong for a ``width`` x ``height`` image."""
         return []
 
+    def dataset_problems(self) -> List[Tuple[str, str]]:
+        """``(code, message)`` for what is wrong with the dataset as a whole (no row to drop fixes it)."""
+        if len(self) == 0:
+            return [("no_rows", f"{self.name}: no rows; expected at least one image to train on")]
+        return []
+
     def _read(self, index: int) -> np.ndarray:
         return read_image(self.path(index))
 
@@ -151,7 +149,9 @@ class ClassificationDataset(TableDataset):
     """``path,label`` rows (column names configurable); labels encoded by a class map (name -> index).
 
     ``class_map`` is a dict, a JSON file (:func:`~cvkit.data.io.save_class_map`), or None to build
-    one from the sorted labels. Save ``dataset.class_map`` with the run to decode predictions later.
+    one from the sorted labels; its indices must be 0..N-1 without gaps or repeats. Save
+    ``dataset.class_map`` with the run to decode predictions later. Image paths may leave
+    ``root`` (absolute, ``..``), as :class:`TableDataset` says.
     """
 
     def __init__(self, table: Table, root: Optional[PathLike] = None, path_col: str = "path",
@@ -160,7 +160,7 @@ class ClassificationDataset(TableDataset):
         super().__init__(table, root, path_col, transform, normalize)
         require_columns(self.frame, [label_col], self.name)
         self.label_col = label_col
-        self.class_map = _resolve_class_map(class_map, self.frame[label_col])
+        self.class_map = _resolve_class_map(class_map, self.frame[label_col], self.name)
         self._cache()
 
     def _cache(self) -> None:
@@ -172,17 +172,25 @@ class ClassificationDataset(TableDataset):
     def from_folders(cls, root: PathLike, class_map: Union[None, PathLike, Mapping[str, int]] = None,
                      transform: Optional[Any] = None, normalize: Normalize = "imagenet",
                      extensions: Sequence[str] = IMAGE_EXTENSIONS) -> "ClassificationDataset":
-        """Images in class sub-folders ``root/<label>/*.jpg`` (sorted, so the order is stable)."""
+        """Images in class sub-folders ``root/<label>/*.jpg`` (sorted, so the order is stable).
+
+        Hidden folders (``.ipynb_checkpoints``) are no class. ``dataset.skipped_files`` lists the
+        files left out: other types, hidden files, and files directly in ``root``.
+        """
         root = Path(root)
-        if not root.is_dir():
-            raise DataError(f"image folder not found: {root}")
-        rows = [{"path": str(p.relative_to(root)), "label": p.parent.name}
-                for folder in sorted(d for d in root.iterdir() if d.is_dir())
-                for p in sorted(folder.iterdir()) if p.suffix.lower() in extensions]
+        files, skipped = list_image_files(root, extensions)
+        skipped += files
+        rows = []
+        for folder in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
+            images, others = list_image_files(folder, extensions)
+            rows += [{"path": str(p.relative_to(root)), "label": folder.name} for p in images]
+            skipped += others
         if not rows:
-            raise DataError(f"{root}: no images with {', '.join(extensions)} in class sub-folders")
+            left = f" (left out {len(skipped)} other files: {_some(skipped, root)})" if skipped else ""
+            raise DataError(f"{root}: no images with {', '.join(extensions)} in class sub-folders{left}")
         dataset = cls(pd.DataFrame(rows), root=root, class_map=class_map, transform=transform, normalize=normalize)
         dataset.name = str(root)
+        dataset.skipped_files = sorted(skipped)
         return dataset
 
     @property
@@ -302,7 +310,12 @@ class KeypointDataset(TableDataset):
                 raise TableError(f"{self.where(index)}: column {self.keypoint_cols!r} = {text[:40]!r} "
                                  "is not space-separated numbers") from None
         else:
-            values = pd.to_numeric(self.frame.loc[index, self.keypoint_cols], errors="coerce").to_numpy(np.float64)
+            cells = self.frame.loc[index, self.keypoint_cols]
+            values = pd.to_numeric(cells, errors="coerce").to_numpy(np.float64)
+            for column, cell, value in zip(self.keypoint_cols, cells, values):
+                if np.isnan(value) and not pd.isna(cell) and str(cell).strip().lower() not in ("", "nan"):
+                    raise TableError(f"{self.where(index)}: column {column!r} = {str(cell)[:40]!r} is not a number; "
+                                     "expected a pixel coordinate or an empty cell for a missing point")
         if values.size != 2 * self.num_keypoints:
             raise KeypointCountError(f"{self.where(index)}: {values.size} keypoint coordinates, expected "
                              f"{2 * self.num_keypoints} ({self.num_keypoints} x, y pairs)")
@@ -326,6 +339,21 @@ class KeypointDataset(TableDataset):
             return [("keypoint_outside", f"{self.where(index)}: keypoint(s) {known[outside].tolist()} outside the "
                                          f"{width}x{height} image (expected 0 <= x <= {width}, 0 <= y <= {height})")]
         return []
+
+    def dataset_problems(self) -> List[Tuple[str, str]]:
+        """Also refuses a table where every keypoint of every row is missing: it would train on a loss of 0."""
+        problems = super().dataset_problems()
+        if problems:
+            return problems
+        for index in range(len(self)):
+            try:
+                if not np.isnan(self.keypoints(index)).all():
+                    return []
+            except TableError:  # reported for its row
+                continue
+        columns = self.keypoint_cols if isinstance(self.keypoint_cols, str) else ", ".join(self.keypoint_cols)
+        return [("no_keypoints", f"{self.name}: all {self.num_keypoints} keypoints are missing (empty/NaN) in every "
+                                 f"one of the {len(self)} rows; expected labelled points in columns {columns}")]
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
         points = self.keypoints(index)
@@ -367,15 +395,20 @@ class SegmentationDataset(TableDataset):
 
         Severstal's train.csv lists defects only: with ``include_unlisted`` every image in
         ``image_root`` without a row joins with an empty mask (keep other splits out of that folder).
+        Every row's ``ClassId`` and ``EncodedPixels`` are parsed here: a malformed table is one
+        :class:`DataError` listing all bad rows (runs past the image are found per image by the check).
         """
         frame, name, _ = load_table(table)
         require_columns(frame, [image_col, class_col, rle_col], name)
+        problems = rle_table_problems(frame[class_col], frame[rle_col], int(num_classes))
+        if problems:
+            more = f"; ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
+            raise DataError(f"{name}: {len(problems)} bad RLE row(s): {'; '.join(problems[:_MAX_LISTED])}{more}")
         image_root = Path(image_root)
         ids = list(dict.fromkeys(frame[image_col].astype(str)))
         if include_unlisted and image_root.is_dir():
             listed = set(ids)
-            ids += sorted(p.name for p in image_root.iterdir()
-                          if p.suffix.lower() in IMAGE_EXTENSIONS and p.name not in listed)
+            ids += [p.name for p in list_image_files(image_root)[0] if p.name not in listed]
         dataset = cls(pd.DataFrame({"path": ids}), root=image_root, mask_col=None,
                       num_classes=num_classes, transform=transform, normalize=normalize)
         dataset.name = name
@@ -389,9 +422,15 @@ class SegmentationDataset(TableDataset):
         if self.rle is not None:
             rows = self.rle.get(str(self.frame.at[index, self.path_col]), [])
             out = np.zeros((height, width, self.num_classes), np.uint8)
+            problems = []
             for class_id, rle, row in rows:
-                out |= masks_from_rle([(class_id, rle)], (height, width), self.num_classes,
-                                      where=f"{self.name} row {row}")
+                try:
+                    out |= masks_from_rle([(class_id, rle)], (height, width), self.num_classes,
+                                          where=f"{self.name} row {row}")
+                except DataError as exc:
+                    problems.append(str(exc))
+            if problems:
+                raise DataError("; ".join(problems))
             return out
         path = self.mask_root / str(self.frame.at[index, self.mask_col])
         ids = read_mask(path)
@@ -424,20 +463,37 @@ class SegmentationDataset(TableDataset):
 
 
 class STL10Dataset(ImageDataset):
-    """A split of an STL-10 binary folder (``train``, ``test`` or ``unlabeled`` with ``targets = -1``)."""
+    """A split of an STL-10 binary folder (``train``, ``test`` or ``unlabeled`` with ``targets = -1``).
+
+    The images stay in the file (a read-only memory map, :func:`cvkit.data.stl10.read_images`);
+    each item copies its one image. Pickled (DataLoader workers under spawn) it re-maps the file
+    instead of copying every image into the pickle.
+    """
 
     def __init__(self, root: PathLike, split: str = "train", transform: Optional[Any] = None,
                  normalize: Normalize = "imagenet") -> None:
         from cvkit.data import stl10
 
         super().__init__(transform, normalize)
+        self.root, self.split = Path(root), split
         self.images, self.labels = stl10.load_split(root, split)
         self.class_names = stl10.class_names(root)
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = self.__dict__.copy()
+        state["images"] = None
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        from cvkit.data import stl10
+
+        self.__dict__.update(state)
+        self.images = stl10.read_images(stl10.split_file(self.root, self.split))
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
-        out = self._augment(image=self.images[index])
+        out = self._augment(image=np.array(self.images[index]))
         label = -1 if self.labels is None else int(self.labels[index])
         return {"features": out["image"], "targets": torch.tensor(label, dtype=torch.int64), "index": index}

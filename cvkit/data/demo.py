@@ -32,7 +32,7 @@ KEYPOINT_NAMES = ("top_left", "top_right", "bottom_right", "bottom_left", "centr
 KEYPOINT_COLS = tuple(c for i in range(len(KEYPOINT_NAMES)) for c in (f"x{i}", f"y{i}"))
 
 __all__ = ["build_classification", "build_boxes", "build_keypoints", "build_segmentation", "build_stl10",
-           "build_all", "digits_canvases", "KEYPOINT_NAMES", "KEYPOINT_COLS"]
+           "build_all", "demo_pretrained", "digits_canvases", "KEYPOINT_NAMES", "KEYPOINT_COLS"]
 
 
 def _digits() -> Tuple[np.ndarray, np.ndarray]:
@@ -247,3 +247,46 @@ def build_all(root: PathLike, seed: int = 0) -> Dict[str, Path]:
         "segmentation": build_segmentation(root / "segmentation", seed),
         "stl10": build_stl10(root / "stl10", seed),
     }
+
+
+def demo_pretrained(arch: str, cache_dir: PathLike, epochs: int = 8, seed: int = 0) -> Path:
+    """Backbone weights for the demos, standing in for the ImageNet weights a real run would load.
+
+    A frozen randomly initialised backbone (with BatchNorm statistics frozen at their initial
+    values) makes head-only and frozen-BN stages meaningless, and nothing may be downloaded. So
+    ``arch`` is first trained on a pretext task that uses no digit labels: which of four rotations
+    (0/90/180/270 degrees) was applied to a digit pasted at a random place and scale on a 32x32
+    tinted canvas (a few seconds for timm's ``test_*`` models). The demo test sets are built from
+    the same digit glyphs, so their labels must not be seen here. The file is cached as
+    ``cache_dir/<arch>-digits-rotation.safetensors``; load it with ``pretrained=`` like any other
+    local weights (the 4-way classifier is skipped).
+    """
+    import timm
+    import torch
+    from safetensors.torch import save as to_safetensors
+
+    from cvkit.data.augment import IMAGENET_MEAN, IMAGENET_STD
+    from cvkit.io import atomic_write_bytes
+
+    path = Path(cache_dir) / f"{arch}-digits-rotation.safetensors"
+    if path.is_file():
+        return path
+    images, _ = digits_canvases(size=32, seed=seed)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    generator = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 4, (len(x),), generator=generator)
+    x = torch.stack([torch.rot90(image, int(k), dims=(1, 2)) for image, k in zip(x, y)])
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = timm.create_model(arch, num_classes=4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    model.train()
+    for _ in range(epochs):
+        for batch in torch.randperm(len(y), generator=generator).split(64):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+            optimizer.step()
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    atomic_write_bytes(path, to_safetensors(state))
+    return path

@@ -4,6 +4,7 @@ The real layout (https://cs.stanford.edu/~acoates/stl10/) is ``stl10_binary/`` w
 ``train_X.bin``/``train_y.bin``, ``test_X.bin``/``test_y.bin`` and ``unlabeled_X.bin``:
 96x96x3 uint8 images stored channel by channel, each channel column-major; labels uint8 1..10.
 The demo set is written in that same layout so the real reader is the code path exercised.
+Images are memory-mapped, not read: the 5.5 GB ``unlabeled_X.bin`` costs no memory until used.
 """
 from __future__ import annotations
 
@@ -27,7 +28,11 @@ class STL10FormatError(ValueError):
 
 
 def read_images(path: PathLike) -> np.ndarray:
-    """Read an ``*_X.bin`` file into an ``(N, 96, 96, 3)`` uint8 RGB array."""
+    """An ``*_X.bin`` file as an ``(N, 96, 96, 3)`` uint8 RGB array, memory-mapped read-only.
+
+    The array is a transposed view of the file (no copy): ``np.array(images[i])`` gives one
+    contiguous image, fancy indexing (``images[idx]``) an in-memory copy of those images.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"STL-10 image file not found: {path}")
@@ -37,8 +42,8 @@ def read_images(path: PathLike) -> np.ndarray:
             f"{path}: {size} bytes is not a whole number of 96x96x3 images "
             f"({IMAGE_BYTES} bytes each); the file is truncated or not STL-10"
         )
-    raw = np.fromfile(path, dtype=np.uint8).reshape(-1, 3, SIZE, SIZE)
-    return np.ascontiguousarray(raw.transpose(0, 3, 2, 1))
+    raw = np.memmap(path, dtype=np.uint8, mode="r", shape=(size // IMAGE_BYTES, 3, SIZE, SIZE))
+    return raw.transpose(0, 3, 2, 1)
 
 
 def read_labels(path: PathLike, num_images: Optional[int] = None) -> np.ndarray:
@@ -71,20 +76,23 @@ def write_labels(path: PathLike, labels: np.ndarray) -> None:
     atomic_write_bytes(path, (labels + 1).astype(np.uint8).tobytes())
 
 
-def load_split(root: PathLike, split: str) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-    """Images and labels of ``train``, ``test`` or ``unlabeled`` (labels None) under ``root``.
-
-    ``root`` may be the ``stl10_binary`` folder itself or the folder that contains it.
-    """
+def split_file(root: PathLike, split: str, kind: str = "X") -> Path:
+    """``<root>/[stl10_binary/]<split>_<kind>.bin``; ``root`` may be ``stl10_binary`` or its parent."""
     root = Path(root)
     if (root / "stl10_binary").is_dir():
         root = root / "stl10_binary"
     if split not in ("train", "test", "unlabeled"):
         raise ValueError(f"unknown STL-10 split {split!r}; expected train, test or unlabeled")
-    images = read_images(root / f"{split}_X.bin")
+    return root / f"{split}_{kind}.bin"
+
+
+def load_split(root: PathLike, split: str) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """Images (memory-mapped, see :func:`read_images`) and labels of ``train``, ``test`` or
+    ``unlabeled`` (labels None) under ``root``, the ``stl10_binary`` folder or its parent."""
+    images = read_images(split_file(root, split))
     if split == "unlabeled":
         return images, None
-    return images, read_labels(root / f"{split}_y.bin", num_images=len(images))
+    return images, read_labels(split_file(root, split, "y"), num_images=len(images))
 
 
 def class_names(root: PathLike) -> Tuple[str, ...]:
@@ -163,7 +171,8 @@ def load_all(root: PathLike) -> Dict[str, Tuple[np.ndarray, Optional[np.ndarray]
 
 
 class ArrayDataset:
-    """In-memory images (N, H, W, 3) uint8 with optional labels, through an albumentations pipeline.
+    """Images (N, H, W, 3) uint8, in memory or memory-mapped, with optional labels, through an
+    albumentations pipeline; each item copies its image, so a read-only map is never written.
 
     Items are dicts ``{"features": CxHxW float tensor, "targets": int64, "index": int}``;
     unlabelled sets (``labels=None``) give ``targets = -1``.
@@ -182,7 +191,7 @@ class ArrayDataset:
 
         from cvkit.data.seeding import reseed_transform
 
-        image = self.images[index]
+        image = np.array(self.images[index])
         if self.transform is not None:
             reseed_transform(self.transform)
             image = self.transform(image=image)["image"]

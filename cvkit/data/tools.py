@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import numpy as np
 import pandas as pd
 
-from cvkit.data.datasets import Table, load_table, require_columns
+from cvkit.data.tables import Table, load_table, require_columns
 from cvkit.data.io import DataError, read_image, read_image_info
 
 PathLike = Union[str, os.PathLike]
@@ -46,10 +46,12 @@ def split_train_valid(table: Table, valid_fraction: float = 0.2, label_col: Opti
                       seed: int = 0) -> Tuple[pd.DataFrame, pd.DataFrame]:
     """Split rows into (train, valid), stratified by ``label_col`` (None: not stratified), seeded.
 
-    Each class gives ``round(n * valid_fraction)`` rows to valid, so a class of one stays in train.
+    Each class gives ``round(n * valid_fraction)`` rows to valid but keeps at least one in train,
+    so a class of one stays in train. A table too small to give any valid row is a
+    :class:`DataError` saying how many rows it needs.
     """
     if not 0 < valid_fraction < 1:
-        raise ValueError(f"valid_fraction={valid_fraction}; expected a fraction between 0 and 1")
+        raise ValueError(f"valid_fraction={valid_fraction}; expected a fraction between 0 and 1 (exclusive)")
     frame, name, _ = load_table(table)
     rng = np.random.default_rng(seed)
     if label_col is None:
@@ -60,21 +62,45 @@ def split_train_valid(table: Table, valid_fraction: float = 0.2, label_col: Opti
                                                        key=lambda kv: str(kv[0]))]
     valid = np.zeros(len(frame), dtype=bool)
     for idx in groups:
-        chosen = rng.permutation(idx)[: int(round(len(idx) * valid_fraction))]
+        chosen = rng.permutation(idx)[: _valid_count(len(idx), valid_fraction)]
         valid[chosen] = True
+    if not valid.any():
+        need = next(n for n in range(2, 10**9) if _valid_count(n, valid_fraction))
+        largest = f" (largest has {max(map(len, groups))})" if groups else ""
+        per = f" per {label_col!r} value{largest}" if label_col else ""
+        raise DataError(f"{name}: {len(frame)} rows give no valid row at valid_fraction={valid_fraction}; "
+                        f"needs at least {need} rows{per}")
     return frame[~valid].reset_index(drop=True), frame[valid].reset_index(drop=True)
+
+
+def _valid_count(n: int, valid_fraction: float) -> int:
+    """Rows of a class of ``n`` that go to valid: ``round(n * fraction)``, leaving at least one in train."""
+    return max(0, min(int(round(n * valid_fraction)), n - 1))
 
 
 def add_folds(table: Table, n_folds: int = 5, label_col: Optional[str] = None, group_col: Optional[str] = None,
               seed: int = 0, fold_col: str = "fold") -> pd.DataFrame:
     """A copy of the table with a ``fold`` column 0..n_folds-1: stratified by ``label_col``, kept
-    together by ``group_col`` (same patient/video in one fold), both, or neither; seeded."""
+    together by ``group_col`` (same patient/video in one fold), both, or neither; seeded.
+
+    Too few rows, groups or rows per label for ``n_folds`` is a one-line :class:`DataError`.
+    """
     from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
 
+    if isinstance(n_folds, bool) or not isinstance(n_folds, (int, np.integer)) or n_folds < 2:
+        raise ValueError(f"n_folds={n_folds!r}; expected an integer of at least 2 (each row is valid in one fold)")
     frame, name, _ = load_table(table)
     require_columns(frame, [c for c in (label_col, group_col) if c], name)
     y = frame[label_col].astype(str).to_numpy() if label_col else np.zeros(len(frame))
     groups = frame[group_col].astype(str).to_numpy() if group_col else None
+    if len(frame) < n_folds:
+        raise DataError(f"{name}: {len(frame)} rows; {n_folds} folds need at least {n_folds} rows (one per fold)")
+    if groups is not None and len(set(groups)) < n_folds:
+        raise DataError(f"{name}: {len(set(groups))} distinct {group_col!r} values; {n_folds} folds need at least "
+                        f"{n_folds} groups (a group stays in one fold)")
+    if label_col and not group_col and pd.Series(y).value_counts().max() < n_folds:
+        raise DataError(f"{name}: stratified {n_folds} folds need at least {n_folds} rows per {label_col!r} value "
+                        f"for some value; the largest has {pd.Series(y).value_counts().max()}")
     if label_col and group_col:
         splitter: Any = StratifiedGroupKFold(n_folds, shuffle=True, random_state=seed)
     elif group_col:
@@ -89,7 +115,7 @@ def add_folds(table: Table, n_folds: int = 5, label_col: Optional[str] = None, g
         for fold, (_, valid_idx) in enumerate(splitter.split(np.zeros(len(frame)), y, groups)):
             out.loc[valid_idx, fold_col] = fold
     except ValueError as exc:
-        raise DataError(f"{name}: cannot make {n_folds} folds ({exc})") from exc
+        raise DataError(f"{name}: cannot make {n_folds} folds ({' '.join(str(exc).split())})") from exc
     return out
 
 

@@ -1,14 +1,12 @@
-"""Batch prediction from a run's checkpoint into a competition CSV.
+"""Prediction from Python first: a model and images in, predictions in original image coordinates out.
 
-The model and the evaluation pipeline (resize + normalise) come from the run's experiment
-(``config.json``); class names from the run's ``classes.json``. Images are a folder (searched
-recursively, sorted, so the order is stable) or a CSV column. One row per image, by task:
-
-- classification: ``path, label`` (+ ``prob_<class>`` with ``probs=True``);
-- class_box: ``path, label, x1, y1, x2, y2`` with the box in pixels of the original image;
-- keypoints: ``path, x0, y0, x1, y1, ...`` in pixels of the original image;
-- segmentation: Severstal's layout ``ImageId, ClassId, EncodedPixels`` (one row per image and
-  1-based class, empty runs for an empty mask), masks at the original size.
+- :func:`predict` / :func:`iter_predict`: any model, a folder / CSV / list of files / list of RGB
+  arrays / dataset, a task, optional TTA; one :class:`Prediction` per image (the de-augmented
+  output at network size plus the original size; :meth:`Prediction.decode` maps it back).
+- :func:`write_submission`: the task's submission table (:meth:`cvkit.tasks.Task.rows`), written
+  atomically; it streams, so large masks never pile up in memory.
+- :func:`load_run` / :func:`predict_run`: the same from a run folder (its ``config.json``,
+  ``best.pth`` and ``classes.json``); ``cvkit predict`` is a thin wrapper on :func:`predict_run`.
 
 Predictions run in eval mode without shuffling, so the same inputs give the same file.
 """
@@ -16,87 +14,297 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from cvkit.tasks import Task, get_task
+
 PathLike = Union[str, os.PathLike]
-TTA_TARGET = {"classification": "logits", "class_box": "class_box", "keypoints": "keypoints", "segmentation": "mask"}
+Images = Union[PathLike, Sequence[PathLike], Sequence[np.ndarray], Dataset]
+FlipPairs = Optional[Sequence[Tuple[int, int]]]
+
+
+@dataclass
+class Prediction:
+    """One image's prediction: the de-augmented output at network size and the original size."""
+
+    name: str
+    index: int
+    output: torch.Tensor
+    height: int
+    width: int
+
+    def decode(self, task: Union[str, Task], classes: Sequence[str] = ()) -> Dict[str, Any]:
+        """The prediction in pixels of the original image, in the task's form (label/probs, box, points, mask)."""
+        return get_task(task).decode(self.output, self.height, self.width, classes)
 
 
 class ImageFiles(Dataset):
-    """Images by path through an albumentations pipeline; items keep the original ``(height, width)``."""
+    """Image files or in-memory RGB arrays through a pipeline; items keep the original ``(height, width)``."""
 
-    def __init__(self, paths: Sequence[Path], names: Sequence[str], transform: Any) -> None:
-        self.paths, self.names, self.transform = list(paths), list(names), transform
+    def __init__(self, images: Sequence[Union[Path, np.ndarray]], names: Sequence[str], transform: Any) -> None:
+        from cvkit.data.augment import with_targets
+
+        self.images, self.names, self.transform = list(images), list(names), with_targets(transform)
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.images)
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
         from cvkit.data.io import read_image
 
-        image = read_image(self.paths[index])
+        source = self.images[index]
+        image = source if isinstance(source, np.ndarray) else read_image(source)
         out = self.transform(image=image)["image"]
         return {"features": out.float(), "index": index, "size": torch.tensor(image.shape[:2])}
 
 
 def list_images(images: PathLike, root: Optional[PathLike] = None, path_col: str = "path") -> Tuple[List[Path], List[str]]:
-    """``(files, names as written in the output)`` from a folder (recursive, sorted) or a CSV column."""
-    from cvkit.data.datasets import IMAGE_EXTENSIONS, load_table, require_columns
+    """``(files, names as written in the output)`` from a folder (recursive, sorted) or a CSV column.
+
+    A folder's files that are not images (by :data:`~cvkit.data.datasets.IMAGE_EXTENSIONS`, the one
+    list every reader uses) are left out with a warning naming them.
+    """
+    from cvkit.data.datasets import IMAGE_EXTENSIONS, list_image_files, load_table, require_columns
     from cvkit.data.io import DataError
 
     source = Path(images)
     if source.is_dir():
-        files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        files, skipped = list_image_files(source, recursive=True)
         if not files:
             raise DataError(f"{source}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder or below")
+        if skipped:
+            import warnings
+
+            names = [p.relative_to(source).as_posix() for p in skipped]
+            warnings.warn(f"{source}: skipped {len(skipped)} file(s) that are not images: {names[:5]}"
+                          f"{' ...' if len(names) > 5 else ''}", stacklevel=2)
         return files, [p.relative_to(source).as_posix() for p in files]
     if not source.is_file():
         raise DataError(f"images not found: {source} is neither a folder nor a CSV")
     frame, name, default_root = load_table(source)
     require_columns(frame, [path_col], name)
+    if frame.empty:
+        raise DataError(f"{name}: no rows; expected one image path per row in column {path_col!r}")
     base = Path(root) if root is not None else default_root
     names = [str(p) for p in frame[path_col]]
     return [base / n for n in names], names
 
 
-def load_run(config: PathLike, checkpoint: PathLike) -> Tuple[Dict[str, Any], nn.Module, List[str]]:
-    """The completed experiment, the model holding the checkpoint's weights, and the class names."""
-    from cvkit.experiment import CLASSES_FILE, build_model, complete, load_experiment
-    from cvkit.io import load_checkpoint, state_dict_of
+def _dataset(images: Images, transform: Any, root: Optional[PathLike], path_col: str) -> Tuple[Dataset, List[str]]:
+    """A dataset of ``images`` and the name of each item."""
+    if isinstance(images, Dataset):
+        names = [str(images.path(i).name) if hasattr(images, "path") else str(i) for i in range(len(images))]
+        return images, names
+    if transform is None:
+        raise ValueError("predict needs transform= (or image_size=) to prepare image files or arrays")
+    if isinstance(images, (str, os.PathLike)):
+        files, names = list_images(images, root, path_col)
+        return ImageFiles(files, names, transform), names
+    items = list(images)
+    names = [f"{i}" if isinstance(x, np.ndarray) else Path(x).name for i, x in enumerate(items)]
+    return ImageFiles([x if isinstance(x, np.ndarray) else Path(x) for x in items], names, transform), names
 
+
+def check_flip_pairs(task: Task, tta: Sequence[str], flip_pairs: FlipPairs) -> None:
+    """A mirroring TTA on keypoints needs the pairs that trade places; refuse to guess."""
+    from cvkit.inference.tta import create_tta
+
+    if task.tta_target != "keypoints" or flip_pairs is not None:
+        return
+    mirrors = [t for t in tta if create_tta(t).swaps_pairs]
+    if mirrors:
+        raise ValueError(f"TTA {mirrors} mirrors the image, so keypoints such as left/right eye trade "
+                         "places: pass flip_pairs (CLI: --flip-pairs 0-1,2-3), or an empty list if none do")
+
+
+def _device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA GPU is visible on this machine; use cpu or auto")
+    return device
+
+
+@torch.no_grad()
+def iter_predict(
+    model: nn.Module,
+    images: Images,
+    task: Union[str, Task],
+    tta: Sequence[str] = (),
+    batch_size: int = 32,
+    device: str = "auto",
+    transform: Any = None,
+    image_size: Optional[int] = None,
+    classes: Sequence[str] = (),
+    flip_pairs: FlipPairs = None,
+    root: Optional[PathLike] = None,
+    path_col: str = "path",
+    workers: int = 0,
+    progress: bool = False,
+    normalize: Any = "imagenet",
+) -> Iterator[Prediction]:
+    """Yield one :class:`Prediction` per image, in input order; see :func:`predict`."""
+    from cvkit.data.augment import create_preset, default_transform
+    from cvkit.data.io import DataError
+    from cvkit.inference.tta import tta_predict
+
+    task = get_task(task)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if image_size is not None and image_size < 1:
+        raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
+    if transform is None:
+        transform = create_preset("resize", image_size, normalize) if image_size else default_transform(normalize)
+    transforms = ["identity", *[t for t in tta if t != "identity"]]
+    check_flip_pairs(task, transforms, flip_pairs)
+    dataset, names = _dataset(images, transform, root, path_col)
+    device = _device(device)
+    model = model.to(device).eval()
+    loader = DataLoader(dataset, batch_size if image_size or isinstance(images, Dataset) else 1, shuffle=False,
+                        num_workers=workers)
+    batches: Iterable[Dict[str, Any]] = loader
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(loader, desc="predict", unit="batch")
+    kwargs = task.tta_kwargs(classes)
+    for batch in batches:
+        x = batch["features"].to(device)
+        try:
+            out = tta_predict(model, x, transforms, target=task.tta_target, flip_pairs=flip_pairs or None,
+                              **kwargs).float().cpu()
+        except RuntimeError as exc:
+            raise DataError(f"the model failed on images {[names[int(i)] for i in batch['index'][:3]]}...: "
+                            f"{' '.join(str(exc).split())[:200]}") from None
+        sizes = batch.get("size")
+        for k, index in enumerate(batch["index"].tolist()):
+            height, width = sizes[k].tolist() if sizes is not None else x.shape[-2:]
+            yield Prediction(names[index], int(index), out[k], int(height), int(width))
+
+
+def predict(model: nn.Module, images: Images, task: Union[str, Task], **kwargs: Any) -> List[Prediction]:
+    """Predict every image with ``model`` (TTA-averaged) and return one :class:`Prediction` each.
+
+    Args:
+        model: any ``nn.Module`` giving the task's output layout.
+        images: a folder (searched recursively, sorted), a CSV with a ``path_col`` column (paths
+            relative to ``root``, default the CSV's folder), a list of files or RGB uint8 arrays,
+            or a dataset whose items hold ``features`` and ``index`` (and ``size`` to map back).
+        task: a registered task name or object.
+        tta: extra test-time transforms averaged with the plain prediction (``hflip``, ``vflip``...).
+        transform / image_size / normalize: how files and arrays are prepared (default: resize to
+            ``image_size`` and ImageNet normalisation).
+        classes: class names (the class + box layout needs their number).
+        flip_pairs: keypoint index pairs that trade places under a mirroring TTA (required then).
+        device: ``auto`` (GPU when visible), ``cpu`` or ``cuda``.
+    """
+    return list(iter_predict(model, images, task, **kwargs))
+
+
+def write_submission(predictions: Iterable[Prediction], task: Union[str, Task], classes: Sequence[str] = (),
+                     out: Optional[PathLike] = None, probs: bool = False, threshold: float = 0.5,
+                     tuning: Any = None) -> pd.DataFrame:
+    """The task's submission table for ``predictions`` (and, with ``out``, the CSV written atomically).
+
+    ``tuning``: post-processing chosen on validation (:meth:`cvkit.tasks.Task.tune`, a run's
+    ``postprocess.json`` for masks), applied instead of the plain ``threshold`` when given.
+    """
+    task = get_task(task)
+    rows: List[Dict[str, Any]] = []
+    for p in predictions:
+        rows += task.rows(p.name, p.decode(task, classes), classes, probs=probs, threshold=threshold, tuning=tuning)
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        frame = pd.DataFrame(columns=list(task.submission_columns))
+    if out is not None:
+        from cvkit.io import atomic_write_bytes
+
+        atomic_write_bytes(out, frame.to_csv(index=False).encode())
+    return frame
+
+
+@dataclass
+class RunModel:
+    """What a finished run predicts with: its completed experiment, the model with its weights, class names."""
+
+    config: Dict[str, Any]
+    model: nn.Module
+    classes: List[str]
+    folder: Optional[Path] = None
+
+    @property
+    def tuning(self) -> Any:
+        """The run's post-processing chosen on validation (``postprocess.json``...), or None."""
+        return self.task.load_tuning(self.folder) if self.folder is not None else None
+
+    @property
+    def task(self) -> Task:
+        return get_task(self.config["task"])
+
+    def transform(self, image_size: Optional[int] = None) -> Any:
+        """The run's evaluation pipeline of its last stage (at ``image_size`` when given)."""
+        from cvkit.experiment import eval_transform
+        from cvkit.experiment import image_size as run_image_size
+
+        last = self.config["stages"][-1]
+        if image_size:
+            return eval_transform(self.config, image_size)
+        return eval_transform(self.config, run_image_size(self.config, last), last["name"])
+
+
+def _classes_file(checkpoint: Path, config: Path) -> Optional[Path]:
+    from cvkit.experiment import CLASSES_FILE
+
+    for folder in (checkpoint.parent, config.parent):
+        if (folder / CLASSES_FILE).is_file():
+            return folder / CLASSES_FILE
+    return None
+
+
+def load_run(config: PathLike, checkpoint: Optional[PathLike] = None) -> RunModel:
+    """The run's completed experiment, its model holding ``checkpoint`` (default: ``best.pth`` beside
+    ``config``, or in ``checkpoint`` when that is a folder) and its class names."""
+    from cvkit.config import complete, load_experiment
+    from cvkit.experiment import build_model
+    from cvkit.models.weights import load_weights
+
+    config = Path(config)
+    if config.is_dir():
+        config = config / "config.json"
     experiment = complete(load_experiment(config))
-    checkpoint = Path(checkpoint)
+    checkpoint = Path(checkpoint) if checkpoint is not None else config.parent
     if checkpoint.is_dir():
         checkpoint = checkpoint / "best.pth"
+    task = get_task(experiment["task"])
     classes: List[str] = []
-    for folder in (checkpoint.parent, Path(config).parent):
-        if (folder / CLASSES_FILE).is_file():
-            classes = [str(c) for c in json.loads((folder / CLASSES_FILE).read_text())]
-            break
+    names = _classes_file(checkpoint, config)
+    if names is not None:
+        classes = [str(c) for c in json.loads(names.read_text())]
     spec = experiment["model"]
-    if classes and experiment["task"] in ("classification", "class_box"):
-        spec.setdefault("num_classes", len(classes))
+    if task.has_classes:
+        given = spec.get("num_classes")
+        if classes and given is not None and given != len(classes):
+            raise ValueError(f"{names} names {len(classes)} classes but the model of {config} has {given} outputs; "
+                             "expected one name per output")
+        if classes:
+            spec.setdefault("num_classes", len(classes))
+        elif given is not None:
+            classes = [str(i) for i in range(int(given))]
     model = build_model(experiment)
-    state = state_dict_of(load_checkpoint(checkpoint), checkpoint)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ValueError(f"{checkpoint} does not fit the model of {config}: {' '.join(str(exc).split())[:300]}") from None
-    if not classes and "num_classes" in spec:
-        classes = [str(i) for i in range(int(spec["num_classes"]))]
-    return experiment, model, classes
+    load_weights(model, checkpoint)
+    return RunModel(experiment, model, classes, config.parent)
 
 
-def predict(
-    checkpoint: PathLike,
+def predict_run(
+    checkpoint: Optional[PathLike],
     config: PathLike,
     images: PathLike,
     out: Optional[PathLike] = None,
@@ -107,103 +315,31 @@ def predict(
     image_size: Optional[int] = None,
     root: Optional[PathLike] = None,
     path_col: str = "path",
-    threshold: float = 0.5,
+    threshold: Optional[float] = None,
     workers: int = 0,
     progress: bool = True,
-    flip_pairs: Optional[Sequence[Tuple[int, int]]] = None,
+    flip_pairs: FlipPairs = None,
 ) -> pd.DataFrame:
-    """Predict every image and return (and with ``out``, write) the task's submission table.
+    """A run's submission for ``images``: :func:`load_run` + :func:`iter_predict` + :func:`write_submission`.
 
-    Args:
-        checkpoint: a ``best.pth`` (or a run folder holding one).
-        config: the run's ``config.json`` (or the experiment YAML it was trained from).
-        images: a folder of images or a CSV with a ``path_col`` column (paths relative to ``root``,
-            default the CSV's folder).
-        tta: extra test-time transforms averaged with the plain prediction (``hflip``, ``vflip``...).
-        probs: add one ``prob_<class>`` column per class (classification, class_box).
-        image_size: network input size; default the last stage's (or the augmentation's) size.
-        threshold: mask probability above which a pixel is set (segmentation).
-        device: ``auto`` (GPU when visible), ``cpu`` or ``cuda``.
-        flip_pairs: keypoint index pairs that trade places under a mirror (left/right eye...);
-            required for a mirroring TTA (``hflip``, ``vflip``) on a keypoint run, ``[]`` if none.
+    The run's tuned post-processing (``postprocess.json``) applies unless ``threshold`` is given.
     """
-    from cvkit.data.io import DataError
-    from cvkit.experiment import eval_transform
-    from cvkit.experiment import image_size as run_image_size
-    from cvkit.inference.tta import tta_predict
-
-    experiment, model, classes = load_run(config, checkpoint)
-    task = experiment["task"]
-    size = image_size or run_image_size(experiment, experiment["stages"][-1])
-    files, names = list_images(images, root, path_col)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(0)
-    model = model.to(device).eval()
-    loader = DataLoader(ImageFiles(files, names, eval_transform(experiment, size)), batch_size if size else 1,
-                        shuffle=False, num_workers=workers)
-    transforms = ["identity", *[t for t in tta if t != "identity"]]
-    if task == "keypoints" and flip_pairs is None:
-        from cvkit.inference.tta import create_tta
-
-        mirrors = [t for t in transforms if create_tta(t).swaps_pairs]
-        if mirrors:
-            raise ValueError(f"TTA {mirrors} mirrors the image, so keypoints such as left/right eye trade "
-                             "places: pass flip_pairs (CLI: --flip-pairs 0-1,2-3), or an empty list if none do")
-    rows: List[Dict[str, Any]] = []
-    batches = loader
-    if progress:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(loader, desc="predict", unit="batch")
-    for batch in batches:
-        x = batch["features"].to(device)
-        try:
-            pred = tta_predict(model, x, transforms, target=TTA_TARGET[task],
-                               num_classes=len(classes) if task == "class_box" else None,
-                               flip_pairs=flip_pairs or None).float().cpu()
-        except RuntimeError as exc:
-            raise DataError(f"the model failed on images {[names[int(i)] for i in batch['index'][:3]]}...: "
-                            f"{' '.join(str(exc).split())[:200]}") from None
-        for k, index in enumerate(batch["index"].tolist()):
-            height, width = batch["size"][k].tolist()
-            rows += _rows(task, names[index], pred[k], classes, probs, height, width, threshold)
-    frame = pd.DataFrame(rows)
-    if out is not None:
-        from cvkit.io import atomic_write_bytes
-
-        atomic_write_bytes(out, frame.to_csv(index=False).encode())
-    return frame
+    run = load_run(config, checkpoint)
+    size = image_size or _run_size(run.config)
+    predictions = iter_predict(run.model, images, run.task, tta=tta, batch_size=batch_size, device=device,
+                               transform=run.transform(image_size), image_size=size, classes=run.classes,
+                               flip_pairs=flip_pairs, root=root, path_col=path_col, workers=workers,
+                               progress=progress)
+    tuning = run.tuning if threshold is None else None
+    return write_submission(predictions, run.task, run.classes, out, probs=probs,
+                            threshold=0.5 if threshold is None else threshold, tuning=tuning)
 
 
-def _class_columns(scores: torch.Tensor, classes: List[str], probs: bool) -> Dict[str, Any]:
-    row: Dict[str, Any] = {"label": classes[int(scores.argmax())]}
-    if probs:
-        row.update({f"prob_{name}": round(float(p), 6) for name, p in zip(classes, scores.tolist())})
-    return row
+def _run_size(config: Dict[str, Any]) -> Optional[int]:
+    from cvkit.experiment import image_size
+
+    return image_size(config, config["stages"][-1])
 
 
-def _rows(task: str, name: str, pred: torch.Tensor, classes: List[str], probs: bool, height: int, width: int,
-          threshold: float) -> List[Dict[str, Any]]:
-    """The output rows of one image from its de-augmented prediction."""
-    from cvkit.data.rle import rle_encode
-
-    if task == "classification":
-        return [{"path": name, **_class_columns(pred, classes, probs)}]
-    if task == "class_box":
-        c = len(classes)
-        x1, y1, x2, y2 = (pred[c:] * torch.tensor([width, height, width, height])).tolist()
-        box = {"x1": min(x1, x2), "y1": min(y1, y2), "x2": max(x1, x2), "y2": max(y1, y2)}
-        return [{"path": name, **_class_columns(pred[:c], classes, probs), **{k: round(v, 2) for k, v in box.items()}}]
-    if task == "keypoints":
-        points = (pred.view(-1, 2) * torch.tensor([width, height])).tolist()
-        row: Dict[str, Any] = {"path": name}
-        for k, (x, y) in enumerate(points):
-            row[f"x{k}"], row[f"y{k}"] = round(x, 2), round(y, 2)
-        return [row]
-    mask = F.interpolate(pred[None], size=(height, width), mode="bilinear", align_corners=False)[0]
-    binary = (mask > threshold).numpy().astype(np.uint8)
-    return [{"ImageId": name, "ClassId": c + 1, "EncodedPixels": rle_encode(binary[c])} for c in range(len(binary))]
-
-
-__all__ = ["ImageFiles", "list_images", "load_run", "predict"]
+__all__ = ["ImageFiles", "Prediction", "RunModel", "check_flip_pairs", "iter_predict", "list_images", "load_run",
+           "predict", "predict_run", "write_submission"]

@@ -15,14 +15,13 @@ Transforms are named, so a config can list them::
 from __future__ import annotations
 
 import ast
-import difflib
-import fnmatch
-import warnings
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from cvkit.registry import Registry
 
 TARGETS: Tuple[str, ...] = ("logits", "mask", "keypoints", "boxes")
 PREDICT_TARGETS: Tuple[str, ...] = TARGETS + ("class_box",)
@@ -246,20 +245,19 @@ def pair_permutation(flip_pairs: Sequence[Tuple[int, int]], num_keypoints: int) 
 
 # --- registry ---------------------------------------------------------------------------------
 
-_TTA: Dict[str, Tuple[Callable[..., TTATransform], Tuple[str, ...]]] = {}
+TTA_TRANSFORMS: Registry[Callable[..., TTATransform]] = Registry("TTA transform")
 
 
-def register_tta(name: str, examples: Sequence[str] = ()) -> Callable:
+def register_tta(name: str, examples: Sequence[str] = (), *, override: bool = False) -> Callable:
     """Register a transform class/factory under ``name``; ``examples`` are specs tests run.
 
-    A transform with arguments should give examples (``"shift(3, -2)"``), else tests use ``name``.
+    A transform with arguments should give examples (``"shift(3, -2)"``), else tests use ``name``;
+    they are kept as the entry's ``examples`` metadata. A taken name raises
+    :class:`cvkit.registry.RegistryError` unless ``override=True``.
     """
 
     def add(factory: Callable[..., TTATransform]) -> Callable[..., TTATransform]:
-        if name in _TTA and _TTA[name][0] is not factory:
-            warnings.warn(f"TTA transform {name!r} was registered already; the new one replaces it", stacklevel=2)
-        _TTA[name] = (factory, tuple(examples) or (name,))
-        return factory
+        return TTA_TRANSFORMS.register(factory, name=name, override=override, examples=tuple(examples) or (name,))
 
     return add
 
@@ -273,13 +271,13 @@ register_tta("scale", examples=("scale(1.25)", "scale(0.8)"))(Scale)
 
 def list_tta(pattern: str = "*") -> List[str]:
     """Registered transform names matching a shell-style ``pattern``, sorted."""
-    return sorted(n for n in _TTA if fnmatch.fnmatch(n, pattern))
+    return TTA_TRANSFORMS.list(pattern)
 
 
 def tta_examples(name: Optional[str] = None) -> List[str]:
     """Example specs of one registered transform, or of all of them."""
     names = [name] if name else list_tta()
-    return [spec for n in names for spec in _TTA[n][1]]
+    return [spec for n in names for spec in TTA_TRANSFORMS.meta(n)["examples"]]
 
 
 def create_tta(spec: Union[str, TTATransform], *args, **kwargs) -> TTATransform:
@@ -289,10 +287,7 @@ def create_tta(spec: Union[str, TTATransform], *args, **kwargs) -> TTATransform:
     if not isinstance(spec, str):
         raise TypeError(f"a TTA transform is a name, 'name(args)' or a TTATransform, got {spec!r}")
     name, parsed_args, parsed_kwargs = _parse(spec)
-    if name not in _TTA:
-        close = difflib.get_close_matches(name, list(_TTA), n=3, cutoff=0.4)
-        raise KeyError(f"unknown TTA transform {name!r}; did you mean {close}? registered: {list_tta()}")
-    return _TTA[name][0](*parsed_args, *args, **parsed_kwargs, **kwargs)
+    return TTA_TRANSFORMS.get(name)(*parsed_args, *args, **parsed_kwargs, **kwargs)
 
 
 def _parse(spec: str) -> Tuple[str, list, dict]:
@@ -427,12 +422,14 @@ __all__ = [
     "HFlip",
     "Identity",
     "PREDICT_TARGETS",
+    "TTA_TRANSFORMS",
     "Scale",
     "Shift",
     "TARGETS",
     "TTATransform",
     "VFlip",
     "create_tta",
+    "flip_pairs_from_names",
     "list_tta",
     "pair_permutation",
     "register_tta",
@@ -441,3 +438,15 @@ __all__ = [
     "tta_predict",
     "zoom",
 ]
+
+
+def flip_pairs_from_names(names: Sequence[str]) -> List[Tuple[int, int]]:
+    """Index pairs of keypoints whose names differ only by ``left``/``right`` (they trade places under a mirror)."""
+    index = {name: i for i, name in enumerate(names)}
+    pairs = []
+    for i, name in enumerate(names):
+        mirrored = name.replace("left", "\0").replace("right", "left").replace("\0", "right")
+        j = index.get(mirrored)
+        if j is not None and i < j:
+            pairs.append((i, j))
+    return pairs

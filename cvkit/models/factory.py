@@ -64,6 +64,8 @@ def create_model(
     if arch not in timm.list_models() and arch not in timm.list_models(pretrained=True):
         close = timm.list_models(f"*{arch.split('.')[0][:6]}*")[:8]
         raise KeyError(f"unknown timm architecture {arch!r}; similar names: {close}")
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int (outputs of the classifier), got {num_classes!r}")
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
     if pretrained:

@@ -13,6 +13,7 @@ Everything else is the backbone.
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 from torch import nn
@@ -287,6 +288,18 @@ def count_params(model: nn.Module) -> Tuple[int, int]:
     return train, total
 
 
+MAIN_BLOCK = re.compile(r"^(?:.*\.)?(?:layer\d+|blocks\.\d+|stages\.\d+)$")
+
+
+def main_blocks(model: nn.Module) -> List[str]:
+    """The model's stages in order (``layer1``..``layer4``, ``blocks.0``.., ``stages.0``..), as
+    ``trainable`` block names: ``main_blocks(m)[-2]`` unfreezes the last two, ``[len // 2]`` the top half."""
+    names = [n for n in block_names(model) if MAIN_BLOCK.match(n)]
+    if not names:
+        raise ValueError(f"{type(model).__name__}: no layerN / blocks.N / stages.N blocks among {block_names(model)}")
+    return names
+
+
 __all__ = [
     "apply_trainable",
     "block_names",
@@ -296,6 +309,7 @@ __all__ = [
     "head_names",
     "head_param_names",
     "layer_ids",
+    "main_blocks",
     "param_groups",
     "params_from",
     "resolve_lr",

@@ -13,11 +13,9 @@ Nothing downloads: pretrained weights come from a file (``pretrained=True`` look
 from __future__ import annotations
 
 import difflib
-import fnmatch
 import os
-import warnings
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import timm
 import torch
@@ -25,6 +23,7 @@ from torch import Tensor, nn
 
 from cvkit.io import load_checkpoint, state_dict_of
 from cvkit.models.factory import create_model, find_weights, load_backbone_weights
+from cvkit.registry import Registry
 
 Pretrained = Union[bool, str, os.PathLike, None]
 
@@ -239,36 +238,32 @@ def _drop_unused_encoder_modules(encoder: nn.Module, depth: int, size: int = 64)
 
 # --- registry ---------------------------------------------------------------------------------
 
-_TASK_MODELS: Dict[str, Callable[..., nn.Module]] = {}
+TASK_MODELS: Registry[Callable[..., nn.Module]] = Registry("task model")
 
 
-def register_task_model(fn: Optional[Callable[..., nn.Module]] = None, *, name: Optional[str] = None):
-    """Register a model builder under its function name (or ``name``); re-registering warns.
+def register_task_model(
+    fn: Optional[Callable[..., nn.Module]] = None, *, name: Optional[str] = None, override: bool = False
+) -> Any:
+    """Register a model builder under its function name (or ``name``).
 
-    Use as ``@register_task_model`` or ``@register_task_model(name="my_model")``.
+    Use as ``@register_task_model`` or ``@register_task_model(name="my_model")``; a taken name
+    raises :class:`cvkit.registry.RegistryError` unless ``override=True``.
     """
 
     def add(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        key = name or builder.__name__
-        if key in _TASK_MODELS and _TASK_MODELS[key] is not builder:
-            warnings.warn(f"task model {key!r} was registered already; the new builder replaces it", stacklevel=3)
-        _TASK_MODELS[key] = builder
-        return builder
+        return TASK_MODELS.register(builder, name=name or "", override=override)
 
     return add(fn) if fn is not None else add
 
 
 def list_task_models(pattern: str = "*") -> List[str]:
     """Registered task model names matching a shell-style ``pattern``, sorted."""
-    return sorted(n for n in _TASK_MODELS if fnmatch.fnmatch(n, pattern))
+    return TASK_MODELS.list(pattern)
 
 
 def create_task_model(name: str, **kwargs) -> nn.Module:
     """Build a registered task model; keyword arguments that are None are dropped (timm's rule)."""
-    if name not in _TASK_MODELS:
-        close = difflib.get_close_matches(name, list(_TASK_MODELS), n=3, cutoff=0.4)
-        raise KeyError(f"unknown task model {name!r}; did you mean {close}? registered: {list_task_models()}")
-    return _TASK_MODELS[name](**{k: v for k, v in kwargs.items() if v is not None})
+    return TASK_MODELS.create(name, **kwargs)
 
 
 @register_task_model
@@ -298,6 +293,7 @@ def segmentation(encoder: str, num_classes: int, **kwargs) -> nn.Module:
 __all__ = [
     "ClassBoxModel",
     "KeypointModel",
+    "TASK_MODELS",
     "create_segmentation_model",
     "create_task_model",
     "list_task_models",

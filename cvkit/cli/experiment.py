@@ -1,7 +1,6 @@
-"""``cvkit`` subcommands around YAML experiments: train, predict, lr-find, outliers, report.
+"""Experiment commands: train, predict, lr-find, outliers, report.
 
-Imported by :func:`cvkit.cli.main`, which registers them next to the data commands. Each one is a
-thin layer over the library (:mod:`cvkit.experiment`, :mod:`cvkit.inference.predict`,
+Each one is a thin layer over the library (:mod:`cvkit.experiment`, :mod:`cvkit.inference.predict`,
 :mod:`cvkit.tools`); errors come back as one line on stderr with exit code 2.
 """
 from __future__ import annotations
@@ -13,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from cvkit.cli import UsageError, register_command
+from cvkit.cli.base import UsageError, register_command
 
 
 def _experiment_args(p: argparse.ArgumentParser) -> None:
@@ -35,6 +34,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     _experiment_args(p)
     p.add_argument("--resume", action="store_true",
                    help="continue the run in the experiment's logdir from its last completed epoch")
+    p.add_argument("--resume-changed", action="store_true",
+                   help="with --resume: continue although the experiment changed since the run started "
+                        "(the new values are recorded in config.json)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
 
 
@@ -43,7 +45,9 @@ def _train(args: argparse.Namespace) -> int:
     from cvkit.experiment import run
 
     config = _load(args)
-    result = run(config, resume=args.resume, verbose=not args.quiet)
+    if args.resume_changed and not args.resume:
+        raise UsageError("--resume-changed only applies with --resume")
+    result = run(config, resume=args.resume, verbose=not args.quiet, allow_changes=args.resume_changed)
     logdir = config.get("logdir") or f"runs/{config.get('name', 'experiment')}"
     summary = {"best": result["best"], "valid": result.get("valid"), "test": result.get("test")}
     print(json.dumps(summary, indent=2, default=str))
@@ -68,7 +72,9 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--path-col", default="path", help="image path column of an --images CSV")
     p.add_argument("--image-size", type=int, help="network input size (default: the run's last stage size)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
-    p.add_argument("--threshold", type=float, default=0.5, help="mask probability that sets a pixel (segmentation)")
+    p.add_argument("--threshold", type=float,
+                   help="mask probability that sets a pixel (segmentation); default: the run's tuned "
+                        "postprocess.json when it has one, else 0.5")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the model runs")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
 
@@ -76,10 +82,12 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
 @register_command("predict", "Predict a folder or CSV of images with a run's checkpoint into a submission CSV.",
                   _predict_args)
 def _predict(args: argparse.Namespace) -> int:
-    from cvkit.inference.predict import predict
+    from cvkit.inference.predict import predict_run
 
+    if args.image_size is not None and args.image_size < 1:
+        raise UsageError(f"--image-size must be a positive number of pixels, got {args.image_size}")
     tta = [t.strip() for t in _split_specs(args.tta or "") if t.strip()]
-    frame = predict(args.checkpoint, args.config, args.images, args.out, tta=tta, probs=args.probs,
+    frame = predict_run(args.checkpoint, args.config, args.images, args.out, tta=tta, probs=args.probs,
                     batch_size=args.batch_size, device=args.device, image_size=args.image_size, root=args.root,
                     path_col=args.path_col, threshold=args.threshold, workers=args.workers,
                     progress=sys.stderr.isatty(), flip_pairs=args.flip_pairs)
@@ -170,14 +178,6 @@ def _outliers_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
 
 
-def _feature_fn(model: Any, task: str) -> Any:
-    if task in ("class_box", "keypoints"):
-        return model.backbone
-    if task == "segmentation":
-        return lambda x: model.encoder(x)[-1].mean(dim=(2, 3))
-    return None
-
-
 @register_command("outliers", "Rank a split's images by how unusual their features are (mislabelled/broken).",
                   _outliers_args)
 def _outliers(args: argparse.Namespace) -> int:
@@ -186,6 +186,8 @@ def _outliers(args: argparse.Namespace) -> int:
     from cvkit.experiment import build, image_size, load_weights
     from cvkit.tools.outliers import contact_sheet, extract_features, rank_outliers
 
+    if args.top < 0:
+        raise UsageError(f"--top must be >= 0 (0 writes every image to the CSV), got {args.top}")
     config = _load(args)
     checkpoint = args.checkpoint
     beside = Path(args.config).parent / "best.pth"
@@ -200,8 +202,8 @@ def _outliers(args: argparse.Namespace) -> int:
     dataset = experiment.dataset(args.split, image_size(experiment.config, experiment.config["stages"][-1]))
     loader = DataLoader(dataset, args.batch_size, shuffle=False)
     features, labels, indices = extract_features(experiment.model, loader,
-                                                 feature_fn=_feature_fn(experiment.model, experiment.task))
-    if experiment.task != "classification":
+                                                 feature_fn=experiment.task.features(experiment.model))
+    if not experiment.task.label_targets:
         labels = None
     elif experiment.classes:
         labels = [experiment.classes[int(v)] for v in labels]
@@ -232,12 +234,9 @@ def _report_args(p: argparse.ArgumentParser) -> None:
 
 
 def _read_json(path: Path) -> Dict[str, Any]:
-    if not path.is_file():
-        raise UsageError(f"{path} not found; is {path.parent} a finished run folder?")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    from cvkit.config import read_mapping
+
+    return read_mapping(path, f"{path.name} of a finished run folder")
 
 
 def _cell(value: Any) -> str:

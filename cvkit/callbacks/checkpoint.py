@@ -1,0 +1,73 @@
+"""Per-epoch checkpoints of a staged run: ``last.pth``, ``best.pth`` and the run's ``resume.pth``."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from catalyst.core.callback import Callback, CallbackOrder
+
+from cvkit.io import save_checkpoint
+
+if TYPE_CHECKING:
+    from catalyst.core.runner import IRunner
+
+
+class StageCheckpointCallback(Callback):
+    """Every epoch: ``resume.pth`` and the stage's ``last.pth``; ``best.pth`` when the valid metric improves.
+
+    "Improves" is judged in ``runner.run_state``: the stage's best score lives there, and a new
+    one is offered as the run's best. The state is serialised once, from
+    ``run_state.resume_payload()`` (weights, optimizer, scheduler, counters, history), and written
+    atomically; ``last.pth``, ``best.pth`` and ``resume.pth`` are hard links to that one file where
+    the filesystem allows, so an epoch costs one write. Files hold plain tensors and numbers:
+    ``torch.load(..., weights_only=True)`` reads them. Runs after early stopping and history, so
+    the saved state is the epoch's final one.
+    """
+
+    def __init__(self, folder: Path, resume_path: Path, loader_key: str, metric_key: str) -> None:
+        super().__init__(order=CallbackOrder.External + 20)
+        self.folder, self.resume_path = Path(folder), Path(resume_path)
+        self.loader_key, self.metric_key = loader_key, metric_key
+
+    def on_experiment_start(self, runner: "IRunner") -> None:
+        if runner.run_state.resume_payload is None:
+            raise ValueError("StageCheckpointCallback needs runner.run_state.resume_payload (a StagedRunner sets it)")
+
+    def on_epoch_end(self, runner: "IRunner") -> None:
+        metrics = runner.epoch_metrics.get(self.loader_key)
+        if not metrics or self.metric_key not in metrics:
+            have = {k: sorted(v) for k, v in runner.epoch_metrics.items() if k != "_epoch_"}
+            raise KeyError(
+                f"valid metric {self.loader_key}/{self.metric_key} was not computed; "
+                f"metrics this epoch: {have}"
+            )
+        state = runner.run_state
+        score, epoch = float(metrics[self.metric_key]), int(runner.epoch_step)
+        better = state.better(score, state.stage_best_score)
+        if better:
+            state.stage_best_score, state.stage_best_epoch = score, epoch
+            state.offer_best(self.folder / "best.pth", score, epoch)
+        if not runner.engine.is_main_process:
+            return
+        last = self.folder / "last.pth"
+        save_checkpoint(last, state.resume_payload())
+        if better:
+            link_or_copy(last, self.folder / "best.pth")
+        link_or_copy(last, self.resume_path)
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Make ``target`` hold ``source``'s bytes, atomically: a hard link, or a copy if links fail."""
+    tmp = target.with_name(f".{target.name}.link")
+    if tmp.exists():
+        tmp.unlink()
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+__all__ = ["StageCheckpointCallback", "link_or_copy"]

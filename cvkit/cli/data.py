@@ -1,0 +1,163 @@
+"""Data commands: check, split, inventory, stats, eda (no model, no training)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from cvkit.cli.base import UsageError, register_command
+
+
+def _columns(text: Optional[str]) -> Optional[List[str]]:
+    return [c.strip() for c in text.split(",") if c.strip()] if text else None
+
+
+def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
+    """``DATA``, ``--task`` and every registered task's dataset options (:attr:`cvkit.tasks.Task.options`)."""
+    from cvkit.tasks import TASKS, list_tasks
+    from cvkit.tasks.base import ALIASES
+
+    parser.add_argument("data", help="CSV with one row per image, or a folder of class sub-folders "
+                                     "(classification), or a Severstal RLE CSV with --rle")
+    parser.add_argument("--task", choices=[*list_tasks(), *ALIASES], default="classification",
+                        help="what the targets are")
+    seen = set()
+    for _, task in TASKS.items():
+        for option in task.options:
+            if option.key not in seen:
+                seen.add(option.key)
+                option.add_to(parser)
+
+
+def dataset_from_args(args: argparse.Namespace, transform: Any = None) -> Any:
+    """Build the dataset described by :func:`add_dataset_arguments`' options, through the task."""
+    from cvkit.config import ConfigError
+    from cvkit.tasks import get_task
+
+    try:
+        return get_task(args.task).dataset_from_args(args, transform)
+    except ConfigError as exc:
+        raise UsageError(str(exc).replace("_", "-") if " is required" in str(exc) else str(exc)) from None
+
+
+def _check_args(p: argparse.ArgumentParser) -> None:
+    add_dataset_arguments(p)
+    p.add_argument("--report", help="also write every problem to this CSV (index,row,path,code,message)")
+    p.add_argument("--limit", type=int, default=50, help="problems printed to the terminal")
+    p.add_argument("--workers", type=int, help="reader threads (default: up to 8, one per core)")
+
+
+@register_command("check", "Validate a dataset before training and list every bad row (exit 1 if any).", _check_args)
+def _check(args: argparse.Namespace) -> int:
+    from cvkit.data.check import check_dataset
+
+    report = check_dataset(dataset_from_args(args), workers=args.workers, progress=sys.stderr.isatty())
+    print(report.summary(limit=args.limit))
+    if args.report:
+        report.write_csv(args.report)
+    return 0 if report.ok else 1
+
+
+def _table_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("csv", help="CSV with one row per image")
+    p.add_argument("--root", help="folder the image paths are relative to (default: the CSV's folder)")
+    p.add_argument("--path-col", default="path", help="column holding the image path")
+    p.add_argument("--workers", type=int, help="reader threads (default: up to 8, one per core)")
+
+
+def _split_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("csv", help="CSV with one row per image")
+    p.add_argument("--out-dir", help="where to write train.csv/valid.csv or folds.csv (default: the CSV's folder, "
+                                     "so relative image paths stay valid)")
+    p.add_argument("--valid-fraction", type=float, default=0.2, help="share of each class that goes to valid.csv")
+    p.add_argument("--label-col", default="label", help="stratify by this column")
+    p.add_argument("--no-stratify", action="store_true", help="ignore --label-col and split at random")
+    p.add_argument("--folds", type=int, help="write folds.csv with a 'fold' column 0..K-1 instead of train/valid")
+    p.add_argument("--group-col", help="with --folds: keep rows sharing this column's value in one fold")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same split")
+
+
+@register_command("split", "Split a CSV into train/valid (stratified, seeded), or add a k-fold column.", _split_args)
+def _split(args: argparse.Namespace) -> int:
+    from cvkit.data.tools import add_folds, split_train_valid
+
+    out_dir = Path(args.out_dir) if args.out_dir else Path(args.csv).parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    label = None if args.no_stratify else args.label_col
+    if args.folds:
+        frame = add_folds(args.csv, args.folds, label_col=label, group_col=args.group_col, seed=args.seed)
+        frame.to_csv(out_dir / "folds.csv", index=False)
+        print(f"wrote {out_dir / 'folds.csv'}: {frame['fold'].value_counts().sort_index().to_dict()} rows per fold")
+        return 0
+    if args.group_col:
+        raise UsageError("--group-col only applies with --folds")
+    train, valid = split_train_valid(args.csv, args.valid_fraction, label_col=label, seed=args.seed)
+    train.to_csv(out_dir / "train.csv", index=False)
+    valid.to_csv(out_dir / "valid.csv", index=False)
+    print(f"wrote {out_dir / 'train.csv'} ({len(train)} rows) and {out_dir / 'valid.csv'} ({len(valid)} rows)")
+    return 0
+
+
+def _inventory_args(p: argparse.ArgumentParser) -> None:
+    _table_args(p)
+    p.add_argument("--out", default="inventory.csv",
+                   help="inventory CSV to write; the summary goes next to it as <name>.summary.json")
+
+
+@register_command("inventory", "List every image's size, channels, mode and file size, plus a summary.",
+                  _inventory_args)
+def _inventory(args: argparse.Namespace) -> int:
+    from cvkit.data.tools import inventory
+    from cvkit.io import atomic_write_json
+
+    frame, summary = inventory(args.csv, args.root, args.path_col, args.workers, progress=sys.stderr.isatty())
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out, index=False)
+    atomic_write_json(out.with_suffix(".summary.json"), summary)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _stats_args(p: argparse.ArgumentParser) -> None:
+    _table_args(p)
+    p.add_argument("--out", help="also write the result as JSON here")
+
+
+@register_command("stats", "Exact per-channel RGB mean/std in [0, 1] over every pixel (for Normalize).", _stats_args)
+def _stats(args: argparse.Namespace) -> int:
+    from cvkit.data.tools import mean_std
+    from cvkit.io import atomic_write_json
+
+    result = mean_std(args.csv, args.root, args.path_col, args.workers, progress=sys.stderr.isatty())
+    if args.out:
+        atomic_write_json(args.out, result)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _eda_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("train", help="train CSV")
+    p.add_argument("test", help="test CSV (the label column may be absent)")
+    p.add_argument("--out-dir", default="eda", help="folder for the PNG plots")
+    p.add_argument("--root", help="folder of the train image paths (default: the train CSV's folder)")
+    p.add_argument("--test-root", help="folder of the test image paths (default: the test CSV's folder)")
+    p.add_argument("--path-col", default="path", help="column holding the image path")
+    p.add_argument("--label-col", default="label", help="label column for the balance plot")
+    p.add_argument("--max-images", type=int, default=2000, help="images read per split (a seeded sample)")
+    p.add_argument("--seed", type=int, default=0, help="seed of that sample")
+    p.add_argument("--workers", type=int, help="reader threads (default: up to 8, one per core)")
+
+
+@register_command("eda", "Compare train and test (size, brightness/contrast, colour, labels) as PNG plots.", _eda_args)
+def _eda(args: argparse.Namespace) -> int:
+    from cvkit.data.tools import eda
+
+    written = eda(args.train, args.test, args.out_dir, root=args.root, test_root=args.test_root,
+                  path_col=args.path_col, label_col=args.label_col, max_images=args.max_images, seed=args.seed,
+                  workers=args.workers, progress=sys.stderr.isatty())
+    for path in written:
+        print(path)
+    return 0

@@ -1,0 +1,86 @@
+"""One run per folder: a lock file holding the owner's pid and host.
+
+Two runs writing one logdir would overwrite each other's checkpoints and logs without a word.
+:class:`RunLock` creates ``<logdir>/.cvkit.lock`` exclusively; a second run refuses with one line
+naming the owner. A lock left by a process that no longer exists on this host is taken over with
+a warning (a crash or SIGKILL cannot remove it).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import warnings
+from pathlib import Path
+from types import TracebackType
+from typing import Optional, Type, Union
+
+LOCK_NAME = ".cvkit.lock"
+
+
+class RunLockedError(ValueError):
+    """Another live process is writing this run folder."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    """``with RunLock(logdir):`` — hold the run folder for this process; see the module doc."""
+
+    def __init__(self, logdir: Union[str, os.PathLike]) -> None:
+        self.path = Path(logdir) / LOCK_NAME
+        self.held = False
+
+    def acquire(self) -> None:
+        """Take the lock, or raise :class:`RunLockedError` naming the live owner."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is None or (owner.get("host") == me["host"] and not _alive(int(owner.get("pid", -1)))):
+                    warnings.warn(f"{self.path}: taking over a stale lock of a process that no longer runs ({owner})",
+                                  stacklevel=3)
+                    self.path.unlink(missing_ok=True)
+                    continue
+                raise RunLockedError(f"{self.path.parent} is being written by another run (pid {owner.get('pid')} on "
+                                     f"{owner.get('host')}); wait for it, stop it, or use another logdir") from None
+            with os.fdopen(fd, "w") as handle:
+                json.dump(me, handle)
+            self.held = True
+            return
+        raise RunLockedError(f"{self.path}: could not take the lock")
+
+    def _owner(self) -> Optional[dict]:
+        try:
+            owner = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        return owner if isinstance(owner, dict) else None
+
+    def release(self) -> None:
+        """Give the lock back (only the holder removes the file)."""
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self) -> "RunLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, kind: Optional[Type[BaseException]], value: Optional[BaseException],
+                 trace: Optional[TracebackType]) -> None:
+        self.release()
+
+
+__all__ = ["LOCK_NAME", "RunLock", "RunLockedError"]

@@ -1,0 +1,250 @@
+"""The :class:`Task` contract: everything that differs between classification, class + box,
+keypoints and segmentation, in one object per task.
+
+A task builds its datasets from a data spec (the YAML ``data:`` mapping, or the command's
+dataset options, which are generated from the same :class:`DataOption` list), knows its default
+model, criterion, metric and TTA target, turns a model's de-augmented output into a prediction in
+original image coordinates, writes the submission rows, and draws a worst prediction. Nothing
+outside ``cvkit/tasks/`` branches on a task's name: it asks the task object.
+
+A new task is one class registered with :func:`register_task`; see ARCHITECTURE.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from cvkit.registry import Registry
+
+PathLike = Union[str, os.PathLike]
+Row = Dict[str, Any]
+
+COMMON_DATA_KEYS = frozenset({"kind", "train", "valid", "test", "valid_fraction", "seed", "limit", "skip_bad_rows"})
+DEMO_DATA_KEYS = frozenset({"kind", "root", "seed", "per_class", "valid_fraction", "limit", "skip_bad_rows"})
+
+
+@dataclass(frozen=True)
+class DataOption:
+    """One dataset option: a ``data:`` key in YAML and a ``--dashed-name`` on the command line.
+
+    ``kind`` is ``str``, ``int``, ``columns`` (comma-separated on the command line, a list in YAML),
+    ``flag`` (a boolean switch) or ``choice`` (one of ``choices``).
+    """
+
+    key: str
+    help: str
+    default: Any = None
+    kind: str = "str"
+    choices: Tuple[str, ...] = ()
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        """Declare this option on an argparse parser."""
+        flag = "--" + self.key.replace("_", "-")
+        if self.kind == "flag":
+            parser.add_argument(flag, dest=self.key, action="store_true", help=self.help)
+            return
+        kwargs: Dict[str, Any] = {"dest": self.key, "help": self.help, "default": self.default}
+        if self.kind == "int":
+            kwargs["type"] = int
+        elif self.kind == "choice":
+            kwargs["choices"] = self.choices
+        elif self.kind == "columns":
+            kwargs["default"] = ",".join(self.default) if isinstance(self.default, (list, tuple)) else self.default
+        parser.add_argument(flag, **kwargs)
+
+    def from_args(self, args: argparse.Namespace) -> Any:
+        """The option's value from parsed arguments, in its YAML form (a list for ``columns``)."""
+        value = getattr(args, self.key, self.default)
+        if self.kind == "columns" and isinstance(value, str):
+            parts = [c.strip() for c in value.split(",") if c.strip()]
+            return parts[0] if len(parts) == 1 else parts
+        return value
+
+
+COMMON_OPTIONS = (
+    DataOption("root", "folder the CSV's image paths are relative to (default: the CSV's folder)"),
+    DataOption("path_col", "column holding the image path", default="path"),
+)
+CLASS_OPTIONS = (
+    DataOption("label_col", "column holding the class label", default="label"),
+    DataOption("class_map", "JSON {label name: index}; default: the sorted labels of the CSV"),
+)
+
+
+class Task:
+    """Base class of every task; subclasses set the class attributes and override the hooks."""
+
+    name: ClassVar[str] = ""
+    model: ClassVar[str] = "classifier"
+    criterion: ClassVar[str] = "cross_entropy"
+    metric: ClassVar[str] = "classification"
+    valid_metric: ClassVar[str] = "accuracy"
+    tta_target: ClassVar[str] = "logits"
+    tta_activation: ClassVar[Optional[str]] = None
+    options: ClassVar[Tuple[DataOption, ...]] = COMMON_OPTIONS
+    data_kinds: ClassVar[Tuple[str, ...]] = ("csv", "demo")
+    has_classes: ClassVar[bool] = False
+    label_targets: ClassVar[bool] = False
+    submission_columns: ClassVar[Tuple[str, ...]] = ("path",)
+    tuning_file: ClassVar[Optional[str]] = None
+
+    # --- data ----------------------------------------------------------------------------------
+
+    def data_keys(self, kind: str) -> frozenset:
+        """The keys a ``data:`` mapping of ``kind`` may hold for this task."""
+        if kind == "demo":
+            return DEMO_DATA_KEYS
+        return COMMON_DATA_KEYS | {o.key for o in self.options}
+
+    def dataset(self, table: Any, spec: Mapping[str, Any], class_map: Any = None, transform: Any = None) -> Any:
+        """The dataset of one split: ``table`` (a CSV path or DataFrame) read with ``spec``'s options."""
+        raise NotImplementedError(f"task {self.name!r} does not read tables")
+
+    def datasets(self, spec: Dict[str, Any], demo_root: Path) -> Dict[str, Any]:
+        """``{"train", "valid"?, "test"?}`` from a ``data:`` spec (kinds ``csv`` and ``demo``)."""
+        from cvkit.config import ConfigError
+
+        if spec["kind"] == "demo":
+            root = Path(spec.pop("root")) if spec.get("root") else demo_root
+            spec.update(self.demo(root, int(spec.get("seed", 0)), spec.get("per_class")))
+        if not spec.get("train"):
+            raise ConfigError(f"data.train is required for kind {spec['kind']!r}: the training table")
+        out = {"train": self.dataset(spec["train"], spec, spec.get("class_map"))}
+        class_map = getattr(out["train"], "class_map", None)
+        for split in ("valid", "test"):
+            if spec.get(split):
+                out[split] = self.dataset(spec[split], spec, class_map)
+        return out
+
+    def dataset_from_args(self, args: argparse.Namespace, transform: Any = None) -> Any:
+        """The dataset the command's ``DATA`` argument and this task's options describe."""
+        spec = {o.key: o.from_args(args) for o in self.options}
+        return self.dataset(Path(args.data), spec, spec.get("class_map"), transform)
+
+    def demo(self, root: Path, seed: int, per_class: Optional[int]) -> Dict[str, Any]:
+        """Build (once) the task's demo set under ``root``; returns the ``data:`` keys that read it."""
+        raise NotImplementedError(f"task {self.name!r} has no demo data")
+
+    def wrap(self, dataset: Any) -> Any:
+        """The dataset as the model and criterion see it (the default: unchanged)."""
+        return dataset
+
+    def classes(self, dataset: Any) -> List[str]:
+        """Class names in index order (empty for tasks without classes)."""
+        class_map = getattr(dataset, "class_map", None)
+        if class_map:
+            return [name for name, _ in sorted(class_map.items(), key=lambda kv: kv[1])]
+        return [str(c) for c in (getattr(dataset, "class_names", ()) or ())]
+
+    def labels(self, dataset: Any) -> Optional[np.ndarray]:
+        """Per-item labels to stratify a split by, or None."""
+        return None
+
+    # --- model, criterion, metrics ---------------------------------------------------------------
+
+    def model_sizes(self, train: Any, classes: Sequence[str]) -> Dict[str, int]:
+        """The model spec's sizes the data determines (``num_classes``, ``num_keypoints``...)."""
+        return {"num_classes": len(classes)} if classes else {}
+
+    def check_model(self, spec: Mapping[str, Any], train: Any, classes: Sequence[str]) -> None:
+        """Refuse a model spec whose sizes contradict the data (one line naming the key)."""
+        from cvkit.config import ConfigError
+
+        for key, value in self.model_sizes(train, classes).items():
+            given = spec.get(key)
+            if given is not None and given != value:
+                raise ConfigError(f"model.{key}: {given!r} does not match the data, which has {value} "
+                                  f"({key.replace('num_', '')}); leave it out or set {value}")
+
+    def metric_kwargs(self, model_spec: Mapping[str, Any], image_size: Optional[int]) -> Dict[str, Any]:
+        """Keyword arguments of the task's registered metric."""
+        return {"num_classes": int(model_spec["num_classes"])}
+
+    def adapt_criterion(self, criterion: Any, model_spec: Mapping[str, Any]) -> Any:
+        """The criterion as it meets this task's model output (the default: unchanged)."""
+        return criterion
+
+    # --- prediction ------------------------------------------------------------------------------
+
+    def tta_kwargs(self, classes: Sequence[str]) -> Dict[str, Any]:
+        """Extra keyword arguments of :func:`cvkit.inference.tta.tta_predict` for this task."""
+        return {"activation": self.tta_activation} if self.tta_activation else {}
+
+    def decode(self, output: Any, height: int, width: int, classes: Sequence[str]) -> Dict[str, Any]:
+        """One image's de-augmented output as a prediction in pixels of the original image."""
+        raise NotImplementedError
+
+    def rows(self, name: str, prediction: Mapping[str, Any], classes: Sequence[str], probs: bool = False,
+             threshold: float = 0.5, tuning: Any = None) -> List[Row]:
+        """The submission rows of one image (``tuning``: what :meth:`tune` chose, applied when given)."""
+        raise NotImplementedError
+
+    def tune(self, model: Any, dataset: Any, transform: Any, device: str = "cpu") -> Any:
+        """Post-processing chosen on the valid split after training (an object with ``to_json()``,
+        ``before`` and ``after`` scores, saved as :attr:`tuning_file`), or None when the task has none."""
+        return None
+
+    def load_tuning(self, folder: PathLike) -> Any:
+        """The run folder's saved post-processing (:attr:`tuning_file`), or None."""
+        return None
+
+    def read_submission(self, frame: Any, classes: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+        """A submission table read back: ``{name: prediction}`` in :meth:`decode`'s form (for checks)."""
+        raise NotImplementedError
+
+    def example_output(self, classes: Sequence[str], generator: Any) -> Any:
+        """One image's de-augmented output of a plausible model (a tensor; the registry tests use it)."""
+        raise NotImplementedError
+
+    # --- inspection ------------------------------------------------------------------------------
+
+    def draw(self, image: np.ndarray, output: Any, target: Any) -> np.ndarray:
+        """A worst-prediction picture: ``image`` (RGB uint8) with the output and target drawn on it."""
+        from cvkit.callbacks.worst import draw_label
+
+        return draw_label(image, output, target)
+
+    def features(self, model: Any) -> Optional[Callable[[Any], Any]]:
+        """The embedding used to rank outliers (None: the model's own ``forward_features``/pooling)."""
+        return None
+
+
+TASKS: Registry[Task] = Registry("task")
+ALIASES = {"boxes": "class_box"}
+
+
+def register_task(cls: Optional[type] = None, *, override: bool = False) -> Any:
+    """Class decorator: register one instance of a :class:`Task` subclass under its ``name``."""
+
+    def add(task_cls: type) -> type:
+        if not task_cls.name:
+            raise ValueError(f"{task_cls.__name__} needs a class attribute name")
+        TASKS.register(task_cls(), name=task_cls.name, override=override)
+        return task_cls
+
+    return add(cls) if cls is not None else add
+
+
+def get_task(task: Union[str, Task]) -> Task:
+    """The registered task of that name (``boxes`` still means ``class_box``, with a FutureWarning)."""
+    if isinstance(task, Task):
+        return task
+    if task in ALIASES:
+        import warnings
+
+        warnings.warn(f"task name {task!r} is now {ALIASES[task]!r}", FutureWarning, stacklevel=2)
+        task = ALIASES[task]
+    return TASKS.get(task)
+
+
+def list_tasks(pattern: str = "*") -> List[str]:
+    """Registered task names."""
+    return TASKS.list(pattern)
+
+
+__all__ = ["CLASS_OPTIONS", "COMMON_OPTIONS", "DataOption", "TASKS", "Task", "get_task", "list_tasks", "register_task"]

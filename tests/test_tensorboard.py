@@ -1,0 +1,35 @@
+"""TensorBoard holds every epoch of every stage on one timeline, however short the stages."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import tensorboardX.event_file_writer
+import torch
+from conftest import tiny_loaders
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from cvkit.models import create_model
+from cvkit.runners import StagedRunner
+from cvkit.stages import Stage
+
+
+def scalars(folder, tag):
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+@pytest.mark.parametrize("same_second", [True, False], ids=["stages-in-one-second", "real-clock"])
+def test_two_one_epoch_stages_both_reach_tensorboard(tmp_path, monkeypatch, same_second):
+    if same_second:
+        # tensorboardX names event files by the second they open; pin that second so the second
+        # stage's files are named exactly like the first stage's.
+        monkeypatch.setattr(tensorboardX.event_file_writer, "time", SimpleNamespace(time=lambda: 1700000000.0))
+    stages = [Stage("a", 1, trainable="head", lr=0.01), Stage("b", 1, lr=0.001)]
+    StagedRunner().fit(create_model("test_resnet", 3), stages, tiny_loaders(n_train=16, n_valid=16),
+                       torch.nn.CrossEntropyLoss(), tmp_path, verbose=False)
+    board = tmp_path / "tensorboard"
+    assert [step for step, _ in scalars(board / "valid", "loss/epoch")] == [1, 2]
+    assert [step for step, _ in scalars(board / "train", "loss/epoch")] == [1, 2]
+    assert scalars(board / "_epoch_", "stage_index/epoch") == [(1, 0.0), (2, 1.0)]
