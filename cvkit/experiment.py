@@ -268,11 +268,21 @@ def _metrics(config: Mapping[str, Any]) -> Callable[[], List[Any]]:
 
 
 def build_model(config: Mapping[str, Any]) -> nn.Module:
-    """The task model of a completed experiment whose ``model`` holds every size it needs."""
+    """The task model of a completed experiment whose ``model`` holds every size it needs.
+
+    ``pretrained: demo`` starts a timm backbone from the demos' label-free pretext weights
+    (:func:`cvkit.data.demo.demo_pretrained`, cached under ``<logdir>/../demo_data/pretrained``).
+    """
     from cvkit.models.tasks import create_task_model
 
     spec = dict(config["model"])
     name = spec.pop("name")
+    if spec.get("pretrained") == "demo":
+        from cvkit.data.demo import demo_pretrained
+
+        if not spec.get("arch"):
+            raise ConfigError("model.pretrained: 'demo' builds weights for a timm model.arch; this model has none")
+        spec["pretrained"] = str(demo_pretrained(spec["arch"], Path(config["logdir"]).parent / "demo_data" / "pretrained"))
     try:
         return create_task_model(name, **spec)
     except TypeError as exc:

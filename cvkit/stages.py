@@ -121,6 +121,54 @@ def onecycle(optimizer: torch.optim.Optimizer, stage: "Stage", steps_per_epoch: 
 
 
 _EARLY_STOPPING_KEYS = {"patience", "min_delta", "metric", "loader", "minimize"}
+SAMPLERS = (None, "balanced")
+_EMA_KEYS = ("decay", "min_decay", "update_after_step", "use_warmup", "warmup_gamma", "warmup_power",
+             "exclude_buffers", "foreach", "validate")
+_MIXUP_KEYS = ("mixup_alpha", "cutmix_alpha", "cutmix_minmax", "prob", "switch_prob", "mode", "correct_lam",
+               "label_smoothing", "num_classes")
+
+
+def ema_options(ema: Union[float, Mapping[str, Any]], where: str = "stage") -> Dict[str, Any]:
+    """A stage's ``ema`` as ModelEmaV3 keyword arguments plus ``validate``; ValueError naming the bad key."""
+    if isinstance(ema, bool) or not isinstance(ema, (int, float, Mapping)):
+        raise ValueError(f"{where}: ema must be a decay in (0, 1) or a dict of ModelEmaV3 options, got {ema!r}")
+    options = dict(ema) if isinstance(ema, Mapping) else {"decay": float(ema)}
+    unknown = sorted(set(options) - set(_EMA_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unknown ema keys {unknown}; valid: {list(_EMA_KEYS)}")
+    options.setdefault("decay", 0.9998)
+    options.setdefault("validate", "ema")
+    decay = options["decay"]
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay < 1:
+        raise ValueError(f"{where}: ema decay must be in (0, 1), got {decay!r}")
+    if options["validate"] not in ("ema", "both"):
+        raise ValueError(f"{where}: ema validate must be 'ema' or 'both', got {options['validate']!r}")
+    return options
+
+
+def mixup_options(mixup: Mapping[str, Any], where: str = "stage") -> Dict[str, Any]:
+    """A stage's ``mixup`` dict checked against timm's ``Mixup`` (known keys, sane ranges)."""
+    if not isinstance(mixup, Mapping):
+        raise ValueError(f"{where}: mixup must be a dict of timm Mixup options (mixup_alpha, cutmix_alpha, ...), got {mixup!r}")
+    options = dict(mixup)
+    unknown = sorted(set(options) - set(_MIXUP_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unknown mixup keys {unknown}; valid: {list(_MIXUP_KEYS)}")
+    for key in ("mixup_alpha", "cutmix_alpha", "prob", "switch_prob", "label_smoothing"):
+        value = options.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"{where}: mixup {key} must be a number >= 0, got {value!r}")
+    for key in ("prob", "switch_prob", "label_smoothing"):
+        if options.get(key, 0.0) > 1:
+            raise ValueError(f"{where}: mixup {key} must be at most 1, got {options[key]!r}")
+    if options.get("mode", "batch") not in ("batch", "pair", "elem"):
+        raise ValueError(f"{where}: mixup mode must be 'batch', 'pair' or 'elem', got {options['mode']!r}")
+    if options.get("mixup_alpha", 1.0) == 0 and options.get("cutmix_alpha", 0.0) == 0 and options.get("cutmix_minmax") is None:
+        raise ValueError(f"{where}: mixup needs mixup_alpha > 0, cutmix_alpha > 0 or cutmix_minmax")
+    classes = options.get("num_classes")
+    if classes is not None and (isinstance(classes, bool) or not isinstance(classes, int) or classes < 2):
+        raise ValueError(f"{where}: mixup num_classes must be an int >= 2, got {classes!r}")
+    return options
 
 
 @dataclass
@@ -150,6 +198,20 @@ class Stage:
         loss_range: band of per-sample loss ranks to learn from (see cvkit.callbacks.loss_range).
         on_nan: a NaN/inf loss or gradient ``"stop"``s the run with a message naming stage,
             epoch and batch, or ``"skip"``s that batch (counted as ``nan_skipped_batches``).
+        ema: keep an exponential moving average of the weights (timm's ``ModelEmaV3``), updated
+            after every optimizer step: a decay (``0.9998``) or a dict of ModelEmaV3 options
+            (``decay``, ``use_warmup``, ``warmup_power``, ``update_after_step``, ...) plus
+            ``validate``: ``"ema"`` (default: validation, best epoch and checkpoints use the
+            EMA weights) or ``"both"`` (the raw weights are validated too, as loader ``<valid>_raw``).
+        mixup: timm ``Mixup`` options for classification train batches (``mixup_alpha``,
+            ``cutmix_alpha``, ``prob``, ``switch_prob``, ``mode``, ``label_smoothing``,
+            ``num_classes``); targets become soft, so the criterion must accept probabilities.
+        accumulate: optimizer step every ``accumulate`` train batches (gradient accumulation);
+            the loss is divided by the window's size, per-batch schedulers count optimizer steps.
+        sampler: ``"balanced"``: the loader factory draws train samples with inverse class
+            frequency (:class:`cvkit.data.samplers.BalancedSampler`); None: the loader's own order.
+        frozen_bn: BatchNorm layers of frozen blocks stay in eval mode (``"eval"``, statistics and
+            affine parameters fixed) or keep training (``"train"``, fastai's default).
     """
 
     name: str
@@ -171,6 +233,11 @@ class Stage:
     init: str = "best"
     loss_range: Optional[Any] = None
     on_nan: str = "stop"
+    ema: Union[None, float, Dict[str, Any]] = None
+    mixup: Optional[Dict[str, Any]] = None
+    accumulate: int = 1
+    sampler: Optional[str] = None
+    frozen_bn: str = "eval"
 
     def __post_init__(self) -> None:
         where = f"stage {self.name!r}"
@@ -225,6 +292,16 @@ class Stage:
 
         if self.loss_range is not None:
             self._check_loss_range()
+        if not isinstance(self.accumulate, int) or isinstance(self.accumulate, bool) or self.accumulate < 1:
+            raise ValueError(f"{where}: accumulate must be an int >= 1 (batches per optimizer step), got {self.accumulate!r}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"{where}: sampler must be one of {list(SAMPLERS)}, got {self.sampler!r}")
+        if self.frozen_bn not in ("eval", "train"):
+            raise ValueError(f"{where}: frozen_bn must be 'eval' or 'train', got {self.frozen_bn!r}")
+        if self.ema is not None:
+            ema_options(self.ema, where)
+        if self.mixup is not None:
+            mixup_options(self.mixup, where)
         self._check_builds()
 
     def _check_loss_range(self) -> None:

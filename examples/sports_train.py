@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from _common import common_args, predict_device, starting_weights
+from _common import common_args, predict_device
 from cvkit.config import load_config
 from cvkit.experiment import build_datasets, run, with_transform
 from cvkit.inference.export import export_by_class
@@ -37,8 +37,7 @@ CONFIG = {
     "name": "sports",
     "task": "classification",
     "data": {"kind": "demo", "per_class": 100},
-    "model": {"name": "classifier", "arch": "test_convnext",
-              "pretrained": "runs/demo_data/pretrained/test_convnext-digits-rotation.safetensors"},
+    "model": {"name": "classifier", "arch": "test_convnext", "pretrained": "demo"},
     "augmentation": {"preset": "light", "size": 32},
     "criterion": {"name": "cross_entropy"},
     "valid_metric": "f1_macro",
@@ -70,8 +69,7 @@ def experiment(args) -> dict:
     if args.data is not None:
         config["data"] = {"kind": "folders", **{split: str(args.data / split) for split in ("train", "valid", "test")}}
     config["data"].update({"limit": args.limit} if args.limit else {})
-    weights = starting_weights(args)
-    config["model"].update(arch=args.arch, pretrained=str(weights) if weights else None)
+    config["model"].update(arch=args.arch, pretrained=args.pretrained or ("demo" if args.data is None else None))
     config["augmentation"]["size"] = args.image_size
     for stage in config["stages"]:
         stage["batch_size"] = args.batch_size

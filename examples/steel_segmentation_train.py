@@ -1,11 +1,11 @@
 """Severstal steel defects: an smp U-Net with one mask per defect class, and an RLE submission.
-
-Decoder and head first on a frozen encoder, then everything at a lower encoder LR; Dice + BCE per
-image; the best epoch has the best valid Dice. Test images are predicted with flip TTA, resized back
-to their own size, thresholded and written by the segmentation task (``ImageId,EncodedPixels,ClassId``).
-``CONFIG`` is built and trained by :mod:`cvkit.experiment` as ``cvkit train`` does:
-``examples/configs/steel_segmentation_train.yaml`` is its twin. Real data (``--data DIR``): Severstal's
-``train.csv``, ``train_images/`` and ``test_images/``; without it, a demo of digits 0-3 (defect classes 1-4).
+Decoder and head on a frozen encoder, then everything; Dice + BCE; the best epoch has the best valid
+``dice_image`` (the leaderboard's Dice per image and class); per-class threshold and minimum areas are
+then tuned on valid (``postprocess.json``). Test images: flip TTA at their own size, written with that
+tuning (``ImageId,EncodedPixels,ClassId``) exactly as ``cvkit predict --tta hflip`` writes them.
+``CONFIG`` is trained by :mod:`cvkit.experiment` as ``cvkit train`` does (twin: examples/configs/
+steel_segmentation_train.yaml). ``--data DIR``: Severstal's ``train.csv``, ``train_images/``,
+``test_images/``; without it, a demo of digits 0-3 (defect classes 1-4).
 
     python examples/steel_segmentation_train.py                   # demo, about a minute on 2 CPU cores
     python examples/steel_segmentation_train.py --data ~/severstal --encoder resnet34 \\
@@ -17,7 +17,6 @@ import copy
 from pathlib import Path
 
 import albumentations as A
-import numpy as np
 import pandas as pd
 import torch
 
@@ -30,7 +29,7 @@ from cvkit.inference.predict import list_images, load_run, predict, write_submis
 from cvkit.io import atomic_write_bytes, atomic_write_json
 from cvkit.metrics import SegmentationMetrics
 from cvkit.plots import write_png
-from cvkit.tasks import mask_overlay, read_rle_table
+from cvkit.tasks import get_task, mask_overlay, read_rle_table
 
 
 def train_transform(h: int, w: int) -> A.Compose:
@@ -41,7 +40,7 @@ CONFIG = {  # the experiment; examples/configs/steel_segmentation_train.yaml hol
     "name": "steel_segmentation", "task": "segmentation", "data": {"kind": "demo", "per_class": 25},
     "model": {"name": "segmentation", "encoder": "tu-test_resnet", "encoder_weights_path": None},
     "augmentation": transform_to_dict(train_transform(64, 64)), "criterion": {"name": "dice_bce"},
-    "valid_metric": "dice", "seed": 42, "stages": [
+    "valid_metric": "dice_image", "seed": 42, "stages": [
         {"name": "decoder", "epochs": 2, "trainable": "head", "lr": {"head": 0.01}, "optimizer": "adamw",
          "batch_size": 8},
         {"name": "all", "epochs": 16, "trainable": "all", "lr": {"head": 0.005, "backbone": 0.003},
@@ -56,7 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--head-epochs", type=int, default=first["epochs"], help="epochs with the encoder frozen")
     p.add_argument("--image-size", type=int, default=64, help="training height (a multiple of 32)")
     p.add_argument("--width", type=int, default=None, help="training width (default: --image-size)")
-    p.add_argument("--threshold", type=float, default=0.5, help="probability above which a pixel is a defect")
+    p.add_argument("--threshold", type=float, help="probability above which a pixel is a defect (default: tuned)")
     p.add_argument("--overlays", action="store_true", help="write LOGDIR/overlays/<image>.png with the predicted masks")
     return p.parse_args(argv)
 
@@ -97,9 +96,10 @@ def main(argv=None) -> dict:
              else list_images(args.data / "test_images")[0][: args.limit])
     predictions = predict(trained.model, files, "segmentation", tta=["hflip"], transform=plain, batch_size=16,
                           image_size=args.image_size, workers=args.workers, device=predict_device(args))
-    write_submission(predictions, "segmentation", out=args.logdir / "submission.csv", threshold=args.threshold)
+    tuning, threshold = (trained.tuning, 0.5) if args.threshold is None else (None, args.threshold)
+    write_submission(predictions, "segmentation", out=args.logdir / "submission.csv", threshold=threshold, tuning=tuning)
     for p in predictions if args.overlays else ():
-        mask = (p.decode("segmentation")["probs"] > args.threshold).astype(np.uint8)
+        mask = get_task("segmentation").masks(p.decode("segmentation"), threshold, tuning)
         write_png(args.logdir / "overlays" / f"{Path(p.name).stem}.png", mask_overlay(read_image(files[p.index]), mask))
     if test is not None:
         tta, test = SegmentationMetrics(trained.config["model"]["num_classes"]), with_transform(test, plain)
@@ -109,8 +109,7 @@ def main(argv=None) -> dict:
         atomic_write_json(args.logdir / "metrics.json", result)
         print(f"test Dice {result['test']['dice']:.4f} (IoU {result['test']['iou']:.4f}); with flip TTA "
               f"{result['test_flip_tta']['dice']:.4f} (IoU {result['test_flip_tta']['iou']:.4f})", end="  ")
-    print(f"(best: stage {result['best']['stage']!r}, epoch {result['best']['epoch']}; "
-          f"submission in {args.logdir / 'submission.csv'})")
+    print(f"(best: stage {result['best']['stage']!r}, epoch {result['best']['epoch']}; submission in {args.logdir})")
     return result
 
 

@@ -41,6 +41,10 @@ def test_train_writes_metrics_and_a_config_that_reruns(run_dir, capsys):
     drop = {"started", "logdir"}
     assert {k: v for k, v in first.items() if k not in drop} == {k: v for k, v in second.items() if k not in drop}
     assert "repeat it with: cvkit train" in capsys.readouterr().out
+    # one seed, one run: the repeat from config.json gives the same metrics.json and best.pth
+    assert (run_dir / "metrics.json").read_text() == (again / "metrics.json").read_text()
+    a, b = (torch.load(d / "best.pth", weights_only=True) for d in (run_dir, again))
+    assert a["epoch"] == b["epoch"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
 def test_typo_fails_with_the_key_and_nearest_spelling_exit_2(tmp_path):

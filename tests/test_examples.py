@@ -126,6 +126,30 @@ def test_steel_submission_is_the_tasks_rle_of_the_flip_tta_masks_at_original_siz
 
 
 @pytest.mark.slow
+def test_steel_tuned_submission_equals_cvkit_predict_on_the_same_images(tmp_path):
+    """The example applies the run's tuned post-processing exactly as `cvkit predict --tta hflip` does."""
+    import shutil
+
+    from cvkit.cli import main
+
+    logdir = tmp_path / "run"
+    run("steel_segmentation_train", logdir, "--head-epochs", "1", "--image-size", "32", "--limit", "12")
+    assert (logdir / "postprocess.json").is_file()
+    post = json.loads((logdir / "metrics.json").read_text())["postprocess"]
+    assert post["after"] >= post["before"]
+    root = tmp_path / "demo_data" / "segmentation_25_per_class"
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in pd.read_csv(root / "test.csv")["path"].head(12):
+        shutil.copy(root / path, images)
+    out = tmp_path / "predicted.csv"
+    assert main(["predict", "--checkpoint", str(logdir), "--config", str(logdir / "config.json"), "--images",
+                 str(images), "--out", str(out), "--tta", "hflip", "--batch-size", "16", "--device", "cpu"]) == 0
+    read = lambda p: pd.read_csv(p, keep_default_na=False).sort_values(["ImageId", "ClassId"]).reset_index(drop=True)  # noqa: E731
+    pd.testing.assert_frame_equal(read(out), read(logdir / "submission.csv"))
+
+
+@pytest.mark.slow
 def test_sports_submission_export_and_start_weights(tmp_path):
     from cvkit.models import create_model
     from cvkit.models.weights import load_weights

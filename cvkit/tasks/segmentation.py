@@ -112,11 +112,15 @@ class Segmentation(Task):
              threshold: float = 0.5, tuning: Any = None) -> List[Row]:
         from cvkit.data.rle import rle_encode
 
-        if tuning is not None:
-            binary = tuning.apply(prediction["probs"])
-        else:
-            binary = (prediction["probs"] > threshold).astype(np.uint8)
+        binary = self.masks(prediction, threshold, tuning)
         return [{"ImageId": name, "EncodedPixels": rle_encode(binary[c]), "ClassId": c + 1} for c in range(len(binary))]
+
+    def masks(self, prediction: Mapping[str, Any], threshold: float = 0.5, tuning: Any = None) -> np.ndarray:
+        """The decoded prediction as ``(C, H, W)`` uint8 0/1 masks: the tuned post-processing when given,
+        else the plain ``threshold``."""
+        if tuning is not None:
+            return tuning.apply(prediction["probs"])
+        return (prediction["probs"] > threshold).astype(np.uint8)
 
     def tune(self, model: Any, dataset: Any, transform: Any, device: str = "cpu") -> Any:
         """Per-class threshold, minimum component area and minimum mask size that maximise
