@@ -159,18 +159,26 @@ def _pasted_digit(rng: np.random.Generator, img8: np.ndarray, canvas: int, side_
     return rgb, glyph, (x, y, side)
 
 
+def _pasted_rows(root: Path, rng: np.random.Generator, per_class: int, canvas: int,
+                 targets: Callable[[int, int, int], Dict]) -> List[Dict]:
+    """One digit pasted per ``canvas`` PNG: rows of path and label plus ``targets(x, y, side)``'s columns."""
+    images8, labels = _digits()
+    rows = []
+    for n, i in enumerate(_pick(labels, 10, per_class, rng)):
+        rgb, _, (x, y, side) = _pasted_digit(rng, images8[i], canvas, (canvas // 5, canvas // 2))
+        rel = f"images/{n:05d}.png"
+        _write(root / rel, _to_uint8(rgb))
+        rows.append({"path": rel, "label": f"digit_{labels[i]}", **targets(x, y, side)})
+    return rows
+
+
 def build_boxes(root: PathLike, seed: int = 0, per_class: int = 10, canvas: int = 96,
                 test_fraction: float = 0.25) -> Path:
     """One digit per ``canvas`` x ``canvas`` PNG at a random place; box columns ``x1,y1,x2,y2`` in pixels."""
-    images8, labels = _digits()
 
     def make(root: Path, rng: np.random.Generator) -> List[Dict]:
-        rows = []
-        for n, i in enumerate(_pick(labels, 10, per_class, rng)):
-            rgb, _, (x, y, side) = _pasted_digit(rng, images8[i], canvas, (canvas // 5, canvas // 2))
-            rel = f"images/{n:05d}.png"
-            _write(root / rel, _to_uint8(rgb))
-            rows.append({"path": rel, "label": f"digit_{labels[i]}", "x1": x, "y1": y, "x2": x + side, "y2": y + side})
+        rows = _pasted_rows(root, rng, per_class, canvas, lambda x, y, side: {
+            "x1": x, "y1": y, "x2": x + side, "y2": y + side})
         save_class_map(root / "encode_classes.json", {f"digit_{k}": k for k in range(10)})
         return rows
 
@@ -181,21 +189,17 @@ def build_keypoints(root: PathLike, seed: int = 0, per_class: int = 10, canvas: 
                     missing: float = 0.1, test_fraction: float = 0.25) -> Path:
     """One pasted digit per PNG; keypoints = its corners and centre (:data:`KEYPOINT_NAMES`), a
     fraction ``missing`` of them left empty (NaN). Also keeps ``label`` for stratified splits."""
-    images8, labels = _digits()
 
     def make(root: Path, rng: np.random.Generator) -> List[Dict]:
-        rows = []
-        for n, i in enumerate(_pick(labels, 10, per_class, rng)):
-            rgb, _, (x, y, side) = _pasted_digit(rng, images8[i], canvas, (canvas // 5, canvas // 2))
-            rel = f"images/{n:05d}.png"
-            _write(root / rel, _to_uint8(rgb))
-            points = [(x, y), (x + side, y), (x + side, y + side), (x, y + side), (x + side / 2, y + side / 2)]
-            row: Dict = {"path": rel, "label": f"digit_{labels[i]}"}
-            for k, (px, py) in enumerate(points):
+        def points(x: int, y: int, side: int) -> Dict:
+            row: Dict = {}
+            corners = [(x, y), (x + side, y), (x + side, y + side), (x, y + side), (x + side / 2, y + side / 2)]
+            for k, (px, py) in enumerate(corners):
                 gone = rng.random() < missing
                 row[f"x{k}"], row[f"y{k}"] = (np.nan, np.nan) if gone else (float(px), float(py))
-            rows.append(row)
-        return rows
+            return row
+
+        return _pasted_rows(root, rng, per_class, canvas, points)
 
     return _build(root, "keypoints", seed, make, test_fraction, per_class=per_class, canvas=canvas,
                   missing=missing)

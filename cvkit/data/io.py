@@ -111,13 +111,19 @@ def _decode_gif(data: np.ndarray, path: Path) -> np.ndarray:
         raise ImageReadError(f"{path}: not a readable GIF ({exc})") from None
 
 
-def read_image(path: PathLike) -> np.ndarray:
-    """Read any OpenCV-readable image as RGB uint8 (H, W, 3), converted as the module says."""
-    path = Path(path)
+def _whole_file(path: Path) -> np.ndarray:
+    """The file's bytes, refused with a ``truncated`` ImageReadError when the file was cut off."""
     data = _read_bytes(path)
     problem = truncation_problem(data)
     if problem:
         raise ImageReadError(f"{path}: {problem}", code="truncated")
+    return data
+
+
+def read_image(path: PathLike) -> np.ndarray:
+    """Read any OpenCV-readable image as RGB uint8 (H, W, 3), converted as the module says."""
+    path = Path(path)
+    data = _whole_file(path)
     if _RGB_FLAG is not None:
         image = cv2.imdecode(data, _RGB_FLAG)
     else:
@@ -249,10 +255,7 @@ def read_image_info(path: PathLike) -> Dict[str, object]:
 def read_mask(path: PathLike) -> np.ndarray:
     """Read a PNG mask as uint8 (H, W) class ids; a 3-channel mask must have equal channels."""
     path = Path(path)
-    data = _read_bytes(path)
-    problem = truncation_problem(data)
-    if problem:
-        raise ImageReadError(f"{path}: {problem}", code="truncated")
+    data = _whole_file(path)
     mask = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if mask is None:
         raise ImageReadError(f"{path}: not a readable mask image")
