@@ -223,9 +223,15 @@ class Experiment:
         size = image_size(self.config, {"image_size": stage.image_size})
         batch = stage.batch_size or 32
         workers, seed = int(self.config["workers"]), int(self.config["seed"])
+        sampler = None
+        if stage.sampler == "balanced":
+            from cvkit.data.samplers import BalancedSampler
+
+            labels = _train_labels(self.config, self.datasets["train"], f"stage {stage.name!r}: sampler")
+            sampler = BalancedSampler(labels.tolist(), generator=torch.Generator().manual_seed(seed))
         return {
             "train": make_loader(self.dataset("train", size, train=True, stage=stage.name), batch, train=True,
-                                 workers=workers, seed=seed),
+                                 workers=workers, seed=seed, sampler=sampler),
             "valid": make_loader(self.dataset("valid", size, stage=stage.name), batch * 2, train=False,
                                  workers=workers),
         }
@@ -291,16 +297,30 @@ def build_model(config: Mapping[str, Any]) -> nn.Module:
         raise ConfigError(f"model: {exc.args[0]}") from None
 
 
-def build_criterion(config: Mapping[str, Any]) -> nn.Module:
-    """The criterion of a completed experiment, adapted to the task model's output."""
-    from cvkit.losses import create_criterion
+def _train_labels(config: Mapping[str, Any], train: Any, what: str) -> np.ndarray:
+    """The train split's class indices, for options that weigh classes (``what`` names the option)."""
+    labels = get_task(config["task"]).labels(train) if train is not None else None
+    if labels is None:
+        raise ConfigError(f"{what}: balanced needs class labels, and task {config['task']!r} has none")
+    return np.asarray(labels)
+
+
+def build_criterion(config: Mapping[str, Any], train: Any = None) -> nn.Module:
+    """The criterion of a completed experiment, adapted to the task model's output.
+
+    ``weight: balanced`` (class weights by inverse frequency) is computed from the ``train`` split.
+    """
+    from cvkit.losses import balanced_class_weights, create_criterion
 
     spec = dict(config["criterion"])
     if "name" not in spec:
         raise ConfigError(f"criterion: needs 'name'; got {spec}")
+    if spec.get("weight") == "balanced":
+        labels = _train_labels(config, train, "criterion.weight")
+        spec["weight"] = balanced_class_weights(labels, int(config["model"]["num_classes"]))
     try:
         criterion = create_criterion(spec.pop("name"), **spec)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ConfigError(f"criterion: {exc}") from None
     except KeyError as exc:
         raise ConfigError(f"criterion: {exc.args[0]}") from None
@@ -334,7 +354,7 @@ def build(config: Mapping[str, Any]) -> Experiment:
     model = build_model(config)
     if config["weights"]:
         load_weights(model, config["weights"])
-    return Experiment(config, model, datasets, stages_from(config), build_criterion(config),
+    return Experiment(config, model, datasets, stages_from(config), build_criterion(config, datasets["train"]),
                       _metrics(config), classes)
 
 

@@ -170,13 +170,83 @@ def _classification_example(batch_size: int) -> Tuple[torch.Tensor, torch.Tensor
     return torch.randn(batch_size, 5), torch.randint(0, 5, (batch_size,))
 
 
+def class_weight_tensor(weight: Any, what: str = "weight") -> Optional[torch.Tensor]:
+    """Class weights from YAML/JSON (a list of numbers) or Python (a tensor) as a float tensor; None stays None."""
+    if weight is None or isinstance(weight, torch.Tensor):
+        return None if weight is None else weight.float()
+    if isinstance(weight, str):
+        raise ValueError(f"{what}={weight!r}: a named weighting ('balanced') must be resolved from the train "
+                         "labels first (cvkit.losses.balanced_class_weights); here a list of numbers is expected")
+    try:
+        tensor = torch.as_tensor([float(v) for v in weight], dtype=torch.float32)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a list of numbers, one per class; got {weight!r}") from None
+    if tensor.dim() != 1 or not len(tensor) or not bool(torch.isfinite(tensor).all()) or bool((tensor < 0).any()):
+        raise ValueError(f"{what} must be a non-empty list of finite numbers >= 0, one per class; got {weight!r}")
+    return tensor
+
+
+def balanced_class_weights(labels: Sequence[int], num_classes: int) -> List[float]:
+    """Inverse-frequency class weights ``n / (num_classes * count_c)`` (sklearn's "balanced"): 1.0 for
+    every class of a balanced set; a class absent from ``labels`` gets 0 (nothing to weigh)."""
+    counts = torch.bincount(torch.as_tensor(list(labels), dtype=torch.long).flatten(), minlength=num_classes)
+    if len(counts) > num_classes:
+        raise ValueError(f"labels hold class {len(counts) - 1}, but num_classes is {num_classes}")
+    total = float(counts.sum())
+    if total == 0:
+        raise ValueError("balanced class weights need at least one label")
+    return [total / (num_classes * float(c)) if c else 0.0 for c in counts.tolist()]
+
+
 @register_criterion(name="cross_entropy", example=_classification_example)
-def cross_entropy(reduction: str = "mean", **kwargs: Any) -> nn.Module:
+def cross_entropy(reduction: str = "mean", weight: Any = None, **kwargs: Any) -> nn.Module:
     """torch's ``nn.CrossEntropyLoss`` (``weight``, ``label_smoothing``, ``ignore_index`` pass through).
 
+    ``weight`` may be a list (YAML). Targets may be class indices or class probabilities (mixup).
     Note: with class ``weight`` torch's ``"mean"`` is a weighted mean, not the mean of ``"none"``.
     """
-    return nn.CrossEntropyLoss(reduction=_check_reduction(reduction), **kwargs)
+    return nn.CrossEntropyLoss(reduction=_check_reduction(reduction), weight=class_weight_tensor(weight), **kwargs)
+
+
+@register_criterion(name="focal", example=_classification_example)
+class FocalLoss(nn.Module):
+    """Softmax focal loss: ``-sum_c w_c t_c (1 - p_c)^gamma log p_c`` per sample (Lin et al., 2017).
+
+    Targets: class indices ``(B,)`` or probabilities ``(B, C)`` (mixup). ``weight`` (a list or a
+    tensor, one per class) weighs each class; ``gamma=0`` is cross-entropy. ``"mean"`` is the plain
+    mean of the per-sample losses; a target equal to ``ignore_index`` gives loss 0.
+    """
+
+    returns_per_sample = True
+
+    def __init__(self, reduction: str = "mean", gamma: float = 2.0, weight: Any = None,
+                 label_smoothing: float = 0.0, ignore_index: int = -100) -> None:
+        super().__init__()
+        self.reduction = _check_reduction(reduction)
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or gamma < 0:
+            raise ValueError(f"gamma must be a number >= 0, got {gamma!r}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+        self.gamma, self.label_smoothing, self.ignore_index = float(gamma), float(label_smoothing), int(ignore_index)
+        self.register_buffer("weight", class_weight_tensor(weight), persistent=False)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        num_classes = logits.shape[1]
+        log_p = F.log_softmax(logits.float(), dim=1)
+        valid = None
+        if targets.dim() == 1 and not targets.is_floating_point():
+            valid = targets != self.ignore_index
+            probs = F.one_hot(torch.where(valid, targets, 0).long(), num_classes).to(log_p.dtype)
+        else:
+            probs = targets.to(log_p.dtype)
+        if self.label_smoothing:
+            probs = probs * (1 - self.label_smoothing) + self.label_smoothing / num_classes
+        if self.weight is not None:
+            probs = probs * self.weight.to(log_p.device)
+        loss = -(probs * (1 - log_p.exp()).pow(self.gamma) * log_p).sum(dim=1)
+        if valid is not None:
+            loss = torch.where(valid, loss, torch.zeros_like(loss))
+        return _reduce(loss.to(logits.dtype), self.reduction)
 
 
 @register_criterion(name="bce_one_hot", example=_classification_example)
@@ -189,13 +259,13 @@ class BCEOneHotLoss(nn.Module):
 
     returns_per_sample = True
 
-    def __init__(self, reduction: str = "mean", label_smoothing: float = 0.0, pos_weight: Optional[torch.Tensor] = None) -> None:
+    def __init__(self, reduction: str = "mean", label_smoothing: float = 0.0, pos_weight: Any = None) -> None:
         super().__init__()
         self.reduction = _check_reduction(reduction)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
         self.label_smoothing = label_smoothing
-        self.register_buffer("pos_weight", pos_weight, persistent=False)
+        self.register_buffer("pos_weight", class_weight_tensor(pos_weight, "pos_weight"), persistent=False)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if targets.dim() == 1 and not targets.is_floating_point():
@@ -375,7 +445,10 @@ __all__ = [
     "CRITERIA",
     "ClassBoxCriterion",
     "ClassBoxLoss",
+    "balanced_class_weights",
+    "class_weight_tensor",
     "DiceBCELoss",
+    "FocalLoss",
     "KeypointLoss",
     "create_criterion",
     "criterion_example",

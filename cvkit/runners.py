@@ -25,20 +25,24 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from cvkit.callbacks import (
+    AccumulatingBackwardCallback,
+    AccumulatingOptimizerCallback,
+    AccumulationWindow,
     BatchPlateauCallback,
     CriterionCallback,
     EarlyStopping,
+    EmaCallback,
     FreezeBatchNormCallback,
     GradientGuardCallback,
-    GuardedBackwardCallback,
-    GuardedOptimizerCallback,
     HistoryCallback,
     LRMonitorCallback,
     MetricsCallback,
+    MixupCallback,
     NaNGuardCallback,
     RunState,
     StageCheckpointCallback,
     StageTensorboardLogger,
+    WindowSchedulerCallback,
     check_callbacks,
     plateau_mode,
     stage_suffix,
@@ -48,7 +52,7 @@ from cvkit.lock import RunLock
 from cvkit.metrics import Metric
 from cvkit.perf import FastPaths, ProfileCallback
 from cvkit.models.groups import apply_trainable, count_params, param_groups, resolve_lr, trainable_param_names
-from cvkit.stages import SmoothedLossPlateau, Stage
+from cvkit.stages import SmoothedLossPlateau, Stage, ema_options
 
 Loaders = Mapping[str, DataLoader]
 LoaderFactory = Callable[[Stage], Loaders]
@@ -103,6 +107,7 @@ class StagedRunner(dl.SupervisedRunner):
         super().__init__(input_key=input_key, output_key=output_key, target_key=target_key, loss_key=loss_key)
         self.run_state = RunState(resume_payload=self._resume_payload)
         self._resume_state: Optional[Dict[str, Any]] = None
+        self._ema: Optional[EmaCallback] = None
 
     # Read-only views of the run state, for users of a finished (or running) fit.
     @property
@@ -257,7 +262,8 @@ class StagedRunner(dl.SupervisedRunner):
             self._resume_state = state if state is not None and index == state["stage_index"] else None
             run.start_stage(stage, index, self._resume_state)
             if self._resume_state is not None:
-                self._load_state(model, self._resume_state["model"], logdir / "checkpoints" / "resume.pth")
+                raw = self._resume_state.get("train_model") or self._resume_state["model"]
+                self._load_state(model, raw, logdir / "checkpoints" / "resume.pth")
             else:
                 self._load_init(model, stage, previous)
             stage_loaders = loaders(stage) if callable(loaders) else loaders
@@ -353,8 +359,8 @@ class StagedRunner(dl.SupervisedRunner):
     ) -> Dict[str, Callback]:
         """The stage's callbacks by name, each at its own ``order`` (checked before the stage runs).
 
-        cvkit's run at 3-5 (channels_last, profile, freeze_bn), 11-12 (criterion, metrics), 29-32
-        (nan_guard, backward, gradient_guard), 41 (optimizer), 51-52 (scheduler, lr_monitor) and
+        cvkit's run at 3-5 (channels_last, profile, freeze_bn), 7 (mixup), 11-12 (criterion, metrics),
+        29-32 (nan_guard, backward, gradient_guard), 41 (optimizer), 43 (ema), 51-52 (scheduler, lr_monitor) and
         101-120 (early_stopping, progress, history, checkpoint); Catalyst's default orders (0, 10,
         20, ..., 100) stay free for the user's callbacks.
         """
@@ -364,17 +370,24 @@ class StagedRunner(dl.SupervisedRunner):
         out["criterion"] = self._criterion_callback(stage)
         if metrics is not None:
             out["metrics"] = MetricsCallback(metrics(), input_key=self._output_key, target_key=self._target_key)
+        if stage.mixup is not None:
+            out["mixup"] = MixupCallback(stage.mixup, self._input_key, self._target_key, f"stage {stage.name!r}: ")
+        window = AccumulationWindow(stage.accumulate)
         out["nan_guard"] = guard
-        out["backward"] = GuardedBackwardCallback(metric_key=self._loss_key)
+        out["backward"] = AccumulatingBackwardCallback(self._loss_key, window)
         out["gradient_guard"] = GradientGuardCallback(guard)
-        out["optimizer"] = GuardedOptimizerCallback(metric_key=self._loss_key)
+        out["optimizer"] = optimizer = AccumulatingOptimizerCallback(self._loss_key, window)
+        self._ema = None
+        if stage.ema is not None:
+            resumed = (self._resume_state or {}).get("ema")
+            self._ema = out["ema"] = EmaCallback(ema_options(stage.ema), optimizer, (self.valid_loader_key,), resumed)
         if isinstance(scheduler, SmoothedLossPlateau):
             out["scheduler"] = BatchPlateauCallback(self._loss_key)
         elif scheduler is not None:
             plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
             monitor = self._monitor(stage)
-            out["scheduler"] = _at(dl.SchedulerCallback(
-                mode=stage.interval, **(dict(loader_key=monitor[0], metric_key=monitor[1]) if plateau else {})
+            out["scheduler"] = _at(WindowSchedulerCallback(
+                window, mode=stage.interval, **(dict(loader_key=monitor[0], metric_key=monitor[1]) if plateau else {})
             ), CallbackOrder.Scheduler + 1)
         out["lr_monitor"] = LRMonitorCallback()
         if stage.early_stopping:
@@ -430,18 +443,21 @@ class StagedRunner(dl.SupervisedRunner):
     ) -> None:
         run = self.run_state
         trainable = trainable_param_names(model, stage.trainable)
-        frozen_bn = apply_trainable(model, trainable, stage.train_bn)
+        frozen_bn = self._apply_trainable(model, stage, trainable)
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         groups = param_groups(model, names, stage.lr, stage.weight_decay, stage.layer_decay)
         optimizer = stage.build_optimizer(groups)
         train_key = next(k for k in loaders if k.startswith("train"))
         minimize = plateau_mode(self._monitor(stage)[1], self.minimize, self._loss_key) == "min"
-        scheduler = stage.build_scheduler(optimizer, len(loaders[train_key]), minimize)
+        steps_per_epoch = math.ceil(len(loaders[train_key]) / stage.accumulate)
+        scheduler = stage.build_scheduler(optimizer, steps_per_epoch, minimize)
         if self._resume_state is not None:
             optimizer.load_state_dict(self._resume_state["optimizer"])
             if scheduler is not None and self._resume_state["scheduler"] is not None:
                 scheduler.load_state_dict(self._resume_state["scheduler"])
         callbacks = self._stage_callbacks(stage, frozen_bn, metrics, extra, folder, scheduler, verbose)
+        if stage.ema is not None and ema_options(stage.ema)["validate"] == "both":
+            loaders = {**loaders, f"{self.valid_loader_key}_raw": loaders[self.valid_loader_key]}
         check_callbacks(callbacks, (self._input_key, self._target_key, self._output_key), f"stage {stage.name!r}: ")
         if verbose:
             n_train, n_total = count_params(model)
@@ -480,10 +496,33 @@ class StagedRunner(dl.SupervisedRunner):
                 verbose=False,
             )
 
+    @staticmethod
+    def _apply_trainable(model: nn.Module, stage: Stage, trainable: set) -> List[str]:
+        """Set what trains; return the BatchNorm modules to keep in eval mode.
+
+        With ``frozen_bn="train"`` the BatchNorm layers of frozen blocks train (statistics and affine
+        parameters, fastai's default); ``"eval"`` keeps them frozen.
+        """
+        outside = set(apply_trainable(model, trainable, True)) if stage.frozen_bn == "train" else set()
+        frozen_bn = apply_trainable(model, trainable, stage.train_bn)
+        if not outside:
+            return frozen_bn
+        modules = dict(model.named_modules())
+        for name in outside:
+            for p in modules[name].parameters(recurse=False):
+                p.requires_grad_(True)
+        return [n for n in frozen_bn if n not in outside]
+
     def _resume_payload(self) -> Dict[str, Any]:
-        """Everything needed to continue after the epoch that just ended (plain data only)."""
+        """Everything needed to continue after the epoch that just ended (plain data only).
+
+        With EMA, ``model`` holds the EMA weights (what was validated: best.pth and last.pth serve
+        them), ``train_model`` the raw weights training continues from and ``ema`` the average's state.
+        """
         run = self.run_state
         model = self.engine.unwrap_model(self.model)
+        weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        ema = self._ema.state_dict() if self._ema is not None else None
         return {
             "format": "cvkit-resume-1",
             "stage": run.stage_name,
@@ -495,7 +534,9 @@ class StagedRunner(dl.SupervisedRunner):
             "stage_finished": bool(self.need_early_stop or self.epoch_step >= self.num_epochs),
             "batch_step": int(self.batch_step),
             "sample_step": int(self.sample_step),
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "model": ema["weights"] if ema is not None else weights,
+            "train_model": weights if ema is not None else None,
+            "ema": ema,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "early_stopping": run.early_stopping,

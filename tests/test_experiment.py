@@ -175,3 +175,29 @@ def test_a_copied_run_folder_continues_where_it_is(trained, tmp_path):
     copy = tmp_path / "copied_run"
     shutil.copytree(config["logdir"], copy)
     assert load_experiment(copy / "config.json")["logdir"] == str(copy)
+
+
+def test_balanced_weight_and_sampler_from_yaml(demo_root, tmp_path):
+    from collections import Counter
+
+    from cvkit.losses import balanced_class_weights
+
+    data = {"kind": "demo", "root": str(demo_root), "limit": 40}
+    config = load_config(tiny(demo_root, tmp_path / "run", data=data,
+                              criterion={"name": "cross_entropy", "weight": "balanced"},
+                              stages=[{"name": "a", "epochs": 1, "batch_size": 8, "sampler": "balanced"}]))
+    experiment = build(config)
+    labels = experiment.task.labels(experiment.datasets["train"])
+    expected = torch.tensor(balanced_class_weights(labels, 10), dtype=torch.float32)
+    assert torch.allclose(experiment.criterion.weight, expected)
+    loader = experiment.loaders(experiment.stages[0])["train"]
+    loader.generator.manual_seed(5)
+    first = list(iter(loader.sampler))
+    loader.generator.manual_seed(5)
+    assert list(iter(loader.sampler)) == first, "the draw follows the loader's (reseeded) generator"
+    drawn = Counter(int(labels[i]) for _ in range(20) for i in iter(loader.sampler))
+    assert max(drawn.values()) / min(drawn.values()) < 1.6, drawn
+    with pytest.raises(ConfigError, match="balanced needs class labels"):
+        build(load_config({**tiny(demo_root, tmp_path / "run2"), "task": "keypoints",
+                           "model": {"name": "keypoints", "arch": "test_resnet"},
+                           "criterion": {"name": "keypoint", "weight": "balanced"}}))

@@ -36,9 +36,15 @@ def make_loader(
     pin_memory: Optional[bool] = None,
     persistent_workers: bool = False,
     drop_last: Optional[bool] = None,
+    sampler: Optional[Any] = None,
     **kwargs: Any,
 ) -> DataLoader:
-    """A DataLoader for a train (shuffled, seeded) or evaluation (in order) pass; see module doc."""
+    """A DataLoader for a train (shuffled, seeded) or evaluation (in order) pass; see module doc.
+
+    A ``sampler`` with its own ``generator`` (e.g. :class:`cvkit.data.samplers.BalancedSampler`)
+    replaces shuffling; the loader shares that generator, so the runner's per-epoch reseeding sets
+    the draw and a resumed run replays it.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     workers = default_workers() if workers is None else workers
@@ -46,13 +52,14 @@ def make_loader(
         raise ValueError(f"workers must be >= 0, got {workers}")
     options: dict = dict(
         batch_size=batch_size,
-        shuffle=train,
+        shuffle=train and sampler is None,
+        sampler=sampler,
         num_workers=workers,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         drop_last=(train and len(dataset) > batch_size) if drop_last is None else drop_last,
     )
     if train:
-        options["generator"] = torch.Generator().manual_seed(seed)
+        options["generator"] = getattr(sampler, "generator", None) or torch.Generator().manual_seed(seed)
     if workers > 0:
         options.update(prefetch_factor=4, persistent_workers=persistent_workers)
     options.update(kwargs)

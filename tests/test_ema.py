@@ -1,0 +1,120 @@
+"""EMA of the weights: the formula, validation and checkpoints on EMA weights, hand-over, resume."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from catalyst.core.callback import Callback
+from conftest import tiny_loaders
+from test_accumulation import TinyNet
+from torch import nn
+
+from cvkit.io import load_checkpoint
+from cvkit.runners import StagedRunner, evaluate
+from cvkit.stages import Stage
+
+
+class RecordWeights(Callback):
+    """Raw weights after every optimizer step (between the optimizer, 41, and the EMA, 43)."""
+
+    def __init__(self, store: list) -> None:
+        super().__init__(order=42)
+        self.store = store
+
+    def on_batch_end(self, runner) -> None:
+        if runner.is_train_loader:
+            self.store.append({k: v.detach().clone() for k, v in runner.model.state_dict().items()})
+
+
+class RecordStart(Callback):
+    def __init__(self, store: dict) -> None:
+        super().__init__(order=199)
+        self.store = store
+
+    def on_experiment_start(self, runner) -> None:
+        self.store[runner.stage.name] = {k: v.detach().clone() for k, v in runner.model.state_dict().items()}
+
+
+def fit(stages, logdir, callbacks=None, **kwargs):
+    model = TinyNet()
+    runner = StagedRunner().fit(model, stages, tiny_loaders(8), nn.CrossEntropyLoss(), logdir, verbose=False,
+                                engine="cpu", callbacks=callbacks, **kwargs)
+    return model, runner
+
+
+def test_ema_weights_follow_the_formula_and_are_what_is_validated_and_saved(tmp_path):
+    decay, raw = 0.8, []
+    model, runner = fit([Stage("s", 1, lr=0.05, optimizer="sgd", ema=decay)], tmp_path,
+                        callbacks=lambda s: [RecordWeights(raw)])
+    assert len(raw) == 6  # 48 samples / 8
+    expected = {k: v.clone() for k, v in raw[0].items()}  # timm: the first update copies the weights
+    for weights in raw[1:]:
+        expected = {k: decay * expected[k] + (1 - decay) * weights[k] for k in expected}
+    last = load_checkpoint(tmp_path / "checkpoints" / "s" / "last.pth")
+    for key in expected:
+        torch.testing.assert_close(last["model"][key], expected[key], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(last["train_model"][key], raw[-1][key])
+    assert last["ema"]["updates"] == 6
+    assert not torch.equal(last["model"]["fc.weight"], raw[-1]["fc.weight"])
+    best = load_checkpoint(tmp_path / "best.pth")["model"]
+    assert torch.equal(best["fc.weight"], last["model"]["fc.weight"])
+    check = TinyNet()
+    check.load_state_dict(expected)
+    valid = evaluate(check, tiny_loaders(8)["valid"], nn.CrossEntropyLoss())
+    assert runner.history[-1]["valid/loss"] == pytest.approx(valid["loss"], rel=1e-5)
+
+
+def test_validate_both_logs_raw_and_ema_and_next_stage_starts_from_ema(tmp_path):
+    starts, raw = {}, []
+    ema = {"decay": 0.5, "validate": "both"}
+    stages = [Stage("a", 1, lr=0.05, optimizer="sgd", ema=ema), Stage("b", 1, lr=0.01, ema=ema)]
+    _, runner = fit(stages, tmp_path, callbacks=lambda s: [RecordStart(starts), RecordWeights(raw)])
+    row = runner.history[0]
+    assert "valid_raw/loss" in row and row["valid_raw/loss"] != row["valid/loss"]
+    check = TinyNet()
+    check.load_state_dict(raw[5])  # stage a's raw weights after its last step
+    assert row["valid_raw/loss"] == pytest.approx(evaluate(check, tiny_loaders(8)["valid"], nn.CrossEntropyLoss())["loss"], rel=1e-5)
+    ema_a = load_checkpoint(tmp_path / "checkpoints" / "a" / "best.pth")["model"]
+    for key, value in ema_a.items():
+        assert torch.equal(starts["b"][key], value)
+    assert not torch.equal(starts["b"]["fc.weight"], raw[5]["fc.weight"])
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["stages"][0]["ema"] == ema
+
+
+class Interrupt(Exception):
+    pass
+
+
+class StopAtEpoch(Callback):
+    def __init__(self, epoch: int) -> None:
+        super().__init__(order=201)
+        self.epoch = epoch
+
+    def on_epoch_start(self, runner) -> None:
+        if runner.epoch_step == self.epoch:
+            raise Interrupt
+
+
+def test_resume_restores_the_ema_exactly(tmp_path):
+    stages = [Stage("s", 3, lr=0.05, optimizer="sgd", ema={"decay": 0.7, "use_warmup": True})]
+    full, _ = fit(stages, tmp_path / "full")
+    with pytest.raises(Interrupt):
+        fit(stages, tmp_path / "cut", callbacks=lambda s: [StopAtEpoch(3)])
+    resumed, _ = fit(stages, tmp_path / "cut", resume=True)
+    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "s" / "last.pth")
+    b = load_checkpoint(tmp_path / "cut" / "checkpoints" / "s" / "last.pth")
+    assert a["ema"]["updates"] == b["ema"]["updates"] == 18
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+        assert torch.equal(a["train_model"][key], b["train_model"][key]), key
+
+
+def test_bad_ema_options_fail_at_stage_creation():
+    with pytest.raises(ValueError, match=r"unknown ema keys \['decai'\]"):
+        Stage("s", 1, ema={"decai": 0.9})
+    with pytest.raises(ValueError, match="ema decay must be in"):
+        Stage("s", 1, ema=1.5)
+    with pytest.raises(ValueError, match="validate must be 'ema' or 'both'"):
+        Stage("s", 1, ema={"validate": "raw"})
