@@ -59,17 +59,13 @@ def _near(key: str, valid: Iterable[str]) -> str:
 
 
 def read_mapping(path: Union[str, Path], what: str = "experiment file (YAML)") -> Dict[str, Any]:
-    """A YAML or JSON file whose top level is a mapping; a one-line ConfigError naming the file otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path} not found; expected the {what}")
+    """A YAML or JSON file whose top level is a mapping (:func:`cvkit.io.read_mapping`), errors as ConfigError."""
+    from cvkit.io import read_mapping as read
+
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML/JSON: {' '.join(str(exc).split())}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys at the top, got {type(raw).__name__}")
-    return raw
+        return read(path, what)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def load_config(source: Union[str, Path, Mapping[str, Any]], overrides: Sequence[str] = ()) -> Dict[str, Any]:

@@ -202,6 +202,23 @@ def _json_default(obj: Any) -> Any:
     return repr(obj)
 
 
+def read_mapping(path: PathLike, what: str) -> Dict[str, Any]:
+    """A YAML or JSON file whose top level is a mapping; a one-line ValueError naming the file otherwise
+    (``what`` says what the file should have been)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path} not found; expected the {what}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path} is not valid YAML/JSON: {' '.join(str(exc).split())}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping of keys at the top, got {type(raw).__name__}")
+    return raw
+
+
 def save_checkpoint(path: PathLike, payload: Mapping[str, Any]) -> None:
     """Save a checkpoint (tensors, numbers, strings, lists, dicts only) atomically."""
     import torch

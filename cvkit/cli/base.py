@@ -33,7 +33,7 @@ class Command:
 
 
 COMMANDS: Registry[Command] = Registry("command")
-COMMAND_MODULES = ("cvkit.cli.data", "cvkit.cli.experiment")
+COMMAND_MODULES = ("cvkit.cli.data", "cvkit.cli.experiment", "cvkit.cli.deploy")
 
 
 class UsageError(Exception):

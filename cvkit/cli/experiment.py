@@ -58,8 +58,10 @@ def _train(args: argparse.Namespace) -> int:
 # --- predict -----------------------------------------------------------------------------------
 
 def _predict_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="weights to predict with: a best.pth or a run folder")
-    p.add_argument("--config", required=True, help="the run's config.json (or the experiment YAML it came from)")
+    p.add_argument("--checkpoint", help="weights to predict with: a best.pth or a run folder (with --config)")
+    p.add_argument("--config", help="the run's config.json (or the experiment YAML it came from)")
+    p.add_argument("--model", help="an exported model (cvkit export: model.onnx or model.pt, its contract JSON "
+                                   "beside it) to predict with instead of --checkpoint/--config")
     p.add_argument("--images", required=True,
                    help="a folder of images (searched recursively) or a CSV with a --path-col column")
     p.add_argument("--out", default="submission.csv", help="CSV to write, one row per image (per class for masks)")
@@ -77,6 +79,9 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
                         "postprocess.json when it has one, else 0.5")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the model runs")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--tile", type=int, help="segmentation: predict at full resolution in TILE x TILE windows, blended")
+    p.add_argument("--overlap", type=int, default=64, help="with --tile: pixels neighbouring windows share")
+    p.add_argument("--export-dir", help="also copy each image into EXPORT_DIR/<predicted class>/ (tasks with labels)")
 
 
 @register_command("predict", "Predict a folder or CSV of images with a run's checkpoint into a submission CSV.",
@@ -87,12 +92,41 @@ def _predict(args: argparse.Namespace) -> int:
     if args.image_size is not None and args.image_size < 1:
         raise UsageError(f"--image-size must be a positive number of pixels, got {args.image_size}")
     tta = [t.strip() for t in _split_specs(args.tta or "") if t.strip()]
-    frame = predict_run(args.checkpoint, args.config, args.images, args.out, tta=tta, probs=args.probs,
-                    batch_size=args.batch_size, device=args.device, image_size=args.image_size, root=args.root,
-                    path_col=args.path_col, threshold=args.threshold, workers=args.workers,
-                    progress=sys.stderr.isatty(), flip_pairs=args.flip_pairs)
+    if args.model:
+        from cvkit.inference.runtime import predict_exported
+
+        given = [f for f, v in (("--checkpoint", args.checkpoint), ("--config", args.config),
+                                ("--image-size", args.image_size), ("--tile", args.tile)) if v is not None]
+        if given:
+            raise UsageError(f"--model predicts with the exported model and its contract; drop {', '.join(given)}")
+        frame = predict_exported(args.model, args.images, args.out, tta=tta, probs=args.probs,
+                                 batch_size=args.batch_size, threshold=args.threshold, root=args.root,
+                                 path_col=args.path_col, flip_pairs=args.flip_pairs)
+    else:
+        if not args.checkpoint or not args.config:
+            raise UsageError("give --checkpoint and --config (a run), or --model (an exported model)")
+        frame = predict_run(args.checkpoint, args.config, args.images, args.out, tta=tta, probs=args.probs,
+                            batch_size=args.batch_size, device=args.device, image_size=args.image_size,
+                            root=args.root, path_col=args.path_col, threshold=args.threshold, workers=args.workers,
+                            progress=sys.stderr.isatty(), flip_pairs=args.flip_pairs, tile=args.tile,
+                            overlap=args.overlap)
     print(f"wrote {args.out} ({len(frame)} rows)")
+    if args.export_dir:
+        print(f"copied {_export_by_class(args, frame)} images into {args.export_dir}/<class>/")
     return 0
+
+
+def _export_by_class(args: argparse.Namespace, frame: Any) -> int:
+    """Copy each predicted image into ``--export-dir/<label>/`` (the submission's ``label`` column)."""
+    from cvkit.inference.export import export_by_class
+    from cvkit.inference.predict import list_images
+
+    if "label" not in frame.columns:
+        raise UsageError(f"--export-dir sorts images by predicted class; this task's rows have no label column "
+                         f"({', '.join(map(str, frame.columns))})")
+    files, names = list_images(args.images, args.root, args.path_col)
+    by_name = dict(zip(names, files))
+    return export_by_class([by_name[str(n)] for n in frame["path"]], frame["label"], args.export_dir)
 
 
 def _flip_pairs(text: str) -> List[Tuple[int, int]]:

@@ -465,9 +465,9 @@ class SegmentationDataset(TableDataset):
 class STL10Dataset(ImageDataset):
     """A split of an STL-10 binary folder (``train``, ``test`` or ``unlabeled`` with ``targets = -1``).
 
-    The images stay in the file (a read-only memory map, :func:`cvkit.data.stl10.read_images`);
-    each item copies its one image. Pickled (DataLoader workers under spawn) it re-maps the file
-    instead of copying every image into the pickle.
+    The images stay in the file (:class:`cvkit.data.stl10.ImageFile`): each item reads its one
+    image, so memory stays flat however large the split; pickled (DataLoader workers) it carries
+    the path, not the images.
     """
 
     def __init__(self, root: PathLike, split: str = "train", transform: Optional[Any] = None,
@@ -476,24 +476,14 @@ class STL10Dataset(ImageDataset):
 
         super().__init__(transform, normalize)
         self.root, self.split = Path(root), split
-        self.images, self.labels = stl10.load_split(root, split)
+        self.images = stl10.ImageFile(stl10.split_file(root, split))
+        self.labels = stl10.load_split(root, split)[1]
         self.class_names = stl10.class_names(root)
-
-    def __getstate__(self) -> Dict[str, Any]:
-        state = self.__dict__.copy()
-        state["images"] = None
-        return state
-
-    def __setstate__(self, state: Dict[str, Any]) -> None:
-        from cvkit.data import stl10
-
-        self.__dict__.update(state)
-        self.images = stl10.read_images(stl10.split_file(self.root, self.split))
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
-        out = self._augment(image=np.array(self.images[index]))
+        out = self._augment(image=self.images[index])
         label = -1 if self.labels is None else int(self.labels[index])
         return {"features": out["image"], "targets": torch.tensor(label, dtype=torch.int64), "index": index}

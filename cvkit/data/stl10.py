@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 
@@ -44,6 +44,49 @@ def read_images(path: PathLike) -> np.ndarray:
         )
     raw = np.memmap(path, dtype=np.uint8, mode="r", shape=(size // IMAGE_BYTES, 3, SIZE, SIZE))
     return raw.transpose(0, 3, 2, 1)
+
+
+class ImageFile:
+    """An ``*_X.bin`` file read one image at a time (``os.pread``): nothing stays resident.
+
+    A memory map of the 2.76 GB unlabelled file leaves every touched page in the process's RSS
+    (about 1.1 MiB per random item, bench/RESULTS.md "STL-10 reader memory"); reading each image
+    with ``pread`` keeps memory flat. Integer indexing gives one ``(96, 96, 3)`` RGB image, an
+    index array or slice an in-memory ``(n, 96, 96, 3)`` copy. Pickles as its path (DataLoader workers).
+    """
+
+    def __init__(self, path: PathLike) -> None:
+        self.path = Path(path)
+        self.count = len(read_images(self.path))
+        self._fd: Optional[int] = None
+
+    def __len__(self) -> int:
+        return self.count
+
+    @property
+    def shape(self) -> Tuple[int, int, int, int]:
+        return (self.count, SIZE, SIZE, 3)
+
+    def _read(self, index: int) -> np.ndarray:
+        if not -self.count <= index < self.count:
+            raise IndexError(f"image {index} of {self.path} ({self.count} images)")
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        data = os.pread(self._fd, IMAGE_BYTES, (index % self.count) * IMAGE_BYTES)
+        return np.frombuffer(data, np.uint8).reshape(3, SIZE, SIZE).transpose(2, 1, 0).copy()
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        if isinstance(index, (int, np.integer)):
+            return self._read(int(index))
+        indices = np.arange(self.count)[index]
+        return np.stack([self._read(int(i)) for i in np.atleast_1d(indices)])
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return {**self.__dict__, "_fd": None}
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
 
 
 def read_labels(path: PathLike, num_images: Optional[int] = None) -> np.ndarray:

@@ -72,7 +72,7 @@ def list_images(images: PathLike, root: Optional[PathLike] = None, path_col: str
     A folder's files that are not images (by :data:`~cvkit.data.datasets.IMAGE_EXTENSIONS`, the one
     list every reader uses) are left out with a warning naming them.
     """
-    from cvkit.data.datasets import IMAGE_EXTENSIONS, list_image_files, load_table, require_columns
+    from cvkit.data.tables import IMAGE_EXTENSIONS, list_image_files, load_table, require_columns
     from cvkit.data.io import DataError
 
     source = Path(images)
@@ -150,6 +150,8 @@ def iter_predict(
     workers: int = 0,
     progress: bool = False,
     normalize: Any = "imagenet",
+    tile: Optional[int] = None,
+    overlap: int = 64,
 ) -> Iterator[Prediction]:
     """Yield one :class:`Prediction` per image, in input order; see :func:`predict`."""
     from cvkit.data.augment import create_preset, default_transform
@@ -161,6 +163,12 @@ def iter_predict(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if image_size is not None and image_size < 1:
         raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
+    if tile is not None:
+        from cvkit.inference.tiled import check_tiling, normalize_only, tiled_predict
+
+        check_tiling(task.tta_target, tile, overlap)
+        transform = normalize_only(transform) if transform is not None else default_transform(normalize)
+        image_size = None
     if transform is None:
         transform = create_preset("resize", image_size, normalize) if image_size else default_transform(normalize)
     transforms = ["identity", *[t for t in tta if t != "identity"]]
@@ -168,8 +176,8 @@ def iter_predict(
     dataset, names = _dataset(images, transform, root, path_col)
     device = _device(device)
     model = model.to(device).eval()
-    loader = DataLoader(dataset, batch_size if image_size or isinstance(images, Dataset) else 1, shuffle=False,
-                        num_workers=workers)
+    whole = (image_size or isinstance(images, Dataset)) and tile is None
+    loader = DataLoader(dataset, batch_size if whole else 1, shuffle=False, num_workers=workers)
     batches: Iterable[Dict[str, Any]] = loader
     if progress:
         from tqdm.auto import tqdm
@@ -179,8 +187,12 @@ def iter_predict(
     for batch in batches:
         x = batch["features"].to(device)
         try:
-            out = tta_predict(model, x, transforms, target=task.tta_target, flip_pairs=flip_pairs or None,
-                              **kwargs).float().cpu()
+            if tile is not None:
+                out = torch.stack([tiled_predict(model, image, tile, overlap, transforms, batch_size,
+                                                 device=device, **kwargs) for image in x])
+            else:
+                out = tta_predict(model, x, transforms, target=task.tta_target, flip_pairs=flip_pairs or None,
+                                  **kwargs).float().cpu()
         except RuntimeError as exc:
             raise DataError(f"the model failed on images {[names[int(i)] for i in batch['index'][:3]]}...: "
                             f"{' '.join(str(exc).split())[:200]}") from None
@@ -205,6 +217,9 @@ def predict(model: nn.Module, images: Images, task: Union[str, Task], **kwargs: 
         classes: class names (the class + box layout needs their number).
         flip_pairs: keypoint index pairs that trade places under a mirroring TTA (required then).
         device: ``auto`` (GPU when visible), ``cpu`` or ``cuda``.
+        tile / overlap: masks only: predict each image at its own resolution in ``tile`` x ``tile``
+            windows overlapping by ``overlap`` pixels, blended (:mod:`cvkit.inference.tiled`);
+            ``transform``'s resize is skipped, ``batch_size`` counts windows.
     """
     return list(iter_predict(model, images, task, **kwargs))
 
@@ -319,6 +334,8 @@ def predict_run(
     workers: int = 0,
     progress: bool = True,
     flip_pairs: FlipPairs = None,
+    tile: Optional[int] = None,
+    overlap: int = 64,
 ) -> pd.DataFrame:
     """A run's submission for ``images``: :func:`load_run` + :func:`iter_predict` + :func:`write_submission`.
 
@@ -329,7 +346,7 @@ def predict_run(
     predictions = iter_predict(run.model, images, run.task, tta=tta, batch_size=batch_size, device=device,
                                transform=run.transform(image_size), image_size=size, classes=run.classes,
                                flip_pairs=flip_pairs, root=root, path_col=path_col, workers=workers,
-                               progress=progress)
+                               progress=progress, tile=tile, overlap=overlap)
     tuning = run.tuning if threshold is None else None
     return write_submission(predictions, run.task, run.classes, out, probs=probs,
                             threshold=0.5 if threshold is None else threshold, tuning=tuning)

@@ -11,7 +11,6 @@ albumentations are never imported on this path.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,12 +41,9 @@ def read_contract(model_path: PathLike) -> Dict[str, Any]:
     path = contract_path(model_path)
     if not Path(model_path).is_file():
         raise FileNotFoundError(f"{model_path}: no such exported model (write one with: cvkit export RUN)")
-    if not path.is_file():
-        raise ValueError(f"{path}: missing; an exported model needs the contract JSON cvkit export writes beside it")
-    try:
-        contract = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    from cvkit.io import read_mapping
+
+    contract = read_mapping(path, "contract JSON that cvkit export writes beside an exported model")
     missing = [k for k in CONTRACT_KEYS if k not in contract] if isinstance(contract, dict) else list(CONTRACT_KEYS)
     if missing:
         raise ValueError(f"{path}: missing keys {missing}; expected the contract cvkit export writes")

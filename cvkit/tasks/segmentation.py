@@ -55,7 +55,7 @@ class Segmentation(Task):
     model = "segmentation"
     criterion = "dice_bce"
     metric = "segmentation"
-    valid_metric = "dice_image"
+    valid_metric = "dice"
     tta_target = "mask"
     options = COMMON_OPTIONS + (
         DataOption("mask_col", "column holding the PNG mask path", default="mask"),
