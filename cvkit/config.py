@@ -42,7 +42,7 @@ TOP_LEVEL: Dict[str, Any] = {
 }
 REQUIRED = ("task", "data", "model", "stages")
 # Facts StagedRunner writes into config.json next to the experiment; not experiment keys.
-RUNNER_KEYS = ("loaders", "valid", "fast_paths", "versions", "started")
+RUNNER_KEYS = ("loaders", "valid", "fast_paths", "versions", "started", "resumed_with_changes")
 AUGMENTATION_KEYS = {"preset", "size", "normalize"}
 STAGE_KEYS = [f.name for f in dataclasses.fields(Stage)]
 OPTIMIZER_KEYS = {"name", "weight_decay"}

@@ -393,16 +393,33 @@ def _finished(logdir: Path, task: Task) -> Optional[Dict[str, Any]]:
     return metrics if isinstance(metrics, dict) and "best" in metrics else None
 
 
-def _check_resume(full: Mapping[str, Any], allow_changes: bool) -> None:
-    """Refuse to resume a run whose experiment changed since it started, naming the keys."""
+def _check_resume(full: Mapping[str, Any], allow_changes: bool) -> List[str]:
+    """Refuse to resume a run whose experiment changed since it started, naming the keys; the changed
+    keys when ``allow_changes``."""
     saved_path = Path(full["logdir"]) / "config.json"
     if not saved_path.is_file():
-        return
+        return []
     changed = changed_keys(complete(load_experiment(saved_path)), full)
     if changed and not allow_changes:
         raise ConfigError(f"resume: the experiment differs from the run's {saved_path} in {changed[:8]}"
                           f"{' ...' if len(changed) > 8 else ''}; resume it unchanged, start a new logdir, or "
                           "allow the change explicitly (--resume-changed; the new values are recorded in config.json)")
+    return changed
+
+
+def _record_changes(full: Mapping[str, Any], changed: List[str]) -> None:
+    """Write a resumed run's new experiment into its config.json, listing the keys that changed.
+
+    The interrupted stage continues from its saved optimizer and scheduler state, so a changed LR or
+    scheduler of that stage applies from the next stage on; epochs, later stages and data apply at once.
+    """
+    from cvkit.io import atomic_write_json
+
+    path = Path(full["logdir"]) / "config.json"
+    saved = json.loads(path.read_text())
+    saved.update(json.loads(json.dumps(full, default=str)))
+    saved["resumed_with_changes"] = saved.get("resumed_with_changes", []) + [changed]
+    atomic_write_json(path, saved)
 
 
 def run(config: Mapping[str, Any], resume: bool = False, verbose: bool = True,
@@ -420,8 +437,9 @@ def run(config: Mapping[str, Any], resume: bool = False, verbose: bool = True,
 
     experiment = build(config)
     full = experiment.config
+    changed: List[str] = []
     if resume:
-        _check_resume(full, allow_changes)
+        changed = _check_resume(full, allow_changes)
         done = _finished(experiment.logdir, experiment.task)
         if done is not None:
             if verbose:
@@ -429,6 +447,8 @@ def run(config: Mapping[str, Any], resume: bool = False, verbose: bool = True,
             return done
     experiment.prepare()
     full["pipelines"] = pipelines(full, experiment.stages)
+    if changed:
+        _record_changes(full, changed)
     if experiment.classes:
         atomic_write_json(experiment.logdir / CLASSES_FILE, experiment.classes)
     runner = StagedRunner().fit(

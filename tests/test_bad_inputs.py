@@ -237,3 +237,16 @@ def test_report_on_a_metrics_file_that_is_not_a_mapping(tmp_path, capsys):
 def test_bad_stage_options_fail_before_the_first_batch(stage, culprit):
     with pytest.raises(ConfigError, match=r"stages\[0\]: .*" + culprit.replace("(", r"\(").replace("{", r"\{")):
         resolve({**TINY_EXPERIMENT, "stages": [{"name": "a", "epochs": 1, **stage}]})
+
+
+def test_eda_on_unreadable_images_says_so(tmp_path, capsys):
+    from cvkit.cli import main
+
+    (tmp_path / "t.csv").write_text("path,label\na.jpg,x\nb.jpg,y\n")
+    (tmp_path / "a.jpg").write_text("not a jpeg")
+    assert main(["eda", str(tmp_path / "t.csv"), str(tmp_path / "t.csv"), "--out-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no readable image in the train table" in err
+    good_jpeg(tmp_path / "b.jpg")
+    with pytest.warns(UserWarning, match="1 of 2 train images unreadable"):
+        assert main(["eda", str(tmp_path / "t.csv"), str(tmp_path / "t.csv"), "--out-dir", str(tmp_path / "out")]) == 0

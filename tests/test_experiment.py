@@ -166,6 +166,11 @@ def test_resume_refuses_a_changed_experiment_and_leaves_a_finished_run_alone(tra
     changed = load_experiment(path, ["stages.1.lr=0.5", "seed=7"])
     with pytest.raises(ConfigError, match=r"resume: .*differs .* in \['seed', 'stages.1.lr'\]"):
         run(changed, resume=True, verbose=False)
+    (logdir / "metrics.json").unlink()  # as if killed before its end: --resume-changed continues and records
+    run(changed, resume=True, verbose=False, allow_changes=True)
+    saved = json.loads((logdir / "config.json").read_text())
+    assert saved["seed"] == 7 and saved["stages"][1]["lr"] == 0.5
+    assert saved["resumed_with_changes"] == [["seed", "stages.1.lr"]]
 
 
 def test_a_copied_run_folder_continues_where_it_is(trained, tmp_path):

@@ -185,11 +185,12 @@ def mean_std(images: Union[Table, Sequence[PathLike]], root: Optional[PathLike] 
     return {"mean": mean, "std": std, "pixels": n, "images": len(paths)}
 
 
-def _image_stats(path: Path) -> Dict[str, float]:
+def _image_stats(path: Path) -> Dict[str, Any]:
+    """Size, brightness, contrast and colour means of one image, or ``{"error": ...}`` when unreadable."""
     try:
         image = read_image(path)
-    except DataError:
-        return {}
+    except DataError as exc:
+        return {"error": str(exc)}
     gray = image.mean(axis=2)
     means = image.reshape(-1, 3).mean(axis=0)
     return {"width": image.shape[1], "height": image.shape[0], "brightness": float(gray.mean()),
@@ -202,7 +203,8 @@ def eda(train: Table, test: Table, out_dir: PathLike, root: Optional[PathLike] =
         progress: bool = False) -> List[Path]:
     """Compare train and test: image sizes, brightness/contrast, colour means and label balance, as PNGs.
 
-    At most ``max_images`` per split are read (a seeded sample). Returns the PNG paths written.
+    At most ``max_images`` per split are read (a seeded sample). Unreadable images are left out with a
+    warning naming them; a split with no readable image is a :class:`DataError`. Returns the PNG paths written.
     """
     import matplotlib
 
@@ -217,7 +219,16 @@ def eda(train: Table, test: Table, out_dir: PathLike, root: Optional[PathLike] =
         if max_images and len(paths) > max_images:
             pick = np.sort(np.random.default_rng(seed).choice(len(paths), max_images, replace=False))
             paths = [paths[i] for i in pick]
-        stats[split] = pd.DataFrame([s for s in _thread_map(_image_stats, paths, workers, progress, f"eda {split}") if s])
+        results = list(_thread_map(_image_stats, paths, workers, progress, f"eda {split}"))
+        errors = [r["error"] for r in results if "error" in r]
+        if results and len(errors) == len(results):
+            raise DataError(f"eda: no readable image in the {split} table ({len(errors)} tried), e.g. {errors[0]}")
+        if errors or not results:
+            import warnings
+
+            warnings.warn(f"eda: {len(errors)} of {len(results)} {split} images unreadable and left out"
+                          + (f", e.g. {errors[0]}" if errors else f" (the {split} table has no rows)"), stacklevel=2)
+        stats[split] = pd.DataFrame([r for r in results if "error" not in r])
         frames[split] = frame
     written = []
 
