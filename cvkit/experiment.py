@@ -73,11 +73,58 @@ def _split(task: Task, dataset: Any, fraction: float, seed: int) -> "tuple[Any, 
     return _take(dataset, sorted(train)), _take(dataset, sorted(valid))
 
 
+def fold_assignment(task: Task, dataset: Any, folds: int, seed: int, group_col: Optional[str] = None) -> np.ndarray:
+    """The fold (0..folds-1) of every item: a ``fold`` column of the table when it has one, else a
+    seeded stratified split (grouped by ``group_col`` when given, so a group stays in one fold)."""
+    from sklearn.model_selection import GroupKFold, KFold, StratifiedKFold
+
+    frame = getattr(dataset, "frame", None)
+    if frame is not None and "fold" in frame.columns:
+        given = np.asarray(frame["fold"])
+        if not np.issubdtype(given.dtype, np.integer) or given.min() < 0 or set(given) != set(range(folds)):
+            raise ConfigError(f"data.folds: the table's fold column holds {sorted(set(given.tolist()))[:10]}; "
+                              f"expected the integers 0..{folds - 1}, each at least once")
+        return given.astype(np.int64)
+    if not isinstance(folds, int) or isinstance(folds, bool) or folds < 2 or folds > len(dataset):
+        raise ConfigError(f"data.folds: expected an integer from 2 to the {len(dataset)} training items, got {folds!r}")
+    index = np.arange(len(dataset))
+    if group_col:
+        if frame is None or group_col not in frame.columns:
+            raise ConfigError(f"data.group_col: {group_col!r} is not a column of the training table")
+        splits = GroupKFold(n_splits=folds).split(index, groups=frame[group_col].astype(str).to_numpy())
+    else:
+        labels = task.labels(dataset)
+        counts = np.unique(labels, return_counts=True)[1] if labels is not None and len(labels) else []
+        if len(counts) and counts.min() >= folds:
+            splits = StratifiedKFold(folds, shuffle=True, random_state=seed).split(index, labels)
+        else:
+            splits = KFold(folds, shuffle=True, random_state=seed).split(index)
+    out = np.empty(len(dataset), np.int64)
+    for k, (_, valid) in enumerate(splits):
+        out[valid] = k
+    return out
+
+
 def build_datasets(config: Mapping[str, Any]) -> Dict[str, Any]:
-    """``{"train", "valid", "test"?}`` datasets of a completed experiment, without transforms yet."""
+    """``{"train", "valid", "test"?}`` datasets of a completed experiment, without transforms yet.
+
+    With ``data.fold: k`` (of ``data.folds``), valid is fold ``k`` of the training data and train the
+    other folds (:func:`fold_assignment`); else a seeded ``valid_fraction`` unless ``data.valid`` is given.
+    """
     task, spec = get_task(config["task"]), dict(config["data"])
     seed = int(spec.get("seed", config["seed"]))
     out = task.datasets(spec, Path(config["logdir"]).parent / "demo_data")
+    if spec.get("fold") is not None:
+        if "valid" in out:
+            raise ConfigError("data.fold: k-fold splits data.train itself; remove data.valid")
+        folds, fold = spec.get("folds", 5), spec["fold"]
+        if not isinstance(fold, int) or isinstance(fold, bool) or not 0 <= fold < int(folds):
+            raise ConfigError(f"data.fold: expected an integer from 0 to {int(folds) - 1}, got {fold!r}")
+        train = _limit(out["train"], spec.get("limit"))
+        assignment = fold_assignment(task, train, folds, seed, spec.get("group_col"))
+        out["train"] = _take(train, np.flatnonzero(assignment != fold))
+        out["valid"] = _take(train, np.flatnonzero(assignment == fold))
+        return {k: v if k in ("train", "valid") else _limit(v, spec.get("limit")) for k, v in out.items()}
     if "valid" not in out:
         out["train"], out["valid"] = _split(task, out["train"], float(spec.get("valid_fraction", 0.2)), seed)
     return {k: _limit(v, spec.get("limit")) for k, v in out.items()}
@@ -338,14 +385,15 @@ def load_weights(model: nn.Module, weights: PathLike) -> None:
         raise ConfigError(f"weights: {exc}") from None
 
 
-def build(config: Mapping[str, Any]) -> Experiment:
+def build(config: Mapping[str, Any], datasets: Optional[Dict[str, Any]] = None) -> Experiment:
     """Model, datasets, stages, criterion and metrics of a resolved experiment (nothing trains).
 
     The model is initialised under ``torch.manual_seed(seed)``, so one seed gives one run.
+    ``datasets`` (``{"train", "valid", "test"?}``) replaces the ones the data spec describes (k-fold).
     """
     config = complete(config)
     task = get_task(config["task"])
-    datasets = build_datasets(config)
+    datasets = dict(datasets) if datasets is not None else build_datasets(config)
     classes = task.classes(datasets["train"])
     task.check_model(config["model"], datasets["train"], classes)
     for key, value in task.model_sizes(datasets["train"], classes).items():
@@ -423,7 +471,7 @@ def _record_changes(full: Mapping[str, Any], changed: List[str]) -> None:
 
 
 def run(config: Mapping[str, Any], resume: bool = False, verbose: bool = True,
-        allow_changes: bool = False) -> Dict[str, Any]:
+        allow_changes: bool = False, datasets: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Build, check the data, train every stage; returns what ``metrics.json`` holds.
 
     ``config.json`` in the logdir is the completed experiment (plus the runner's facts) and
@@ -435,7 +483,7 @@ def run(config: Mapping[str, Any], resume: bool = False, verbose: bool = True,
     from cvkit.perf import FastPaths
     from cvkit.runners import StagedRunner
 
-    experiment = build(config)
+    experiment = build(config, datasets)
     full = experiment.config
     changed: List[str] = []
     if resume:

@@ -37,6 +37,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume-changed", action="store_true",
                    help="with --resume: continue although the experiment changed since the run started "
                         "(the new values are recorded in config.json)")
+    p.add_argument("--folds", type=int, help="k-fold: train fold k of K into LOGDIR/fold_k/ (the table's 'fold' column, "
+                                            "else a seeded stratified split) and write oof.csv and cv.json")
+    p.add_argument("--group-col", help="with --folds: rows sharing this column's value stay in one fold")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
 
 
@@ -47,6 +50,19 @@ def _train(args: argparse.Namespace) -> int:
     config = _load(args)
     if args.resume_changed and not args.resume:
         raise UsageError("--resume-changed only applies with --resume")
+    if args.group_col and not args.folds:
+        raise UsageError("--group-col only applies with --folds")
+    if args.folds is not None:
+        from cvkit.kfold import kfold
+
+        if args.folds < 2:
+            raise UsageError(f"--folds must be at least 2, got {args.folds}")
+        summary = kfold(config, args.folds, args.group_col, resume=args.resume, verbose=not args.quiet,
+                        allow_changes=args.resume_changed)
+        print(json.dumps(summary, indent=2, default=str))
+        logdir = Path(config.get("logdir") or f"runs/{config.get('name', 'experiment')}")
+        print(f"folds written to {logdir}/fold_*; out-of-fold predictions in {logdir / 'oof.csv'}")
+        return 0
     result = run(config, resume=args.resume, verbose=not args.quiet, allow_changes=args.resume_changed)
     logdir = config.get("logdir") or f"runs/{config.get('name', 'experiment')}"
     summary = {"best": result["best"], "valid": result.get("valid"), "test": result.get("test")}
@@ -58,7 +74,9 @@ def _train(args: argparse.Namespace) -> int:
 # --- predict -----------------------------------------------------------------------------------
 
 def _predict_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", help="weights to predict with: a best.pth or a run folder (with --config)")
+    p.add_argument("--checkpoint", action="append",
+                   help="weights to predict with: a best.pth, a run folder, or a k-fold run folder (its folds are "
+                        "averaged); repeat it to average several models (with --config)")
     p.add_argument("--config", help="the run's config.json (or the experiment YAML it came from)")
     p.add_argument("--model", help="an exported model (cvkit export: model.onnx or model.pt, its contract JSON "
                                    "beside it) to predict with instead of --checkpoint/--config")

@@ -135,7 +135,7 @@ def _device(device: str) -> str:
 
 @torch.no_grad()
 def iter_predict(
-    model: nn.Module,
+    model: Union[nn.Module, Sequence[nn.Module]],
     images: Images,
     task: Union[str, Task],
     tta: Sequence[str] = (),
@@ -175,7 +175,7 @@ def iter_predict(
     check_flip_pairs(task, transforms, flip_pairs)
     dataset, names = _dataset(images, transform, root, path_col)
     device = _device(device)
-    model = model.to(device).eval()
+    members = [m.to(device).eval() for m in (model if isinstance(model, (list, tuple)) else [model])]
     whole = (image_size or isinstance(images, Dataset)) and tile is None
     loader = DataLoader(dataset, batch_size if whole else 1, shuffle=False, num_workers=workers)
     batches: Iterable[Dict[str, Any]] = loader
@@ -187,12 +187,15 @@ def iter_predict(
     for batch in batches:
         x = batch["features"].to(device)
         try:
-            if tile is not None:
-                out = torch.stack([tiled_predict(model, image, tile, overlap, transforms, batch_size,
-                                                 device=device, **kwargs) for image in x])
-            else:
-                out = tta_predict(model, x, transforms, target=task.tta_target, flip_pairs=flip_pairs or None,
-                                  **kwargs).float().cpu()
+            outs = []
+            for member in members:  # an ensemble averages its members' (TTA-averaged) probabilities
+                if tile is not None:
+                    outs.append(torch.stack([tiled_predict(member, image, tile, overlap, transforms, batch_size,
+                                                           device=device, **kwargs) for image in x]))
+                else:
+                    outs.append(tta_predict(member, x, transforms, target=task.tta_target,
+                                            flip_pairs=flip_pairs or None, **kwargs).float().cpu())
+            out = outs[0] if len(outs) == 1 else torch.stack(outs).mean(dim=0)
         except RuntimeError as exc:
             raise DataError(f"the model failed on images {[names[int(i)] for i in batch['index'][:3]]}...: "
                             f"{' '.join(str(exc).split())[:200]}") from None
@@ -202,11 +205,12 @@ def iter_predict(
             yield Prediction(names[index], int(index), out[k], int(height), int(width))
 
 
-def predict(model: nn.Module, images: Images, task: Union[str, Task], **kwargs: Any) -> List[Prediction]:
+def predict(model: Union[nn.Module, Sequence[nn.Module]], images: Images, task: Union[str, Task], **kwargs: Any) -> List[Prediction]:
     """Predict every image with ``model`` (TTA-averaged) and return one :class:`Prediction` each.
 
     Args:
-        model: any ``nn.Module`` giving the task's output layout.
+        model: any ``nn.Module`` giving the task's output layout, or a list of them (an ensemble: their
+            TTA-averaged probabilities, boxes, points or masks are averaged).
         images: a folder (searched recursively, sorted), a CSV with a ``path_col`` column (paths
             relative to ``root``, default the CSV's folder), a list of files or RGB uint8 arrays,
             or a dataset whose items hold ``features`` and ``index`` (and ``size`` to map back).
@@ -293,7 +297,8 @@ def load_run(config: PathLike, checkpoint: Optional[PathLike] = None) -> RunMode
 
     config = Path(config)
     if config.is_dir():
-        config = config / "config.json"
+        folds = _folds(config)
+        config = (folds[0] if folds and not (config / "config.json").is_file() else config) / "config.json"
     experiment = complete(load_experiment(config))
     checkpoint = Path(checkpoint) if checkpoint is not None else config.parent
     if checkpoint.is_dir():
@@ -319,7 +324,7 @@ def load_run(config: PathLike, checkpoint: Optional[PathLike] = None) -> RunMode
 
 
 def predict_run(
-    checkpoint: Optional[PathLike],
+    checkpoint: Union[None, PathLike, Sequence[PathLike]],
     config: PathLike,
     images: PathLike,
     out: Optional[PathLike] = None,
@@ -339,11 +344,14 @@ def predict_run(
 ) -> pd.DataFrame:
     """A run's submission for ``images``: :func:`load_run` + :func:`iter_predict` + :func:`write_submission`.
 
-    The run's tuned post-processing (``postprocess.json``) applies unless ``threshold`` is given.
+    ``checkpoint`` may be several files or a k-fold run folder: their models are averaged
+    (:func:`run_checkpoints`). The run's tuned post-processing (``postprocess.json``) applies unless
+    ``threshold`` is given.
     """
-    run = load_run(config, checkpoint)
+    runs = [load_run(config, c) for c in run_checkpoints(checkpoint)]
+    run = runs[0]
     size = image_size or _run_size(run.config)
-    predictions = iter_predict(run.model, images, run.task, tta=tta, batch_size=batch_size, device=device,
+    predictions = iter_predict([r.model for r in runs], images, run.task, tta=tta, batch_size=batch_size, device=device,
                                transform=run.transform(image_size), image_size=size, classes=run.classes,
                                flip_pairs=flip_pairs, root=root, path_col=path_col, workers=workers,
                                progress=progress, tile=tile, overlap=overlap)
@@ -352,11 +360,29 @@ def predict_run(
                             threshold=0.5 if threshold is None else threshold, tuning=tuning)
 
 
+def run_checkpoints(checkpoint: Union[None, PathLike, Sequence[PathLike]]) -> List[Optional[PathLike]]:
+    """The checkpoints an ensemble prediction averages: each given file or run folder, a k-fold run
+    folder standing for its ``fold_*/best.pth`` (None alone: the run's own best.pth)."""
+    given = list(checkpoint) if isinstance(checkpoint, (list, tuple)) else [checkpoint]
+    out: List[Optional[PathLike]] = []
+    for item in given:
+        folds = _folds(item)
+        out += [f / "best.pth" for f in folds] if folds else [item]
+    return out or [None]
+
+
+def _folds(folder: Optional[PathLike]) -> List[Path]:
+    """A k-fold run's ``fold_*`` folders (none for an ordinary run folder or a file)."""
+    if folder is None or not Path(folder).is_dir() or (Path(folder) / "best.pth").is_file():
+        return []
+    return sorted(p for p in Path(folder).glob("fold_*") if (p / "best.pth").is_file())
+
+
 def _run_size(config: Dict[str, Any]) -> Optional[int]:
     from cvkit.experiment import image_size
 
     return image_size(config, config["stages"][-1])
 
 
-__all__ = ["ImageFiles", "Prediction", "RunModel", "check_flip_pairs", "iter_predict", "list_images", "load_run",
+__all__ = ["ImageFiles", "Prediction", "RunModel", "check_flip_pairs", "run_checkpoints", "iter_predict", "list_images", "load_run",
            "predict", "predict_run", "write_submission"]

@@ -24,8 +24,10 @@ from cvkit.registry import Registry
 PathLike = Union[str, os.PathLike]
 Row = Dict[str, Any]
 
-COMMON_DATA_KEYS = frozenset({"kind", "train", "valid", "test", "valid_fraction", "seed", "limit", "skip_bad_rows"})
-DEMO_DATA_KEYS = frozenset({"kind", "root", "seed", "per_class", "valid_fraction", "limit", "skip_bad_rows"})
+# How train is split into train and valid: a seeded valid_fraction, or fold ``fold`` of ``folds``.
+SPLIT_KEYS = frozenset({"valid_fraction", "seed", "limit", "skip_bad_rows", "folds", "fold", "group_col"})
+COMMON_DATA_KEYS = SPLIT_KEYS | {"kind", "train", "valid", "test"}
+DEMO_DATA_KEYS = SPLIT_KEYS | {"kind", "root", "per_class"}
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,10 @@ class Task:
     def labels(self, dataset: Any) -> Optional[np.ndarray]:
         """Per-item labels to stratify a split by, or None."""
         return None
+
+    def target_columns(self, dataset: Any, index: int, classes: Sequence[str]) -> Row:
+        """The true target of item ``index`` as submission-like columns (out-of-fold tables), or {}."""
+        return {}
 
     # --- model, criterion, metrics ---------------------------------------------------------------
 

@@ -6,11 +6,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from cvkit.tasks.base import CLASS_OPTIONS, COMMON_OPTIONS, DEMO_DATA_KEYS, Row, Task, register_task
+from cvkit.tasks.base import CLASS_OPTIONS, COMMON_OPTIONS, SPLIT_KEYS, Row, Task, register_task
 
-FOLDER_KEYS = frozenset({"kind", "train", "valid", "test", "class_map", "valid_fraction", "seed", "limit",
-                         "skip_bad_rows"})
-STL10_KEYS = frozenset({"kind", "root", "valid_fraction", "seed", "limit", "skip_bad_rows"})
+FOLDER_KEYS = SPLIT_KEYS | {"kind", "train", "valid", "test", "class_map"}
+STL10_KEYS = SPLIT_KEYS | {"kind", "root"}
 
 
 def class_columns(scores: Sequence[float], classes: Sequence[str], probs: bool) -> Row:
@@ -70,6 +69,10 @@ class Classification(Task):
         if callable(labels):
             return labels()
         return None if labels is None else np.asarray(labels)
+
+    def target_columns(self, dataset: Any, index: int, classes: Sequence[str]) -> Row:
+        labels = self.labels(dataset)
+        return {} if labels is None else {"target": classes[int(labels[index])]}
 
     def decode(self, output: Any, height: int, width: int, classes: Sequence[str]) -> Dict[str, Any]:
         probs = np.asarray(output, dtype=np.float64).reshape(-1)

@@ -1,0 +1,95 @@
+"""K-fold training with out-of-fold (OOF) predictions, on the same builders as one run.
+
+:func:`kfold` trains fold ``k`` of ``K`` into ``<logdir>/fold_<k>/`` as an ordinary run whose
+``config.json`` says ``data.fold: k`` (so each fold repeats from its folder), then predicts every
+training row with the one fold model that did not train on it:
+
+- ``oof.csv``: one row per training row, in the task's submission format, plus ``fold``, ``row``
+  (the row of the training table) and the true target where the task has one;
+- ``cv.json``: each fold's best valid metric, their mean and standard deviation, and the task's
+  metrics over all out-of-fold predictions pooled.
+
+A killed k-fold run continues with ``resume=True``: finished folds are kept, the unfinished one
+resumes from its last epoch, later ones start.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
+
+import pandas as pd
+import torch
+
+
+def fold_config(config: Mapping[str, Any], folds: int, fold: int, group_col: Optional[str] = None) -> Dict[str, Any]:
+    """The experiment of fold ``fold``: its own logdir, and the data split into that fold."""
+    out = copy.deepcopy(dict(config))
+    out["logdir"] = str(Path(config["logdir"]) / f"fold_{fold}")
+    out["data"] = {**out["data"], "folds": folds, "fold": fold, **({"group_col": group_col} if group_col else {})}
+    return out
+
+
+def kfold(config: Mapping[str, Any], folds: int = 5, group_col: Optional[str] = None, resume: bool = False,
+          verbose: bool = True, allow_changes: bool = False) -> Dict[str, Any]:
+    """Train every fold, write ``oof.csv`` and ``cv.json`` into the logdir; returns what cv.json holds."""
+    from cvkit.config import complete
+    from cvkit.experiment import run
+    from cvkit.io import atomic_write_bytes, atomic_write_json
+
+    config = complete(config)
+    base = Path(config["logdir"])
+    scores: List[float] = []
+    for fold in range(folds):
+        if verbose:
+            print(f"[cvkit] fold {fold + 1}/{folds} -> {base / f'fold_{fold}'}")
+        result = run(fold_config(config, folds, fold, group_col), resume=resume, verbose=verbose,
+                     allow_changes=allow_changes)
+        scores.append(float(result["best"]["score"]))
+    frame, oof_metrics = out_of_fold(config, folds, group_col)
+    atomic_write_bytes(base / "oof.csv", frame.to_csv(index=False).encode())
+    summary = {"folds": folds, "valid_metric": config["valid_metric"], "per_fold": scores,
+               "mean": statistics.fmean(scores), "std": statistics.pstdev(scores), "oof": oof_metrics}
+    atomic_write_json(base / "cv.json", summary)
+    return summary
+
+
+@torch.no_grad()
+def out_of_fold(config: Mapping[str, Any], folds: int, group_col: Optional[str] = None) -> "tuple[pd.DataFrame, Dict[str, float]]":
+    """Every training row predicted by its fold's model (a table), and the task's metrics over them pooled."""
+    from cvkit.data.loaders import make_loader
+    from cvkit.experiment import build, image_size
+    from cvkit.inference.predict import iter_predict, load_run
+    from cvkit.metrics import create_metric
+
+    rows: List[Dict[str, Any]] = []
+    metric = None
+    for fold in range(folds):
+        trained = load_run(Path(config["logdir"]) / f"fold_{fold}")
+        experiment = build(trained.config)
+        task, classes, last = experiment.task, trained.classes, experiment.stages[-1]
+        size = image_size(experiment.config, experiment.config["stages"][-1])
+        valid = experiment.datasets["valid"]
+        model = trained.model.eval()
+        metric = metric or experiment.metrics()[0]
+        loader = make_loader(experiment.dataset("valid", size, stage=last.name), 64, train=False, workers=0)
+        for batch in loader:
+            metric.update(model(batch["features"]), batch["targets"])
+        if hasattr(valid, "path"):
+            images: Any = [valid.path(i) for i in range(len(valid))]
+            names = [str(valid.frame.at[i, valid.path_col]) for i in range(len(valid))]
+        else:
+            images, names = experiment.dataset("valid", size, stage=last.name), [str(i) for i in range(len(valid))]
+        table_rows = getattr(valid, "rows", None)
+        for p in iter_predict(model, images, task, transform=trained.transform(), image_size=size, classes=classes,
+                              device="cpu"):
+            row = {"fold": fold, "row": int(table_rows[p.index]) if table_rows is not None else p.index}
+            for out in task.rows(names[p.index], p.decode(task, classes), classes, tuning=trained.tuning):
+                rows.append({**out, **row, **task.target_columns(valid, p.index, classes)})
+    frame = pd.DataFrame(rows).sort_values(["row"], kind="stable").reset_index(drop=True)
+    return frame, (metric.compute() if metric is not None else {})
+
+
+__all__ = ["fold_config", "kfold", "out_of_fold"]

@@ -1,0 +1,115 @@
+"""K-fold: every training row is predicted once, by the one fold model that did not train on it."""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cvkit.cli import main
+from cvkit.config import load_config
+from cvkit.experiment import build, load_experiment
+from cvkit.kfold import kfold
+
+FOLDS = 3
+
+
+def experiment(demo_root: Path, logdir: Path) -> dict:
+    return {"name": "kf", "task": "classification", "engine": "cpu", "logdir": str(logdir), "seed": 1,
+            "data": {"kind": "demo", "root": str(demo_root), "limit": 30},
+            "model": {"name": "classifier", "arch": "test_resnet"}, "augmentation": {"preset": "resize", "size": 32},
+            "stages": [{"name": "all", "epochs": 1, "lr": 0.003, "batch_size": 8}]}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("kfold")
+    config = load_config(experiment(folder / "demo", folder / "run"))
+    return folder, config, kfold(config, FOLDS, verbose=False)
+
+
+def test_every_training_row_is_predicted_by_the_fold_that_did_not_train_on_it(trained):
+    folder, config, summary = trained
+    oof = pd.read_csv(folder / "run" / "oof.csv")
+    assert list(oof.columns) == ["path", "label", "fold", "row", "target"]
+    assert sorted(oof["row"]) == list(range(30)), "one prediction for every training row"
+    for fold in range(FOLDS):
+        datasets = build(load_experiment(folder / "run" / f"fold_{fold}" / "config.json")).datasets
+        trained_on = set(datasets["train"].rows.tolist())
+        held_out = set(datasets["valid"].rows.tolist())
+        assert not trained_on & held_out and len(trained_on | held_out) == 30
+        assert set(oof.loc[oof["fold"] == fold, "row"]) == held_out
+
+
+def test_cv_json_summarises_the_folds_and_the_pooled_oof_metric(trained):
+    folder, config, summary = trained
+    saved = json.loads((folder / "run" / "cv.json").read_text())
+    assert saved == json.loads(json.dumps(summary))
+    per_fold = [json.loads((folder / "run" / f"fold_{k}" / "metrics.json").read_text())["best"]["score"]
+                for k in range(FOLDS)]
+    assert saved["per_fold"] == per_fold and saved["mean"] == pytest.approx(statistics.fmean(per_fold))
+    oof = pd.read_csv(folder / "run" / "oof.csv")
+    assert saved["oof"]["accuracy"] == pytest.approx(float(np.mean(oof["label"] == oof["target"])))
+
+
+def test_resume_keeps_finished_folds_and_finishes_the_rest(trained):
+    folder, config, _ = trained
+    stamps = [(folder / "run" / f"fold_{k}" / "best.pth").stat().st_mtime_ns for k in range(FOLDS)]
+    (folder / "run" / f"fold_{FOLDS - 1}" / "metrics.json").unlink()  # as if killed before its end
+    kfold(config, FOLDS, resume=True, verbose=False)
+    after = [(folder / "run" / f"fold_{k}" / "best.pth").stat().st_mtime_ns for k in range(FOLDS)]
+    assert after[:-1] == stamps[:-1] and (folder / "run" / f"fold_{FOLDS - 1}" / "metrics.json").is_file()
+
+
+def test_the_command_trains_folds_and_refuses_bad_values(tmp_path, capsys):
+    import yaml
+
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(experiment(tmp_path / "demo", tmp_path / "run")))
+    assert main(["train", str(path), "--folds", "1"]) == 2
+    assert "--folds must be at least 2" in capsys.readouterr().err
+    assert main(["train", str(path), "--group-col", "patient"]) == 2
+    assert main(["train", str(path), "--folds", "2", "--group-col", "nope", "--quiet"]) == 2
+    assert "data.group_col: 'nope' is not a column" in capsys.readouterr().err
+    assert main(["train", str(path), "--folds", "2", "--quiet"]) == 0
+    assert (tmp_path / "run" / "cv.json").is_file() and len(pd.read_csv(tmp_path / "run" / "oof.csv")) == 30
+
+
+def test_an_ensemble_is_the_mean_of_its_members(trained):
+    import torch
+
+    from cvkit.inference.predict import load_run, predict
+
+    folder, config, _ = trained
+    runs = [load_run(folder / "run" / f"fold_{k}") for k in range(FOLDS)]
+    test_csv = next((folder / "demo").rglob("test.csv"))
+    options = dict(transform=runs[0].transform(), image_size=32, device="cpu", tta=["hflip"])
+    members = [predict(r.model, test_csv, "classification", **options) for r in runs]
+    together = predict([r.model for r in runs], test_csv, "classification", **options)
+    for k, p in enumerate(together):
+        assert torch.allclose(p.output, torch.stack([m[k].output for m in members]).mean(0), atol=1e-6)
+
+
+def test_predict_on_a_kfold_folder_averages_its_folds(trained, tmp_path):
+    from cvkit.inference.predict import load_run, predict, write_submission
+
+    folder, config, _ = trained
+    test_csv = next((folder / "demo").rglob("test.csv"))
+    out = tmp_path / "sub.csv"
+    assert main(["predict", "--checkpoint", str(folder / "run"), "--config", str(folder / "run"), "--images",
+                 str(test_csv), "--out", str(out), "--device", "cpu", "--probs"]) == 0
+    runs = [load_run(folder / "run" / f"fold_{k}") for k in range(FOLDS)]
+    expected = write_submission(predict([r.model for r in runs], test_csv, "classification", device="cpu",
+                                        transform=runs[0].transform(), image_size=32), "classification",
+                                runs[0].classes, probs=True)
+    got = pd.read_csv(out)
+    assert got["label"].tolist() == expected["label"].tolist()
+    assert np.allclose(got.filter(like="prob_").to_numpy(), expected.filter(like="prob_").to_numpy(), atol=1e-5)
+    two = tmp_path / "two.csv"
+    assert main(["predict", "--checkpoint", str(folder / "run" / "fold_0"), "--checkpoint",
+                 str(folder / "run" / "fold_1" / "best.pth"), "--config", str(folder / "run" / "fold_0"),
+                 "--images", str(test_csv), "--out", str(two), "--device", "cpu"]) == 0
+    assert len(pd.read_csv(two)) == len(got)
