@@ -12,7 +12,7 @@ import dataclasses
 import difflib
 import json
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Sequence, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import yaml
 
@@ -216,6 +216,32 @@ def _check_keys(where: str, spec: Mapping[str, Any], valid: Iterable[str]) -> No
             raise ConfigError(f"{where}: unknown key {key!r}{_near(key, valid)} valid: {valid}")
 
 
+def default_logdir(config: Mapping[str, Any], now: Optional[float] = None) -> str:
+    """``runs/<name>/<YYYY-MM-DD_HH-MM-SS>_<arch>_bs<batch>_lr<lr>``: a new folder per run, named by
+    the time and the first stage's key hyperparameters, so runs compare side by side."""
+    import time
+
+    model = config.get("model") if isinstance(config.get("model"), dict) else {}
+    arch = str(model.get("arch") or model.get("encoder") or model.get("name") or "model").replace("/", "-")
+    stage = (config.get("stages") or [{}])[0]
+    lr = stage.get("lr")
+    if isinstance(lr, dict):
+        lr = lr.get("head", next(iter(lr.values()), None))
+    parts = [time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(now)), arch]
+    parts += [f"bs{stage['batch_size']}"] if stage.get("batch_size") else []
+    parts += [f"lr{lr:g}"] if isinstance(lr, (int, float)) else []
+    return str(Path("runs") / str(config.get("name", "experiment")) / "_".join(parts))
+
+
+def latest_logdir(config: Mapping[str, Any]) -> str:
+    """The folder ``runs/<name>/latest`` points to (the newest run of an experiment without a logdir)."""
+    link = Path("runs") / str(config.get("name", "experiment")) / "latest"
+    if not link.exists():
+        raise ConfigError(f"--resume: the experiment names no logdir and {link} does not exist; "
+                          "give --set logdir=<the run folder>")
+    return str(link.resolve())
+
+
 def complete(config: Mapping[str, Any]) -> Dict[str, Any]:
     """The resolved experiment with every default written out (what ``config.json`` stores).
 
@@ -230,7 +256,8 @@ def complete(config: Mapping[str, Any]) -> Dict[str, Any]:
     config = copy.deepcopy(dict(config))
     task = get_task(config["task"])
     config.setdefault("name", "experiment")
-    config.setdefault("logdir", f"runs/{config['name']}")
+    if not config.get("logdir"):
+        config["logdir"] = default_logdir(config)
     config.setdefault("seed", 42)
     config.setdefault("engine", None)
     config.setdefault("workers", 0)

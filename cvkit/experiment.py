@@ -470,6 +470,22 @@ def _record_changes(full: Mapping[str, Any], changed: List[str]) -> None:
     atomic_write_json(path, saved)
 
 
+def _link_latest(logdir: Path) -> None:
+    """Point ``runs/<name>/latest`` at this run (a symlink, replaced atomically) when the run folder is a
+    time-stamped one (:func:`cvkit.config.default_logdir`); explicit logdirs get no link."""
+    import os
+    import re
+
+    link = logdir.parent / "latest"
+    if not re.match(r"\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}_", logdir.name) or (link.exists() and not link.is_symlink()):
+        return
+    logdir.mkdir(parents=True, exist_ok=True)
+    temporary = logdir.parent / f".latest.{os.getpid()}"
+    temporary.unlink(missing_ok=True)
+    temporary.symlink_to(logdir.name, target_is_directory=True)
+    os.replace(temporary, link)
+
+
 def run(config: Mapping[str, Any], resume: bool = False, verbose: bool = True,
         allow_changes: bool = False, datasets: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Build, check the data, train every stage; returns what ``metrics.json`` holds.
@@ -494,6 +510,7 @@ def run(config: Mapping[str, Any], resume: bool = False, verbose: bool = True,
                 print(f"{experiment.logdir} is a finished run (metrics.json); nothing to resume")
             return done
     experiment.prepare()
+    _link_latest(experiment.logdir)
     full["pipelines"] = pipelines(full, experiment.stages)
     if changed:
         _record_changes(full, changed)

@@ -24,6 +24,8 @@ from catalyst.core.misc import sort_callbacks_by_order
 from torch import nn
 from torch.utils.data import DataLoader
 
+from cvkit.callbacks.console import ConsoleTableCallback, progress_bars_wanted
+from cvkit.callbacks.tensorboard import run_hparams, write_hparams
 from cvkit.callbacks import (
     AccumulatingBackwardCallback,
     AccumulatingOptimizerCallback,
@@ -400,7 +402,9 @@ class StagedRunner(dl.SupervisedRunner):
                 min_delta=es.get("min_delta", 1e-6),
             )
         if verbose:
-            out["progress"] = _at(dl.TqdmCallback(), CallbackOrder.External + 2)
+            out["console"] = ConsoleTableCallback(self.valid_loader_key, self.valid_metric_key)
+            if progress_bars_wanted():
+                out["progress"] = _at(dl.TqdmCallback(), CallbackOrder.External + 2)
         out["history"] = HistoryCallback(logdir / "log.csv")
         out["checkpoint"] = StageCheckpointCallback(
             folder, logdir / "checkpoints" / "resume.pth", self.valid_loader_key, self.valid_metric_key
@@ -469,8 +473,6 @@ class StagedRunner(dl.SupervisedRunner):
         loggers: Dict[str, Any] = {
             "tensorboard": StageTensorboardLogger(str(run.logdir / "tensorboard"), stage_suffix(run.stage_index))
         }
-        if verbose:
-            loggers["console"] = dl.ConsoleLogger()
         with warnings.catch_warnings():
             # Known, harmless warnings from the pinned stack, repeated every stage otherwise:
             # accelerate<1.0 deprecating its TPU enum, Catalyst's loss metric calling float() on
@@ -648,6 +650,10 @@ class StagedRunner(dl.SupervisedRunner):
             result["test"] = evaluate(model, test_loader, self.criterion, metrics, engine, self._input_key, self._target_key)
         self.final_metrics = result
         atomic_write_json(logdir / "metrics.json", result)
+        facts = json.loads((logdir / "config.json").read_text()) if (logdir / "config.json").is_file() else {}
+        scores = {f"hparam/{split}/{key}": value for split in ("valid", "test") for key, value in
+                  (result.get(split) or {}).items() if not key.startswith("loss/")}
+        write_hparams(logdir / "tensorboard", run_hparams(self._stages, facts), scores)
         from cvkit.plots import plot_progress
 
         plot_progress(run.history, logdir / "progress.png", self.valid_metric_key)

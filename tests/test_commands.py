@@ -157,3 +157,24 @@ def test_keypoint_mirror_tta_needs_flip_pairs(tmp_path, capsys):
     # swapping the mirrored top-left/top-right predictions changes them; the centre (4) has no partner
     assert not np.allclose(plain[["x0", "x1"]], paired[["x0", "x1"]])
     assert np.allclose(plain[["x4", "y4"]], paired[["x4", "y4"]])
+
+
+def test_a_run_without_logdir_gets_a_time_stamped_folder_and_a_latest_link(tmp_path, monkeypatch, capsys):
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    config = yaml.safe_load(EXAMPLE.read_text())
+    config.pop("logdir", None)
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["train", str(path), "--quiet", *FAST]) == 0
+    runs = [p for p in (tmp_path / "runs" / "classification_demo").iterdir() if p.name not in ("latest", "demo_data")]
+    assert len(runs) == 1
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}_test_resnet_bs16_lr0\.01", runs[0].name)
+    latest = tmp_path / "runs" / "classification_demo" / "latest"
+    assert latest.is_symlink() and latest.resolve() == runs[0].resolve()
+    assert (latest / "metrics.json").is_file()
+    stamp = (latest / "best.pth").stat().st_mtime_ns
+    assert main(["train", str(path), "--quiet", "--resume", *FAST]) == 0  # resumes the latest run: finished
+    assert (latest / "best.pth").stat().st_mtime_ns == stamp
+    assert len([p for p in runs[0].parent.iterdir() if p.name not in ("latest", "demo_data")]) == 1

@@ -7,7 +7,7 @@ plateau), guards (NaN/inf loss and gradient), early_stopping, history (``log.csv
 predictions to TensorBoard), tensorboard (event files of every stage kept), state (the
 ``RunState`` shared by a StagedRunner and its callbacks) and checks (distinct orders; every key
 read is written first), accumulation (gradient accumulation windows), ema (moving average of the
-weights) and mixup (timm Mixup/CutMix of train batches).
+weights), mixup (timm Mixup/CutMix of train batches) and console (one table row per epoch).
 """
 from cvkit.callbacks.accumulation import (
     AccumulatingBackwardCallback,
@@ -18,6 +18,7 @@ from cvkit.callbacks.accumulation import (
 from cvkit.callbacks.batchnorm import FreezeBatchNormCallback
 from cvkit.callbacks.checkpoint import StageCheckpointCallback, link_or_copy
 from cvkit.callbacks.checks import check_callbacks, check_keys, check_orders
+from cvkit.callbacks.console import ConsoleTableCallback, progress_bars_wanted
 from cvkit.callbacks.criterion import CriterionCallback
 from cvkit.callbacks.early_stopping import EarlyStopping
 from cvkit.callbacks.ema import EmaCallback
@@ -39,6 +40,8 @@ from cvkit.callbacks.tensorboard import StageTensorboardLogger, stage_suffix
 from cvkit.callbacks.worst import WorstPredictionsCallback, draw_keypoints, draw_label, to_uint8
 
 __all__ = [
+    "ConsoleTableCallback",
+    "progress_bars_wanted",
     "AccumulatingBackwardCallback",
     "AccumulatingOptimizerCallback",
     "AccumulationWindow",

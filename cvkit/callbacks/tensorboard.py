@@ -1,7 +1,9 @@
 """TensorBoard logging for staged runs: every stage's events kept, on one global-epoch timeline."""
 from __future__ import annotations
 
+import math
 import os
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 from catalyst.loggers.tensorboard import TensorboardLogger
 from tensorboardX import SummaryWriter
@@ -32,4 +34,42 @@ def stage_suffix(stage_index: int) -> str:
     return f".{os.getpid()}.stage{stage_index:03d}"
 
 
-__all__ = ["StageTensorboardLogger", "stage_suffix"]
+def _scalar(value: object) -> Optional[Union[int, float, str, bool]]:
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    return None if value is None else str(value)
+
+
+def run_hparams(stages: Sequence[Any], facts: Mapping[str, Any]) -> Dict[str, Union[int, float, str, bool]]:
+    """The hyperparameters that tell runs apart: seed, model, and each stage's epochs, batch and image
+    size, optimizer, scheduler, weight decay and every group's LR (keys ``<stage>/<name>``)."""
+    out: Dict[str, Union[int, float, str, bool]] = {}
+    model = facts.get("model")
+    if isinstance(model, Mapping):
+        for key in ("name", "arch", "encoder"):
+            if model.get(key) is not None:
+                out[f"model/{key}"] = str(model[key])
+    elif model is not None:
+        out["model"] = str(model)
+    if facts.get("seed") is not None:
+        out["seed"] = facts["seed"]
+    for stage in stages:
+        for key in ("epochs", "batch_size", "image_size", "optimizer", "scheduler", "weight_decay", "trainable",
+                    "accumulate", "ema"):
+            value = _scalar(getattr(stage, key, None))
+            if value is not None:
+                out[f"{stage.name}/{key}"] = value
+        lrs = stage.lr if isinstance(stage.lr, Mapping) else {"all": stage.lr}
+        out.update({f"{stage.name}/lr/{group}": float(lr) for group, lr in lrs.items()})
+    return out
+
+
+def write_hparams(logdir: Union[str, os.PathLike], hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
+    """Put the run's hyperparameters and final metrics in TensorBoard's HParams tab (``tensorboard/hparams``),
+    so runs compare side by side."""
+    finite = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    with SummaryWriter(os.path.join(str(logdir), "hparams"), filename_suffix=f".{os.getpid()}.hparams") as writer:
+        writer.add_hparams(dict(hparams), finite, name=".")
+
+
+__all__ = ["StageTensorboardLogger", "run_hparams", "stage_suffix", "write_hparams"]

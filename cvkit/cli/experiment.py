@@ -45,9 +45,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 @register_command("train", "Train a YAML experiment (all its stages); writes the run to its logdir.", _train_args)
 def _train(args: argparse.Namespace) -> int:
+    from cvkit.config import complete, latest_logdir
     from cvkit.experiment import run
 
     config = _load(args)
+    if not config.get("logdir"):
+        config["logdir"] = latest_logdir(config) if args.resume else complete(config)["logdir"]
     if args.resume_changed and not args.resume:
         raise UsageError("--resume-changed only applies with --resume")
     if args.group_col and not args.folds:

@@ -1,0 +1,73 @@
+"""The console: one fixed-column line per epoch, as fastai's table reads, with stage boundaries marked.
+
+Replaces Catalyst's ``loss/mean | loss/std | momentum/... | stage_index`` dumps. Columns: stage,
+global epoch, train loss, valid loss, the valid metric, every parameter group's LR, seconds.
+Progress bars are for terminals only (:func:`progress_bars_wanted`): a CI log or a redirected file
+gets the table, not thousands of carriage-return updates.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import TYPE_CHECKING, Callable, List, Mapping, Optional, TextIO
+
+from catalyst.core.callback import Callback, CallbackOrder
+
+if TYPE_CHECKING:
+    from catalyst.core.runner import IRunner
+
+WIDTH = 11
+
+
+def progress_bars_wanted(stream: TextIO = sys.stderr) -> bool:
+    """Progress bars only when ``stream`` is a terminal."""
+    return bool(getattr(stream, "isatty", lambda: False)())
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        text = "nan" if math.isnan(value) else (f"{value:.3e}" if 0 < abs(value) < 1e-3 else f"{value:.4f}")
+    else:
+        text = str(value)
+    return text[:WIDTH].rjust(WIDTH)
+
+
+class ConsoleTableCallback(Callback):
+    """Print the epoch's row of the run's history (written by the history callback just before)."""
+
+    reads: tuple = ()
+    writes: tuple = ()
+
+    def __init__(self, valid_loader: str, valid_metric: str, write: Callable[[str], None] = print) -> None:
+        super().__init__(order=CallbackOrder.External + 11)
+        self.valid_loader, self.valid_metric, self.write = valid_loader, valid_metric, write
+        self.columns: Optional[List[str]] = None
+        self.started = 0.0
+
+    def on_experiment_start(self, runner: "IRunner") -> None:
+        self.columns = None
+
+    def on_epoch_start(self, runner: "IRunner") -> None:
+        self.started = time.perf_counter()
+
+    def _header(self, row: Mapping[str, object]) -> List[str]:
+        lrs = [k for k in row if k.startswith("lr/")]
+        metric = [] if self.valid_metric == "loss" else [f"{self.valid_loader}/{self.valid_metric}"]
+        return ["train/loss", f"{self.valid_loader}/loss", *metric, *lrs]
+
+    def on_epoch_end(self, runner: "IRunner") -> None:
+        if not runner.engine.is_main_process or not runner.run_state.history:
+            return
+        row = runner.run_state.history[-1]
+        if self.columns is None:
+            self.columns = self._header(row)
+            names = ["stage", "epoch", *[c.replace("/", " ") for c in self.columns], "seconds"]
+            self.write(f"-- stage {row['stage']!s} " + "-" * 20)
+            self.write(" ".join(n[-WIDTH:].rjust(WIDTH) for n in names))
+        cells = [row["stage"], row["epoch"], *[row.get(c, float("nan")) for c in self.columns],
+                 f"{time.perf_counter() - self.started:.1f}"]
+        self.write(" ".join(_cell(c) for c in cells))
+
+
+__all__ = ["ConsoleTableCallback", "progress_bars_wanted"]
