@@ -62,11 +62,13 @@ class Orders(Callback):
         self.orders = {name: int(cb.order) for name, cb in runner.callbacks.items()}
 
 
-def test_every_builtin_callback_has_its_own_order(tmp_path):
+def test_every_builtin_callback_has_its_own_order(tmp_path, monkeypatch):
+    monkeypatch.setattr("cvkit.runners.progress_bars_wanted", lambda *args: True)  # as on a terminal
     record = Orders()
     stage = Stage("s", 1, lr=0.01, scheduler="plateau", early_stopping=dict(patience=2))
     fit(tmp_path, [stage], callbacks=lambda s: [record], verbose=True)
-    assert {"criterion", "backward", "optimizer", "scheduler", "early_stopping", "progress", "checkpoint"} <= set(record.orders)
+    assert {"criterion", "backward", "optimizer", "scheduler", "early_stopping", "progress", "console",
+            "checkpoint"} <= set(record.orders)
     assert len(set(record.orders.values())) == len(record.orders), record.orders
     assert list(record.orders.values()) == sorted(record.orders.values())
 
