@@ -230,7 +230,12 @@ def default_logdir(config: Mapping[str, Any], now: Optional[float] = None) -> st
     parts = [time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(now)), arch]
     parts += [f"bs{stage['batch_size']}"] if stage.get("batch_size") else []
     parts += [f"lr{lr:g}"] if isinstance(lr, (int, float)) else []
-    return str(Path("runs") / str(config.get("name", "experiment")) / "_".join(parts))
+    folder = Path("runs") / str(config.get("name", "experiment")) / "_".join(parts)
+    taken = 1
+    while folder.exists():  # two runs started within one second
+        taken += 1
+        folder = folder.with_name(f"{'_'.join(parts)}_{taken}")
+    return str(folder)
 
 
 def latest_logdir(config: Mapping[str, Any]) -> str:

@@ -82,3 +82,15 @@ def test_users_register_their_own_versions():
     register_version("optimizer", "my_sgd_v2", override=True)(lambda: {"name": "adam"})
     assert get_version("optimizer", "my_sgd_v2") == {"name": "adam"}
     VERSIONS["optimizer"].unregister("my_sgd_v2")
+
+
+def test_default_logdir_is_named_by_time_and_hyperparameters_and_never_reused(tmp_path, monkeypatch):
+    from cvkit.config import default_logdir
+
+    monkeypatch.chdir(tmp_path)
+    config = {"name": "exp", "model": {"arch": "resnet50"}, "stages": [{"name": "a", "lr": {"head": 0.003},
+                                                                        "batch_size": 16}]}
+    first = default_logdir(config, now=0.0)
+    assert first.startswith("runs/exp/") and first.endswith("_resnet50_bs16_lr0.003")
+    (tmp_path / first).mkdir(parents=True)
+    assert default_logdir(config, now=0.0) == first + "_2"
