@@ -76,7 +76,9 @@ def _split(task: Task, dataset: Any, fraction: float, seed: int) -> "tuple[Any, 
 def fold_assignment(task: Task, dataset: Any, folds: int, seed: int, group_col: Optional[str] = None) -> np.ndarray:
     """The fold (0..folds-1) of every item: a ``fold`` column of the table when it has one, else a
     seeded stratified split (grouped by ``group_col`` when given, so a group stays in one fold)."""
-    from sklearn.model_selection import GroupKFold, KFold, StratifiedKFold
+    import pandas as pd
+
+    from cvkit.data.tools import add_folds
 
     frame = getattr(dataset, "frame", None)
     if frame is not None and "fold" in frame.columns:
@@ -87,22 +89,18 @@ def fold_assignment(task: Task, dataset: Any, folds: int, seed: int, group_col: 
         return given.astype(np.int64)
     if not isinstance(folds, int) or isinstance(folds, bool) or folds < 2 or folds > len(dataset):
         raise ConfigError(f"data.folds: expected an integer from 2 to the {len(dataset)} training items, got {folds!r}")
-    index = np.arange(len(dataset))
+    table = pd.DataFrame(index=range(len(dataset)))
     if group_col:
         if frame is None or group_col not in frame.columns:
             raise ConfigError(f"data.group_col: {group_col!r} is not a column of the training table")
-        splits = GroupKFold(n_splits=folds).split(index, groups=frame[group_col].astype(str).to_numpy())
-    else:
-        labels = task.labels(dataset)
-        counts = np.unique(labels, return_counts=True)[1] if labels is not None and len(labels) else []
-        if len(counts) and counts.min() >= folds:
-            splits = StratifiedKFold(folds, shuffle=True, random_state=seed).split(index, labels)
-        else:
-            splits = KFold(folds, shuffle=True, random_state=seed).split(index)
-    out = np.empty(len(dataset), np.int64)
-    for k, (_, valid) in enumerate(splits):
-        out[valid] = k
-    return out
+        table["group"] = frame[group_col].to_numpy()
+    labels = task.labels(dataset)
+    stratify = not group_col and labels is not None and len(labels) and np.unique(labels, return_counts=True)[1].min() >= folds
+    if stratify:
+        table["label"] = labels
+    split = add_folds(table, folds, label_col="label" if stratify else None,
+                      group_col="group" if group_col else None, seed=seed)
+    return split["fold"].to_numpy(np.int64)
 
 
 def build_datasets(config: Mapping[str, Any]) -> Dict[str, Any]:

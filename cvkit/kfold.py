@@ -48,7 +48,7 @@ def kfold(config: Mapping[str, Any], folds: int = 5, group_col: Optional[str] = 
         result = run(fold_config(config, folds, fold, group_col), resume=resume, verbose=verbose,
                      allow_changes=allow_changes)
         scores.append(float(result["best"]["score"]))
-    frame, oof_metrics = out_of_fold(config, folds, group_col)
+    frame, oof_metrics = out_of_fold(config, folds)
     atomic_write_bytes(base / "oof.csv", frame.to_csv(index=False).encode())
     summary = {"folds": folds, "valid_metric": config["valid_metric"], "per_fold": scores,
                "mean": statistics.fmean(scores), "std": statistics.pstdev(scores), "oof": oof_metrics}
@@ -57,10 +57,14 @@ def kfold(config: Mapping[str, Any], folds: int = 5, group_col: Optional[str] = 
 
 
 @torch.no_grad()
-def out_of_fold(config: Mapping[str, Any], folds: int, group_col: Optional[str] = None) -> "tuple[pd.DataFrame, Dict[str, float]]":
-    """Every training row predicted by its fold's model (a table), and the task's metrics over them pooled."""
+def out_of_fold(config: Mapping[str, Any], folds: int) -> "tuple[pd.DataFrame, Dict[str, float]]":
+    """Every training row predicted by its fold's model (a table), and the task's metrics over them pooled.
+
+    Each fold's model and its held-out split come from that fold's own folder (``config.json``,
+    ``best.pth``), so the split is the one it was trained with.
+    """
     from cvkit.data.loaders import make_loader
-    from cvkit.experiment import build, image_size
+    from cvkit.experiment import build_datasets, image_size, with_transform
     from cvkit.inference.predict import iter_predict, load_run
     from cvkit.metrics import create_metric
 
@@ -68,20 +72,19 @@ def out_of_fold(config: Mapping[str, Any], folds: int, group_col: Optional[str] 
     metric = None
     for fold in range(folds):
         trained = load_run(Path(config["logdir"]) / f"fold_{fold}")
-        experiment = build(trained.config)
-        task, classes, last = experiment.task, trained.classes, experiment.stages[-1]
-        size = image_size(experiment.config, experiment.config["stages"][-1])
-        valid = experiment.datasets["valid"]
+        task, classes, run_config = trained.task, trained.classes, trained.config
+        size = image_size(run_config, run_config["stages"][-1])
+        valid = build_datasets(run_config)["valid"]
+        evaluated = task.wrap(with_transform(valid, trained.transform()))
         model = trained.model.eval()
-        metric = metric or experiment.metrics()[0]
-        loader = make_loader(experiment.dataset("valid", size, stage=last.name), 64, train=False, workers=0)
-        for batch in loader:
+        metric = metric or create_metric(task.metric, **task.metric_kwargs(run_config["model"], size))
+        for batch in make_loader(evaluated, 64, train=False, workers=0):
             metric.update(model(batch["features"]), batch["targets"])
         if hasattr(valid, "path"):
             images: Any = [valid.path(i) for i in range(len(valid))]
             names = [str(valid.frame.at[i, valid.path_col]) for i in range(len(valid))]
         else:
-            images, names = experiment.dataset("valid", size, stage=last.name), [str(i) for i in range(len(valid))]
+            images, names = evaluated, [str(i) for i in range(len(valid))]
         table_rows = getattr(valid, "rows", None)
         for p in iter_predict(model, images, task, transform=trained.transform(), image_size=size, classes=classes,
                               device="cpu"):

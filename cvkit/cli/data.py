@@ -39,7 +39,7 @@ def dataset_from_args(args: argparse.Namespace, transform: Any = None) -> Any:
     try:
         return get_task(args.task).dataset_from_args(args, transform)
     except ConfigError as exc:
-        raise UsageError(str(exc).replace("_", "-") if " is required" in str(exc) else str(exc)) from None
+        raise UsageError(str(exc)) from None
 
 
 def _check_args(p: argparse.ArgumentParser) -> None:

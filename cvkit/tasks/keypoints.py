@@ -30,8 +30,8 @@ class Keypoints(Task):
         from cvkit.data.datasets import KeypointDataset
 
         if not spec.get("keypoint_cols"):
-            raise ConfigError("keypoint_cols is required for task keypoints: x0,y0,x1,y1... columns, "
-                              "or one column of space-separated numbers plus num_keypoints")
+            raise ConfigError("keypoint_cols (--keypoint-cols) is required for task keypoints: x0,y0,x1,y1... columns, "
+                              "or one column of space-separated numbers plus num_keypoints (--num-keypoints)")
         return KeypointDataset(table, keypoint_cols=spec["keypoint_cols"], root=spec.get("root"),
                                path_col=spec.get("path_col") or "path", num_keypoints=spec.get("num_keypoints"),
                                transform=transform)

@@ -75,7 +75,7 @@ class Segmentation(Task):
         num_classes = int(spec.get("num_classes") or 1)
         if spec.get("rle"):
             if not spec.get("root"):
-                raise ConfigError("rle needs root, the folder of the images named in ImageId")
+                raise ConfigError("rle (--rle) needs root (--root), the folder of the images named in ImageId")
             dataset = SegmentationDataset.from_rle(read_rle_table(table), spec["root"], num_classes=num_classes,
                                                    transform=transform)
             if isinstance(table, (str, Path)):
