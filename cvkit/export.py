@@ -74,6 +74,8 @@ def preprocessing(pipeline: Dict[str, Any], source: str = "eval pipeline") -> Di
         if name == "Resize":
             resize = {"height": int(step["height"]), "width": int(step["width"]),
                       "interpolation": int(step.get("interpolation", 1))}
+        elif name == "OneWarp" and step.get("mode") == "resize" and not step.get("hflip") and not step.get("affine"):
+            resize = {"height": int(step["size"][0]), "width": int(step["size"][1]), "interpolation": 1}  # bilinear
         elif name in _NORMALIZE_STEPS:
             if name == "Normalize" and step.get("normalization", "standard") != "standard":
                 raise ExportError(f"{source}: Normalize(normalization={step['normalization']!r}) has no runtime "

@@ -158,6 +158,19 @@ def test_preset_saves_and_loads_with_albumentations_serialisation(tmp_path, suff
     assert torch.equal(transform(image=image)["image"], loaded(image=image)["image"])
 
 
+@pytest.mark.parametrize("name, mode", [("resize", "resize"), ("letterbox", "letterbox"), ("light", "crop"),
+                                        ("medium", "crop"), ("heavy", "crop")])
+def test_presets_warp_once_then_change_colours(name, mode):
+    """Geometry is one OneWarp first (so table datasets can decode reduced); colour steps follow it."""
+    from cvkit.data.warp import OneWarp
+
+    steps = augment.create_preset(name, (24, 32)).transforms
+    assert isinstance(steps[0], OneWarp) and steps[0].mode == mode and steps[0].size == (24, 32)
+    assert not any(isinstance(t, (OneWarp, A.DualTransform)) for t in steps[1:])
+    assert (steps[0].hflip, steps[0].affine) == {"light": (0.5, 0.0), "medium": (0.5, 0.5),
+                                                 "heavy": (0.5, 0.7)}.get(name, (0.0, 0.0))
+
+
 def test_unknown_preset_suggests_close_names():
     with pytest.raises(KeyError, match="did you mean .medium."):
         augment.create_preset("meduim", 32)

@@ -93,6 +93,7 @@ def test_steel_submission_is_the_tasks_rle_of_the_flip_tta_masks_at_original_siz
     import torch.nn.functional as F
 
     from cvkit.data import create_preset
+    from cvkit.data.datasets import pipeline_input
     from cvkit.data.io import read_image
     from cvkit.data.rle import rle_decode
     from cvkit.inference.tta import tta_predict
@@ -115,8 +116,8 @@ def test_steel_submission_is_the_tasks_rle_of_the_flip_tta_masks_at_original_siz
     model.eval()
     rows = submission.set_index(["ImageId", "ClassId"])["EncodedPixels"]
     for path in (paths[0], paths[-1]):
-        image = read_image(path)
-        x = create_preset("resize", 32)(image=image)["image"]
+        image, transform = read_image(path), create_preset("resize", 32)
+        x = transform(**pipeline_input(path, transform)[0])["image"]  # decoded as cvkit decodes (reduced)
         with torch.no_grad():
             probs = tta_predict(model, x[None], ["identity", "hflip"], target="mask")
         expected = (F.interpolate(probs, size=image.shape[:2], mode="bilinear", align_corners=False)[0] > 0.4).numpy()

@@ -66,13 +66,13 @@ def test_a_run_folder_rebuilds_its_recorded_pipeline(trained):
     _, config, _ = trained
     path = Path(config["logdir"]) / "config.json"
     saved = json.loads(path.read_text())
-    flip = saved["pipelines"]["head"]["train"]["transform"]["transforms"][1]
-    assert flip["__class_fullname__"] == "HorizontalFlip"
-    flip["p"] = 0.123
+    warp = saved["pipelines"]["head"]["train"]["transform"]["transforms"][0]
+    assert warp["__class_fullname__"] == "cvkit.data.warp.OneWarp"
+    warp["hflip"] = 0.123
     path.write_text(json.dumps(saved))
     reloaded = load_experiment(path)
-    assert train_transform(reloaded, 32, "head").transforms[1].p == 0.123
-    assert train_transform(load_experiment(path, ["augmentation.preset=light"]), 32, "head").transforms[1].p == 0.5
+    assert train_transform(reloaded, 32, "head").transforms[0].hflip == 0.123
+    assert train_transform(load_experiment(path, ["augmentation.preset=light"]), 32, "head").transforms[0].hflip == 0.5
 
 
 def test_model_initialisation_follows_the_seed(trained):

@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, List, Optional
 
 from cvkit.cli.base import UsageError, register_command
 
@@ -31,15 +31,29 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
                 option.add_to(parser)
 
 
-def dataset_from_args(args: argparse.Namespace, transform: Any = None) -> Any:
-    """Build the dataset described by :func:`add_dataset_arguments`' options, through the task."""
-    from cvkit.config import ConfigError
+def _through_task(build: Callable[[Any], Any], args: argparse.Namespace) -> Any:
+    """``build(task)`` for ``--task``; a task's :class:`~cvkit.config.ConfigError` (a missing or
+    contradictory flag) becomes a :class:`UsageError`."""
     from cvkit.tasks import get_task
 
     try:
-        return get_task(args.task).dataset_from_args(args, transform)
-    except ConfigError as exc:
-        raise UsageError(str(exc)) from None
+        return build(get_task(args.task))
+    except ValueError as exc:
+        # cvkit.config loads torch, so it is not imported up front; a ConfigError means it is loaded.
+        config = sys.modules.get("cvkit.config")
+        if config is not None and isinstance(exc, config.ConfigError):
+            raise UsageError(str(exc)) from None
+        raise
+
+
+def dataset_from_args(args: argparse.Namespace, transform: Any = None) -> Any:
+    """Build the dataset described by :func:`add_dataset_arguments`' options, through the task."""
+    return _through_task(lambda task: task.dataset_from_args(args, transform), args)
+
+
+def table_rows_from_args(args: argparse.Namespace) -> Any:
+    """The torch-free rows of that dataset (:meth:`cvkit.tasks.Task.table_rows`): what ``check`` scans."""
+    return _through_task(lambda task: task.table_rows_from_args(args), args)
 
 
 def _check_args(p: argparse.ArgumentParser) -> None:
@@ -53,7 +67,7 @@ def _check_args(p: argparse.ArgumentParser) -> None:
 def _check(args: argparse.Namespace) -> int:
     from cvkit.data.check import check_dataset
 
-    report = check_dataset(dataset_from_args(args), workers=args.workers, progress=sys.stderr.isatty())
+    report = check_dataset(table_rows_from_args(args), workers=args.workers, progress=sys.stderr.isatty())
     print(report.summary(limit=args.limit))
     if args.report:
         report.write_csv(args.report)

@@ -16,9 +16,11 @@ _EXPORTS = {
     "augment": ("IMAGENET_MEAN", "IMAGENET_STD", "FastAffine", "NormalizeToTensor", "register_preset", "list_presets", "create_preset", "compose",
                 "default_transform", "with_targets", "transform_to_dict", "transform_from_dict", "save_transform",
                 "load_transform"),
+    "warp": ("OneWarp", "WarpSource", "WarpParams", "needed_source_size"),
+    "rows": ("TableRows", "ClassificationRows", "BoxRows", "KeypointRows", "SegmentationRows", "KeypointCountError",
+             "MaskSizeError"),
     "datasets": ("ImageDataset", "TableDataset", "ClassificationDataset", "BoxDataset", "KeypointDataset",
-                 "SegmentationDataset", "STL10Dataset", "KeypointCountError", "MaskSizeError", "load_table",
-                 "list_image_files", "IMAGE_EXTENSIONS"),
+                 "SegmentationDataset", "STL10Dataset", "load_table", "list_image_files", "IMAGE_EXTENSIONS"),
     "check": ("Problem", "CheckReport", "check_dataset", "prepare_for_training"),
     "tools": ("split_train_valid", "add_folds", "inventory", "mean_std", "eda"),
 }

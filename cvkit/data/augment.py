@@ -2,9 +2,11 @@
 
 Every pipeline cvkit builds declares the box (``"albumentations"`` = xyxy in [0, 1]) and
 keypoint (``"xy"`` pixels, kept when they leave the image) targets, so the same Compose moves an
-image, its mask, its box and its keypoints together. Presets resize first and augment at the
-target size, which keeps them cheap for large source images. Register your own with
-``@register_preset("name")``; :func:`transform_to_dict` is what a run stores in ``config.json``.
+image, its mask, its box and its keypoints together. Every preset starts with one
+:class:`~cvkit.data.warp.OneWarp` (crop, flip, affine and resize as one matrix, one resampling, and
+a reduced JPEG decode in the table datasets) and runs its colour steps on the small output image.
+Register your own with ``@register_preset("name")``; :func:`transform_to_dict` is what a run
+stores in ``config.json``.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
 
+from cvkit.data.warp import OneWarp
 from cvkit.io import atomic_write_bytes
 from cvkit.registry import Registry
 
@@ -167,27 +170,27 @@ def default_transform(normalize: Normalize = "imagenet") -> A.Compose:
     return compose([], normalize)
 
 
-def _black_affine(scale: Tuple[float, float], shift: float, rotate: float, p: float) -> A.Affine:
-    return FastAffine(scale=scale, translate_percent=(-shift, shift), rotate=(-rotate, rotate),
-                      border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=p)
+def _warp(size: Tuple[int, int], scale: Tuple[float, float], affine: float = 0.0,
+          affine_scale: Tuple[float, float] = (1.0, 1.0), shift: float = 0.0, rotate: float = 0.0) -> OneWarp:
+    """RandomResizedCrop(size, scale) + HorizontalFlip(0.5) + a black-bordered Affine (probability ``affine``)."""
+    return OneWarp(size, scale=scale, hflip=0.5, affine=affine, affine_scale=affine_scale,
+                   translate_percent=(-shift, shift), rotate=(-rotate, rotate))
 
 
 @register_preset("resize")
 def _resize(size: Tuple[int, int]) -> List[Any]:
-    return [A.Resize(*size)]
+    return [OneWarp(size, mode="resize")]
 
 
 @register_preset("letterbox")
 def _letterbox(size: Tuple[int, int]) -> List[Any]:
-    return [A.LongestMaxSize(max_size=max(size)),
-            A.PadIfNeeded(*size, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0)]
+    return [OneWarp(size, mode="letterbox")]
 
 
 @register_preset("light")
 def _light(size: Tuple[int, int]) -> List[Any]:
     return [
-        A.RandomResizedCrop(size=size, scale=(0.8, 1.0)),
-        A.HorizontalFlip(p=0.5),
+        _warp(size, scale=(0.8, 1.0)),
         A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5),
     ]
 
@@ -195,9 +198,7 @@ def _light(size: Tuple[int, int]) -> List[Any]:
 @register_preset("medium")
 def _medium(size: Tuple[int, int]) -> List[Any]:
     return [
-        A.RandomResizedCrop(size=size, scale=(0.6, 1.0)),
-        A.HorizontalFlip(p=0.5),
-        _black_affine(scale=(0.9, 1.1), shift=0.0625, rotate=15, p=0.5),
+        _warp(size, scale=(0.6, 1.0), affine=0.5, affine_scale=(0.9, 1.1), shift=0.0625, rotate=15),
         A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
         A.OneOf([A.Blur(blur_limit=3), A.GaussianBlur(blur_limit=(3, 5))], p=0.2),
     ]
@@ -206,9 +207,7 @@ def _medium(size: Tuple[int, int]) -> List[Any]:
 @register_preset("heavy")
 def _heavy(size: Tuple[int, int]) -> List[Any]:
     return [
-        A.RandomResizedCrop(size=size, scale=(0.4, 1.0)),
-        A.HorizontalFlip(p=0.5),
-        _black_affine(scale=(0.8, 1.2), shift=0.1, rotate=30, p=0.7),
+        _warp(size, scale=(0.4, 1.0), affine=0.7, affine_scale=(0.8, 1.2), shift=0.1, rotate=30),
         A.RandomBrightnessContrast(brightness_limit=0.3, contrast_limit=0.3, p=0.7),
         A.OneOf([A.CLAHE(clip_limit=2.0), A.RandomGamma(gamma_limit=(70, 130))], p=0.4),
         A.OneOf([A.Blur(blur_limit=5), A.GaussianBlur(blur_limit=(3, 7)), A.MotionBlur(blur_limit=5)], p=0.3),

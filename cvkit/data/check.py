@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import pandas as pd
 
-from cvkit.data.datasets import TableDataset
+from cvkit.data.rows import TableRows
 from cvkit.data.io import DatasetCheckError, ImageReadError, NativeStderr, decoder_warning, read_image
 from cvkit.io import atomic_write_bytes
 
@@ -96,7 +96,7 @@ class CheckReport:
         return "\n".join(lines)
 
 
-def _check_row(dataset: TableDataset, index: int, stderr: NativeStderr) -> Tuple[List[Problem], bool]:
+def _check_row(dataset: TableRows, index: int, stderr: NativeStderr) -> Tuple[List[Problem], bool]:
     """Row ``index``'s problems, and whether stderr grew while its image decoded (libjpeg may have warned)."""
     row, path = int(dataset.rows[index]), str(dataset.frame.at[index, dataset.path_col])
     before = stderr.size()
@@ -110,7 +110,7 @@ def _check_row(dataset: TableDataset, index: int, stderr: NativeStderr) -> Tuple
             for code, message in dataset.target_problems(index, width, height)], suspect
 
 
-def _corrupt(dataset: TableDataset, indices: List[int]) -> List[Problem]:
+def _corrupt(dataset: TableRows, indices: List[int]) -> List[Problem]:
     """Decode each suspect image alone and report those libjpeg calls corrupt."""
     out = []
     for index in indices:
@@ -122,7 +122,7 @@ def _corrupt(dataset: TableDataset, indices: List[int]) -> List[Problem]:
     return out
 
 
-def _duplicates(dataset: TableDataset) -> List[Problem]:
+def _duplicates(dataset: TableRows) -> List[Problem]:
     paths = dataset.frame[dataset.path_col].astype(str).map(lambda p: os.path.normpath(p))
     first: Dict[str, int] = {}
     out = []
@@ -139,10 +139,12 @@ def _duplicates(dataset: TableDataset) -> List[Problem]:
 def check_dataset(dataset: Any, workers: Optional[int] = None, progress: bool = False) -> CheckReport:
     """Scan every row of a table dataset and report every problem (see the module for the codes).
 
-    Non-table datasets (STL-10 arrays) were validated when loaded and give an empty report.
+    ``dataset`` is any :class:`~cvkit.data.rows.TableRows`: a torch table dataset, or the
+    torch-free rows ``cvkit check`` builds (the same rows, so the same report). Non-table
+    datasets (STL-10 arrays) were validated when loaded and give an empty report.
     """
     name = getattr(dataset, "name", type(dataset).__name__)
-    if not isinstance(dataset, TableDataset):
+    if not isinstance(dataset, TableRows):
         return CheckReport(name, len(dataset))
     workers = workers or min(8, os.cpu_count() or 1)
     problems: List[Problem] = []

@@ -5,70 +5,66 @@ Every item is a dict with ``"features"`` (float32 C x H x W after the albumentat
 into the CSV row). Image, mask, box and keypoints go through one albumentations call, so a flip
 or crop moves all of them together. ``transform=None`` only normalises (ImageNet) and converts.
 
-Table datasets do not validate every row when built, so that :func:`cvkit.data.check.check_dataset`
-can list all bad rows at once; reading a bad row raises a :class:`~cvkit.data.io.DataError`
-naming the CSV row and the file. :data:`IMAGE_EXTENSIONS` is the one list of file types cvkit
-reads from a folder, and :func:`list_image_files` the one way to list a folder's images.
+The table datasets add the augmentation and ``__getitem__`` to the torch-free rows of
+:mod:`cvkit.data.rows`, which read and validate the table (what ``cvkit check`` uses without
+torch). :data:`IMAGE_EXTENSIONS` is the one list of file types cvkit reads from a folder, and
+:func:`list_image_files` the one way to list a folder's images.
 """
 from __future__ import annotations
 
-import copy
-import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
 from cvkit.data.augment import Normalize, default_transform, with_targets
-from cvkit.data.boxes import BOX_FORMATS, box_problem, to_xyxy
-from cvkit.data.io import (
-    DataError,
-    ImageReadError,
-    LabelError,
-    TableError,
-    check_class_map,
-    class_map_from_labels,
-    load_class_map,
-    read_image,
-    read_mask,
+from cvkit.data.boxes import box_problem
+from cvkit.data.io import DataError, decode_scale, image_header, read_image
+# KeypointCountError, MaskSizeError, list_image_files, load_table and require_columns are re-exported.
+from cvkit.data.rows import (  # noqa: F401
+    BoxRows,
+    ClassificationRows,
+    KeypointCountError,
+    KeypointRows,
+    MaskSizeError,
+    SegmentationRows,
+    TableRows,
 )
-from cvkit.data.rle import masks_from_rle, rle_table_problems
-from cvkit.data.tables import IMAGE_EXTENSIONS, PathLike, Table, list_image_files, load_table, require_columns
+from cvkit.data.tables import IMAGE_EXTENSIONS, PathLike, Table, list_image_files, load_table, require_columns  # noqa: F401,E501
 from cvkit.data.seeding import reseed_transform
+from cvkit.data.warp import SOURCE_KEY, WarpSource, leading_warp, needed_source_size
 
-_MAX_LISTED = 20
-
-
-def _some(paths: Sequence[Path], base: Path) -> str:
-    names = [str(p.relative_to(base)) for p in paths[:3]]
-    return ", ".join(names) + (", ..." if len(paths) > 3 else "")
+Targets = Callable[[int, int], Dict[str, Any]]
 
 
-def _resolve_class_map(class_map: Union[None, PathLike, Mapping[str, int]], labels: pd.Series,
-                       name: str) -> Dict[str, int]:
-    if class_map is None:
-        return class_map_from_labels(labels.dropna().map(_label_key))
-    if isinstance(class_map, Mapping):
-        return check_class_map(class_map, f"class_map given for {name}")
-    return load_class_map(class_map)
+def pipeline_input(path: PathLike, transform: Any, targets: Optional[Targets] = None
+                   ) -> Tuple[Dict[str, Any], Tuple[int, int]]:
+    """What ``transform`` is called with for the image file ``path``, and the image's full (height, width).
 
-
-def _label_key(value: Any) -> str:
-    """The class-map key of a CSV cell: ``3`` and ``3.0`` (pandas with NaNs) both give ``"3"``."""
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
-
-
-class KeypointCountError(TableError):
-    """A row holds the wrong number of keypoint coordinates, or half a point."""
-
-
-class MaskSizeError(DataError):
-    """A mask's size differs from its image's."""
+    ``targets(height, width)`` adds the other inputs (``bboxes``, ``keypoints``, ``mask``, given for
+    the full-size image). When ``transform`` starts with a :class:`~cvkit.data.warp.OneWarp` and the
+    file's header gives the size, the warp's parameters are drawn first (from a copy of its random
+    state, so the call draws the same) and the image is decoded at the largest reduction (1/2, 1/4,
+    1/8) from which no output pixel is upsampled; in full when there is a mask (read full size).
+    Otherwise, or when the header disagrees with the decoder, the image is decoded in full.
+    """
+    header = image_header(path) if leading_warp(transform) is not None else None
+    if header is not None:
+        size = (header.height, header.width)
+        data = targets(*size) if targets else {}
+        needed = needed_source_size(transform, *size) if "mask" not in data else None
+        reduce = decode_scale(size, needed) if needed is not None else 1
+        image = read_image(path, reduce=reduce)
+        if image.shape[:2] == (-(-size[0] // reduce), -(-size[1] // reduce)):
+            return {**data, "image": image, SOURCE_KEY: WarpSource(*size, reduce)}, size
+        if reduce > 1:
+            image = read_image(path)
+    else:
+        image = read_image(path)
+    size = (image.shape[0], image.shape[1])
+    return {**(targets(*size) if targets else {}), "image": image}, size
 
 
 class ImageDataset(Dataset):
@@ -79,7 +75,11 @@ class ImageDataset(Dataset):
 
     def _augment(self, **targets: Any) -> Dict[str, Any]:
         reseed_transform(self.transform)
-        out = self.transform(**targets)
+        return self._run(targets)
+
+    def _run(self, data: Dict[str, Any]) -> Dict[str, Any]:
+        """The (already reseeded) pipeline on ``data``; its image must come out as a tensor."""
+        out = self.transform(**data)
         image = out["image"]
         if isinstance(image, np.ndarray):
             raise DataError("the transform must end with NormalizeToTensor or ToTensorV2 "
@@ -88,64 +88,26 @@ class ImageDataset(Dataset):
         return out
 
 
-class TableDataset(ImageDataset):
-    """Images listed in a table: one row per image, ``path_col`` relative to ``root``.
-
-    Image paths may leave ``root``: an absolute path is used as it is and ``..`` is followed,
-    as real CSVs (one table for several image folders) need. cvkit only reads these paths;
-    names that become files it writes go through :func:`cvkit.io.safe_child`.
-    """
+class TableDataset(TableRows, ImageDataset):
+    """Images listed in a table (:class:`~cvkit.data.rows.TableRows`: one row per image, ``path_col``
+    relative to ``root``, paths may leave ``root``), read and augmented."""
 
     def __init__(self, table: Table, root: Optional[PathLike] = None, path_col: str = "path",
                  transform: Optional[Any] = None, normalize: Normalize = "imagenet") -> None:
-        super().__init__(transform, normalize)
-        self.frame, self.name, default_root = load_table(table)
-        self.root = Path(root) if root is not None else default_root
-        self.path_col = path_col
-        require_columns(self.frame, [path_col], self.name)
-        self.rows = np.arange(len(self.frame))
-        self.skipped_files: List[Path] = []
-        self._cache()
-
-    def _cache(self) -> None:
-        """Per-row values looked up on every item, kept as lists (pandas lookups cost ~10 us each)."""
-        self._paths = [self.root / str(p) for p in self.frame[self.path_col]]
-
-    def __len__(self) -> int:
-        return len(self.frame)
-
-    def path(self, index: int) -> Path:
-        """The image file of item ``index``."""
-        return self._paths[index]
-
-    def where(self, index: int) -> str:
-        """``"train.csv row 12 (img/a.jpg)"``: where item ``index`` comes from, for messages."""
-        return f"{self.name} row {int(self.rows[index])} ({self.frame.at[index, self.path_col]})"
-
-    def subset(self, indices: Sequence[int]) -> "TableDataset":
-        """A copy holding only ``indices``; :meth:`where` still names the original CSV rows."""
-        out = copy.copy(self)
-        indices = np.asarray(indices, dtype=np.int64)
-        out.frame = self.frame.iloc[indices].reset_index(drop=True)
-        out.rows = self.rows[indices]
-        out._cache()
-        return out
-
-    def target_problems(self, index: int, width: int, height: int) -> List[Tuple[str, str]]:
-        """``(code, message)`` for every way row ``index``'s targets are wrong for a ``width`` x ``height`` image."""
-        return []
-
-    def dataset_problems(self) -> List[Tuple[str, str]]:
-        """``(code, message)`` for what is wrong with the dataset as a whole (no row to drop fixes it)."""
-        if len(self) == 0:
-            return [("no_rows", f"{self.name}: no rows; expected at least one image to train on")]
-        return []
+        super().__init__(table, root=root, path_col=path_col, transform=transform, normalize=normalize)
 
     def _read(self, index: int) -> np.ndarray:
         return read_image(self.path(index))
 
+    def _augment_row(self, index: int, targets: Optional[Targets] = None) -> Dict[str, Any]:
+        """Row ``index``'s image through the pipeline with ``targets(height, width)`` (``bboxes``,
+        ``keypoints``, ``mask``, given for the full-size image), reseeded as :meth:`_augment` is,
+        the image decoded at a reduced scale where :func:`pipeline_input` says."""
+        reseed_transform(self.transform)
+        return self._run(pipeline_input(self.path(index), self.transform, targets)[0])
 
-class ClassificationDataset(TableDataset):
+
+class ClassificationDataset(ClassificationRows, TableDataset):
     """``path,label`` rows (column names configurable); labels encoded by a class map (name -> index).
 
     ``class_map`` is a dict, a JSON file (:func:`~cvkit.data.io.save_class_map`), or None to build
@@ -157,75 +119,24 @@ class ClassificationDataset(TableDataset):
     def __init__(self, table: Table, root: Optional[PathLike] = None, path_col: str = "path",
                  label_col: str = "label", class_map: Union[None, PathLike, Mapping[str, int]] = None,
                  transform: Optional[Any] = None, normalize: Normalize = "imagenet") -> None:
-        super().__init__(table, root, path_col, transform, normalize)
-        require_columns(self.frame, [label_col], self.name)
-        self.label_col = label_col
-        self.class_map = _resolve_class_map(class_map, self.frame[label_col], self.name)
-        self._cache()
-
-    def _cache(self) -> None:
-        super()._cache()
-        if hasattr(self, "class_map"):
-            self._labels = self.labels()
+        super().__init__(table, root=root, path_col=path_col, label_col=label_col, class_map=class_map,
+                         transform=transform, normalize=normalize)
 
     @classmethod
     def from_folders(cls, root: PathLike, class_map: Union[None, PathLike, Mapping[str, int]] = None,
                      transform: Optional[Any] = None, normalize: Normalize = "imagenet",
                      extensions: Sequence[str] = IMAGE_EXTENSIONS) -> "ClassificationDataset":
-        """Images in class sub-folders ``root/<label>/*.jpg`` (sorted, so the order is stable).
-
-        Hidden folders (``.ipynb_checkpoints``) are no class. ``dataset.skipped_files`` lists the
-        files left out: other types, hidden files, and files directly in ``root``.
-        """
-        root = Path(root)
-        files, skipped = list_image_files(root, extensions)
-        skipped += files
-        rows = []
-        for folder in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
-            images, others = list_image_files(folder, extensions)
-            rows += [{"path": str(p.relative_to(root)), "label": folder.name} for p in images]
-            skipped += others
-        if not rows:
-            left = f" (left out {len(skipped)} other files: {_some(skipped, root)})" if skipped else ""
-            raise DataError(f"{root}: no images with {', '.join(extensions)} in class sub-folders{left}")
-        dataset = cls(pd.DataFrame(rows), root=root, class_map=class_map, transform=transform, normalize=normalize)
-        dataset.name = str(root)
-        dataset.skipped_files = sorted(skipped)
-        return dataset
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_map)
-
-    def label(self, index: int) -> int:
-        """The encoded label of item ``index``; :class:`LabelError` when it is not in the class map."""
-        if self._labels[index] >= 0:
-            return int(self._labels[index])
-        raw = self.frame.at[index, self.label_col]
-        if _label_key(raw) not in self.class_map:
-            raise LabelError(f"{self.where(index)}: label {raw!r} is not in the class map "
-                             f"(expected one of {sorted(self.class_map)[:20]})")
-        return self.class_map[_label_key(raw)]
-
-    def labels(self) -> np.ndarray:
-        """Encoded labels of all rows (-1 where the label is unknown), e.g. for stratified splits."""
-        keys = self.frame[self.label_col].map(_label_key)
-        return keys.map(self.class_map).fillna(-1).astype(np.int64).to_numpy()
-
-    def target_problems(self, index: int, width: int, height: int) -> List[Tuple[str, str]]:
-        try:
-            self.label(index)
-        except LabelError as exc:
-            return [("unknown_label", str(exc))]
-        return []
+        """Images in class sub-folders ``root/<label>/*.jpg`` (:meth:`ClassificationRows.from_folders
+        <cvkit.data.rows.ClassificationRows.from_folders>`; ``dataset.skipped_files`` lists the files left out)."""
+        return super().from_folders(root, class_map, extensions, transform=transform, normalize=normalize)
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
         label = self.label(index)
-        out = self._augment(image=self._read(index))
+        out = self._augment_row(index)
         return {"features": out["image"], "targets": torch.tensor(label, dtype=torch.int64), "index": index}
 
 
-class BoxDataset(ClassificationDataset):
+class BoxDataset(BoxRows, ClassificationDataset):
     """Classification plus one box per image, declared as ``box_cols`` in ``box_format`` (see boxes.py).
 
     ``"boxes"`` is float32[4] xyxy in [0, 1] of the augmented image; when augmentation crops the
@@ -236,45 +147,28 @@ class BoxDataset(ClassificationDataset):
                  label_col: str = "label", box_cols: Sequence[str] = ("x1", "y1", "x2", "y2"),
                  box_format: str = "xyxy", class_map: Union[None, PathLike, Mapping[str, int]] = None,
                  transform: Optional[Any] = None, normalize: Normalize = "imagenet") -> None:
-        super().__init__(table, root, path_col, label_col, class_map, transform, normalize)
-        if box_format not in BOX_FORMATS:
-            raise ValueError(f"box_format={box_format!r}; expected one of {', '.join(BOX_FORMATS)}")
-        if len(box_cols) != 4:
-            raise ValueError(f"box_cols must name 4 columns, got {list(box_cols)}")
-        require_columns(self.frame, box_cols, self.name)
-        self.box_cols, self.box_format = list(box_cols), box_format
+        super().__init__(table, root=root, path_col=path_col, label_col=label_col, box_cols=box_cols,
+                         box_format=box_format, class_map=class_map, transform=transform, normalize=normalize)
 
-    def box_xyxy(self, index: int, width: int, height: int) -> np.ndarray:
-        """Row ``index``'s box in pixel xyxy for a ``width`` x ``height`` image."""
-        raw = pd.to_numeric(self.frame.loc[index, self.box_cols], errors="coerce").to_numpy(np.float64)
-        return to_xyxy(raw, self.box_format, width, height)
-
-    def target_problems(self, index: int, width: int, height: int) -> List[Tuple[str, str]]:
-        problems = super().target_problems(index, width, height)
-        problem = box_problem(self.box_xyxy(index, width, height), width, height)
-        if problem:
-            values = self.frame.loc[index, self.box_cols].tolist()
-            problems.append(("bad_box", f"{self.where(index)}: {problem}; {self.box_format} columns "
-                                        f"{self.box_cols} = {values}"))
-        return problems
-
-    def __getitem__(self, index: int) -> Dict[str, Any]:
-        label = self.label(index)
-        image = self._read(index)
-        height, width = image.shape[:2]
+    def _box_target(self, index: int, height: int, width: int) -> np.ndarray:
+        """Row ``index``'s box as one normalised xyxy row for a ``width`` x ``height`` image (refused when bad)."""
         box = self.box_xyxy(index, width, height)
         problem = box_problem(box, width, height)
         if problem:
             raise DataError(f"{self.where(index)}: {problem}")
         box = np.clip(box, 0, [width, height, width, height]) / [width, height, width, height]
-        out = self._augment(image=image, bboxes=box[None].astype(np.float32))
+        return box[None].astype(np.float32)
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        label = self.label(index)
+        out = self._augment_row(index, lambda height, width: {"bboxes": self._box_target(index, height, width)})
         visible = len(out["bboxes"]) > 0
         boxes = np.asarray(out["bboxes"][0], np.float32) if visible else np.zeros(4, np.float32)
         return {"features": out["image"], "targets": torch.tensor(label, dtype=torch.int64),
                 "boxes": torch.from_numpy(boxes), "box_visible": torch.tensor(float(visible)), "index": index}
 
 
-class KeypointDataset(TableDataset):
+class KeypointDataset(KeypointRows, TableDataset):
     """N (x, y) pixel keypoints per image; empty/NaN cells mark a missing point.
 
     ``keypoint_cols`` is either a flat list of columns ``[x1, y1, x2, y2, ...]`` or one column
@@ -286,79 +180,14 @@ class KeypointDataset(TableDataset):
     def __init__(self, table: Table, keypoint_cols: Union[str, Sequence[str]], root: Optional[PathLike] = None,
                  path_col: str = "path", num_keypoints: Optional[int] = None,
                  transform: Optional[Any] = None, normalize: Normalize = "imagenet") -> None:
-        super().__init__(table, root, path_col, transform, normalize)
-        if isinstance(keypoint_cols, str):
-            if num_keypoints is None:
-                raise ValueError("num_keypoints is required when all keypoints are in one column")
-            require_columns(self.frame, [keypoint_cols], self.name)
-        else:
-            keypoint_cols = list(keypoint_cols)
-            if len(keypoint_cols) % 2:
-                raise ValueError(f"keypoint_cols must alternate x and y columns, got {len(keypoint_cols)} names")
-            require_columns(self.frame, keypoint_cols, self.name)
-            num_keypoints = len(keypoint_cols) // 2
-        self.keypoint_cols, self.num_keypoints = keypoint_cols, int(num_keypoints)
-
-    def keypoints(self, index: int) -> np.ndarray:
-        """Row ``index``'s keypoints as float64 (N, 2) pixels with NaN for missing points."""
-        if isinstance(self.keypoint_cols, str):
-            cell = self.frame.at[index, self.keypoint_cols]
-            text = "" if isinstance(cell, float) and np.isnan(cell) else str(cell)
-            try:
-                values = np.asarray(text.replace(",", " ").split(), dtype=np.float64)
-            except ValueError:
-                raise TableError(f"{self.where(index)}: column {self.keypoint_cols!r} = {text[:40]!r} "
-                                 "is not space-separated numbers") from None
-        else:
-            cells = self.frame.loc[index, self.keypoint_cols]
-            values = pd.to_numeric(cells, errors="coerce").to_numpy(np.float64)
-            for column, cell, value in zip(self.keypoint_cols, cells, values):
-                if np.isnan(value) and not pd.isna(cell) and str(cell).strip().lower() not in ("", "nan"):
-                    raise TableError(f"{self.where(index)}: column {column!r} = {str(cell)[:40]!r} is not a number; "
-                                     "expected a pixel coordinate or an empty cell for a missing point")
-        if values.size != 2 * self.num_keypoints:
-            raise KeypointCountError(f"{self.where(index)}: {values.size} keypoint coordinates, expected "
-                             f"{2 * self.num_keypoints} ({self.num_keypoints} x, y pairs)")
-        points = values.reshape(-1, 2)
-        half = np.isnan(points).any(axis=1) & ~np.isnan(points).all(axis=1)
-        if half.any():
-            raise KeypointCountError(f"{self.where(index)}: keypoint {int(np.flatnonzero(half)[0])} has only one of x, y; "
-                             "expected both or neither")
-        return points
-
-    def target_problems(self, index: int, width: int, height: int) -> List[Tuple[str, str]]:
-        try:
-            points = self.keypoints(index)
-        except KeypointCountError as exc:
-            return [("keypoint_count", str(exc))]
-        except TableError as exc:
-            return [("bad_keypoints", str(exc))]
-        known = points[~np.isnan(points).any(axis=1)]
-        outside = (known[:, 0] < 0) | (known[:, 0] > width) | (known[:, 1] < 0) | (known[:, 1] > height)
-        if outside.any():
-            return [("keypoint_outside", f"{self.where(index)}: keypoint(s) {known[outside].tolist()} outside the "
-                                         f"{width}x{height} image (expected 0 <= x <= {width}, 0 <= y <= {height})")]
-        return []
-
-    def dataset_problems(self) -> List[Tuple[str, str]]:
-        """Also refuses a table where every keypoint of every row is missing: it would train on a loss of 0."""
-        problems = super().dataset_problems()
-        if problems:
-            return problems
-        for index in range(len(self)):
-            try:
-                if not np.isnan(self.keypoints(index)).all():
-                    return []
-            except TableError:  # reported for its row
-                continue
-        columns = self.keypoint_cols if isinstance(self.keypoint_cols, str) else ", ".join(self.keypoint_cols)
-        return [("no_keypoints", f"{self.name}: all {self.num_keypoints} keypoints are missing (empty/NaN) in every "
-                                 f"one of the {len(self)} rows; expected labelled points in columns {columns}")]
+        super().__init__(table, keypoint_cols, root=root, path_col=path_col, num_keypoints=num_keypoints,
+                         transform=transform, normalize=normalize)
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
         points = self.keypoints(index)
         missing = np.isnan(points).any(axis=1)
-        out = self._augment(image=self._read(index), keypoints=np.nan_to_num(points).astype(np.float32))
+        moving = np.nan_to_num(points).astype(np.float32)
+        out = self._augment_row(index, lambda height, width: {"keypoints": moving})
         height, width = out["image"].shape[-2:]
         moved = np.asarray(out["keypoints"], np.float64).reshape(-1, 2)[:, :2]
         outside = (moved[:, 0] < 0) | (moved[:, 0] > width) | (moved[:, 1] < 0) | (moved[:, 1] > height)
@@ -369,7 +198,7 @@ class KeypointDataset(TableDataset):
                 "keypoints_mask": torch.from_numpy(mask), "index": index}
 
 
-class SegmentationDataset(TableDataset):
+class SegmentationDataset(SegmentationRows, TableDataset):
     """Images with masks, as ``num_classes`` channels of {0, 1}.
 
     Masks come from PNG files (``mask_col``, relative to ``mask_root``) holding class ids, where
@@ -380,85 +209,21 @@ class SegmentationDataset(TableDataset):
     def __init__(self, table: Table, root: Optional[PathLike] = None, path_col: str = "path",
                  mask_col: Optional[str] = "mask", mask_root: Optional[PathLike] = None, num_classes: int = 1,
                  transform: Optional[Any] = None, normalize: Normalize = "imagenet") -> None:
-        super().__init__(table, root, path_col, transform, normalize)
-        self.num_classes, self.mask_col = int(num_classes), mask_col
-        self.mask_root = Path(mask_root) if mask_root is not None else self.root
-        self.rle: Optional[Dict[str, List[Tuple[Any, Any, int]]]] = None
-        if mask_col is not None:
-            require_columns(self.frame, [mask_col], self.name)
+        super().__init__(table, root=root, path_col=path_col, mask_col=mask_col, mask_root=mask_root,
+                         num_classes=num_classes, transform=transform, normalize=normalize)
 
     @classmethod
     def from_rle(cls, table: Table, image_root: PathLike, num_classes: int, image_col: str = "ImageId",
                  class_col: str = "ClassId", rle_col: str = "EncodedPixels", include_unlisted: bool = False,
                  transform: Optional[Any] = None, normalize: Normalize = "imagenet") -> "SegmentationDataset":
-        """Severstal layout: one row per (image, defect class) with 1-based ``ClassId``.
-
-        Severstal's train.csv lists defects only: with ``include_unlisted`` every image in
-        ``image_root`` without a row joins with an empty mask (keep other splits out of that folder).
-        Every row's ``ClassId`` and ``EncodedPixels`` are parsed here: a malformed table is one
-        :class:`DataError` listing all bad rows (runs past the image are found per image by the check).
-        """
-        frame, name, _ = load_table(table)
-        require_columns(frame, [image_col, class_col, rle_col], name)
-        problems = rle_table_problems(frame[class_col], frame[rle_col], int(num_classes))
-        if problems:
-            more = f"; ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
-            raise DataError(f"{name}: {len(problems)} bad RLE row(s): {'; '.join(problems[:_MAX_LISTED])}{more}")
-        image_root = Path(image_root)
-        ids = list(dict.fromkeys(frame[image_col].astype(str)))
-        if include_unlisted and image_root.is_dir():
-            listed = set(ids)
-            ids += [p.name for p in list_image_files(image_root)[0] if p.name not in listed]
-        dataset = cls(pd.DataFrame({"path": ids}), root=image_root, mask_col=None,
-                      num_classes=num_classes, transform=transform, normalize=normalize)
-        dataset.name = name
-        dataset.rle = {}
-        for row, (image_id, class_id, rle) in enumerate(zip(frame[image_col].astype(str), frame[class_col], frame[rle_col])):
-            dataset.rle.setdefault(image_id, []).append((class_id, rle, row))
-        return dataset
-
-    def mask(self, index: int, height: int, width: int) -> np.ndarray:
-        """Item ``index``'s mask as uint8 (H, W, num_classes) of {0, 1}; the size must match the image."""
-        if self.rle is not None:
-            rows = self.rle.get(str(self.frame.at[index, self.path_col]), [])
-            out = np.zeros((height, width, self.num_classes), np.uint8)
-            problems = []
-            for class_id, rle, row in rows:
-                try:
-                    out |= masks_from_rle([(class_id, rle)], (height, width), self.num_classes,
-                                          where=f"{self.name} row {row}")
-                except DataError as exc:
-                    problems.append(str(exc))
-            if problems:
-                raise DataError("; ".join(problems))
-            return out
-        path = self.mask_root / str(self.frame.at[index, self.mask_col])
-        ids = read_mask(path)
-        if ids.shape != (height, width):
-            raise MaskSizeError(f"{self.where(index)}: mask {path} is {ids.shape[1]}x{ids.shape[0]}, "
-                            f"expected the image size {width}x{height}")
-        if self.num_classes == 1:
-            return (ids > 0).astype(np.uint8)[..., None]
-        if ids.max(initial=0) > self.num_classes:
-            raise DataError(f"{self.where(index)}: mask {path} has class id {int(ids.max())}, "
-                            f"expected 0..{self.num_classes}")
-        return (ids[..., None] == np.arange(1, self.num_classes + 1, dtype=np.uint8)).astype(np.uint8)
-
-    def target_problems(self, index: int, width: int, height: int) -> List[Tuple[str, str]]:
-        try:
-            self.mask(index, height, width)
-        except MaskSizeError as exc:
-            return [("mask_size", str(exc))]
-        except ImageReadError as exc:
-            return [(f"mask_{exc.code}" if exc.code != "bad_mask" else exc.code, f"{self.where(index)}: {exc}")]
-        except DataError as exc:
-            return [("bad_mask", str(exc))]
-        return []
+        """Severstal layout (:meth:`SegmentationRows.from_rle <cvkit.data.rows.SegmentationRows.from_rle>`):
+        one row per (image, defect class) with 1-based ``ClassId``; a malformed table is one
+        :class:`DataError` listing all bad rows."""
+        return super().from_rle(table, image_root, num_classes, image_col, class_col, rle_col, include_unlisted,
+                                transform=transform, normalize=normalize)
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
-        image = self._read(index)
-        mask = self.mask(index, *image.shape[:2])
-        out = self._augment(image=image, mask=mask)
+        out = self._augment_row(index, lambda height, width: {"mask": self.mask(index, height, width)})
         return {"features": out["image"], "targets": out["mask"].float(), "index": index}
 
 

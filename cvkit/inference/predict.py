@@ -58,12 +58,15 @@ class ImageFiles(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
-        from cvkit.data.io import read_image
+        from cvkit.data.datasets import pipeline_input
 
         source = self.images[index]
-        image = source if isinstance(source, np.ndarray) else read_image(source)
-        out = self.transform(image=image)["image"]
-        return {"features": out.float(), "index": index, "size": torch.tensor(image.shape[:2])}
+        if isinstance(source, np.ndarray):
+            data, size = {"image": source}, source.shape[:2]
+        else:  # decoded as the datasets decode it (reduced where the pipeline allows)
+            data, size = pipeline_input(source, self.transform)
+        out = self.transform(**data)["image"]
+        return {"features": out.float(), "index": index, "size": torch.tensor(size)}
 
 
 def list_images(images: PathLike, root: Optional[PathLike] = None, path_col: str = "path") -> Tuple[List[Path], List[str]]:
@@ -346,7 +349,8 @@ def predict_run(
 
     ``checkpoint`` may be several files or a k-fold run folder: their models are averaged
     (:func:`run_checkpoints`). The run's tuned post-processing (``postprocess.json``) applies unless
-    ``threshold`` is given.
+    ``threshold`` is given: a k-fold folder's own, tuned out-of-fold (:func:`cvkit.kfold.kfold`), else
+    the first model's run's.
     """
     runs = [load_run(config, c) for c in run_checkpoints(checkpoint)]
     run = runs[0]
@@ -355,7 +359,11 @@ def predict_run(
                                transform=run.transform(image_size), image_size=size, classes=run.classes,
                                flip_pairs=flip_pairs, root=root, path_col=path_col, workers=workers,
                                progress=progress, tile=tile, overlap=overlap)
-    tuning = run.tuning if threshold is None else None
+    tuning = None
+    if threshold is None:
+        given = list(checkpoint) if isinstance(checkpoint, (list, tuple)) else [checkpoint]
+        kfold_folder = given[0] if len(given) == 1 and _folds(given[0]) else None
+        tuning = (run.task.load_tuning(kfold_folder) if kfold_folder is not None else None) or run.tuning
     return write_submission(predictions, run.task, run.classes, out, probs=probs,
                             threshold=0.5 if threshold is None else threshold, tuning=tuning)
 

@@ -107,6 +107,13 @@ class Task:
         """The dataset of one split: ``table`` (a CSV path or DataFrame) read with ``spec``'s options."""
         raise NotImplementedError(f"task {self.name!r} does not read tables")
 
+    def table_rows(self, table: Any, spec: Mapping[str, Any], class_map: Any = None) -> Any:
+        """The rows :meth:`dataset` would read, as a torch-free :class:`~cvkit.data.rows.TableRows`
+        (what ``cvkit check`` scans). The default is the dataset itself, which is such rows too
+        when it is a :class:`~cvkit.data.datasets.TableDataset`; the built-in tasks build the
+        torch-free rows class of their dataset with the same options."""
+        return self.dataset(table, spec, class_map)
+
     def datasets(self, spec: Dict[str, Any], demo_root: Path) -> Dict[str, Any]:
         """``{"train", "valid"?, "test"?}`` from a ``data:`` spec (kinds ``csv`` and ``demo``)."""
         from cvkit.config import ConfigError
@@ -123,10 +130,19 @@ class Task:
                 out[split] = self.dataset(spec[split], spec, class_map)
         return out
 
+    def spec_from_args(self, args: argparse.Namespace) -> Dict[str, Any]:
+        """This task's ``data:`` options as the command's flags give them."""
+        return {o.key: o.from_args(args) for o in self.options}
+
     def dataset_from_args(self, args: argparse.Namespace, transform: Any = None) -> Any:
         """The dataset the command's ``DATA`` argument and this task's options describe."""
-        spec = {o.key: o.from_args(args) for o in self.options}
+        spec = self.spec_from_args(args)
         return self.dataset(Path(args.data), spec, spec.get("class_map"), transform)
+
+    def table_rows_from_args(self, args: argparse.Namespace) -> Any:
+        """:meth:`table_rows` of the command's ``DATA`` argument and options (``cvkit check``, without torch)."""
+        spec = self.spec_from_args(args)
+        return self.table_rows(Path(args.data), spec, spec.get("class_map"))
 
     def demo(self, root: Path, seed: int, per_class: Optional[int]) -> Dict[str, Any]:
         """Build (once) the task's demo set under ``root``; returns the ``data:`` keys that read it."""
@@ -190,9 +206,13 @@ class Task:
         """The submission rows of one image (``tuning``: what :meth:`tune` chose, applied when given)."""
         raise NotImplementedError
 
-    def tune(self, model: Any, dataset: Any, transform: Any, device: str = "cpu") -> Any:
-        """Post-processing chosen on the valid split after training (an object with ``to_json()``,
-        ``before`` and ``after`` scores, saved as :attr:`tuning_file`), or None when the task has none."""
+    def tune(self, splits: Sequence[Tuple[Any, Any, Any]], device: str = "cpu") -> Any:
+        """Post-processing chosen on held-out data after training (an object with ``to_json()``,
+        ``before`` and ``after`` scores, saved as :attr:`tuning_file`), or None when the task has none.
+
+        ``splits``: ``(model, dataset, eval transform)`` triples whose predictions are pooled: one
+        run's valid split, or every fold's model on the rows it did not train on (out-of-fold).
+        """
         return None
 
     def load_tuning(self, folder: PathLike) -> Any:

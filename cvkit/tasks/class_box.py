@@ -75,9 +75,18 @@ class ClassBox(Classification):
     def dataset(self, table: Any, spec: Mapping[str, Any], class_map: Any = None, transform: Any = None) -> Any:
         from cvkit.data.datasets import BoxDataset
 
-        return BoxDataset(table, root=spec.get("root"), path_col=spec.get("path_col") or "path",
-                          label_col=spec.get("label_col") or "label", box_cols=spec.get("box_cols") or BOX_COLUMNS,
-                          box_format=spec.get("box_format") or "xyxy", class_map=class_map, transform=transform)
+        return self._build(BoxDataset, table, spec, class_map, transform=transform)
+
+    def table_rows(self, table: Any, spec: Mapping[str, Any], class_map: Any = None) -> Any:
+        from cvkit.data.rows import BoxRows
+
+        return self._build(BoxRows, table, spec, class_map)
+
+    def _build(self, cls: type, table: Any, spec: Mapping[str, Any], class_map: Any, **kwargs: Any) -> Any:
+        """``cls`` (the torch dataset or its torch-free rows; ``kwargs`` go to it) on a CSV."""
+        return cls(table, root=spec.get("root"), path_col=spec.get("path_col") or "path",
+                   label_col=spec.get("label_col") or "label", box_cols=spec.get("box_cols") or BOX_COLUMNS,
+                   box_format=spec.get("box_format") or "xyxy", class_map=class_map, **kwargs)
 
     def demo(self, root: Path, seed: int, per_class: Optional[int]) -> Dict[str, Any]:
         from cvkit.data import demo

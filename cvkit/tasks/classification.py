@@ -38,11 +38,19 @@ class Classification(Task):
     def dataset(self, table: Any, spec: Mapping[str, Any], class_map: Any = None, transform: Any = None) -> Any:
         from cvkit.data.datasets import ClassificationDataset
 
+        return self._build(ClassificationDataset, table, spec, class_map, transform=transform)
+
+    def table_rows(self, table: Any, spec: Mapping[str, Any], class_map: Any = None) -> Any:
+        from cvkit.data.rows import ClassificationRows
+
+        return self._build(ClassificationRows, table, spec, class_map)
+
+    def _build(self, cls: type, table: Any, spec: Mapping[str, Any], class_map: Any, **kwargs: Any) -> Any:
+        """``cls`` (the torch dataset or its torch-free rows; ``kwargs`` go to it) on a CSV or class folders."""
         if isinstance(table, (str, Path)) and Path(table).is_dir():
-            return ClassificationDataset.from_folders(table, class_map=class_map, transform=transform)
-        return ClassificationDataset(table, root=spec.get("root"), path_col=spec.get("path_col") or "path",
-                                     label_col=spec.get("label_col") or "label", class_map=class_map,
-                                     transform=transform)
+            return cls.from_folders(table, class_map=class_map, **kwargs)
+        return cls(table, root=spec.get("root"), path_col=spec.get("path_col") or "path",
+                   label_col=spec.get("label_col") or "label", class_map=class_map, **kwargs)
 
     def datasets(self, spec: Dict[str, Any], demo_root: Path) -> Dict[str, Any]:
         from cvkit.config import ConfigError

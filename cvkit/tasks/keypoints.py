@@ -26,15 +26,24 @@ class Keypoints(Task):
     )
 
     def dataset(self, table: Any, spec: Mapping[str, Any], class_map: Any = None, transform: Any = None) -> Any:
-        from cvkit.config import ConfigError
         from cvkit.data.datasets import KeypointDataset
 
+        return self._build(KeypointDataset, table, spec, transform=transform)
+
+    def table_rows(self, table: Any, spec: Mapping[str, Any], class_map: Any = None) -> Any:
+        from cvkit.data.rows import KeypointRows
+
+        return self._build(KeypointRows, table, spec)
+
+    def _build(self, cls: type, table: Any, spec: Mapping[str, Any], **kwargs: Any) -> Any:
+        """``cls`` (the torch dataset or its torch-free rows; ``kwargs`` go to it) on a CSV."""
         if not spec.get("keypoint_cols"):
+            from cvkit.config import ConfigError  # here: cvkit.config loads torch
+
             raise ConfigError("keypoint_cols (--keypoint-cols) is required for task keypoints: x0,y0,x1,y1... columns, "
                               "or one column of space-separated numbers plus num_keypoints (--num-keypoints)")
-        return KeypointDataset(table, keypoint_cols=spec["keypoint_cols"], root=spec.get("root"),
-                               path_col=spec.get("path_col") or "path", num_keypoints=spec.get("num_keypoints"),
-                               transform=transform)
+        return cls(table, keypoint_cols=spec["keypoint_cols"], root=spec.get("root"),
+                   path_col=spec.get("path_col") or "path", num_keypoints=spec.get("num_keypoints"), **kwargs)
 
     def demo(self, root: Path, seed: int, per_class: Optional[int]) -> Dict[str, Any]:
         from cvkit.data import demo

@@ -25,8 +25,8 @@ COLOURS = np.array([(255, 64, 64), (64, 255, 64), (64, 128, 255), (255, 220, 0),
 
 def read_rle_table(table: Any) -> "pd.DataFrame":
     """A Severstal table in either layout as ``ImageId, ClassId, EncodedPixels`` columns."""
-    from cvkit.data.datasets import load_table
     from cvkit.data.io import DataError
+    from cvkit.data.tables import load_table
 
     frame, name, _ = load_table(table)
     if "ImageId_ClassId" in frame.columns and "ImageId" not in frame.columns:
@@ -69,21 +69,30 @@ class Segmentation(Task):
     tuning_file = "postprocess.json"
 
     def dataset(self, table: Any, spec: Mapping[str, Any], class_map: Any = None, transform: Any = None) -> Any:
-        from cvkit.config import ConfigError
         from cvkit.data.datasets import SegmentationDataset
 
+        return self._build(SegmentationDataset, table, spec, transform=transform)
+
+    def table_rows(self, table: Any, spec: Mapping[str, Any], class_map: Any = None) -> Any:
+        from cvkit.data.rows import SegmentationRows
+
+        return self._build(SegmentationRows, table, spec)
+
+    def _build(self, cls: type, table: Any, spec: Mapping[str, Any], **kwargs: Any) -> Any:
+        """``cls`` (the torch dataset or its torch-free rows; ``kwargs`` go to it) on a mask CSV or an RLE table."""
         num_classes = int(spec.get("num_classes") or 1)
         if spec.get("rle"):
             if not spec.get("root"):
+                from cvkit.config import ConfigError  # here: cvkit.config loads torch
+
                 raise ConfigError("rle (--rle) needs root (--root), the folder of the images named in ImageId")
-            dataset = SegmentationDataset.from_rle(read_rle_table(table), spec["root"], num_classes=num_classes,
-                                                   transform=transform)
+            dataset = cls.from_rle(read_rle_table(table), spec["root"], num_classes=num_classes, **kwargs)
             if isinstance(table, (str, Path)):
                 dataset.name = Path(table).name
             return dataset
-        return SegmentationDataset(table, root=spec.get("root"), path_col=spec.get("path_col") or "path",
-                                   mask_col=spec.get("mask_col") or "mask", mask_root=spec.get("mask_root"),
-                                   num_classes=num_classes, transform=transform)
+        return cls(table, root=spec.get("root"), path_col=spec.get("path_col") or "path",
+                   mask_col=spec.get("mask_col") or "mask", mask_root=spec.get("mask_root"),
+                   num_classes=num_classes, **kwargs)
 
     def demo(self, root: Path, seed: int, per_class: Optional[int]) -> Dict[str, Any]:
         from cvkit.data import demo
@@ -122,22 +131,27 @@ class Segmentation(Task):
             return tuning.apply(prediction["probs"])
         return (prediction["probs"] > threshold).astype(np.uint8)
 
-    def tune(self, model: Any, dataset: Any, transform: Any, device: str = "cpu") -> Any:
+    def tune(self, splits: Sequence[Any], device: str = "cpu") -> Any:
         """Per-class threshold, minimum component area and minimum mask size that maximise
-        ``dice_image`` (the Severstal rule) on ``dataset`` at its images' original size."""
+        ``dice_image`` (the Severstal rule) over ``splits`` pooled, at the images' original size."""
         import itertools
 
         from cvkit.inference.predict import iter_predict
         from cvkit.postprocess import tune_segmentation
 
-        if not hasattr(dataset, "path") or not len(dataset):
+        splits = [(m, d, t) for m, d, t in splits if hasattr(d, "path") and len(d)]
+        if not splits:
             return None
-        files = [dataset.path(i) for i in range(len(dataset))]
-        predictions = iter_predict(model, files, self, transform=transform, image_size=None, batch_size=1,
-                                   device=device)
-        probs, truths = itertools.tee(predictions)
-        return tune_segmentation((p.decode(self)["probs"] for p in probs),
-                                 (dataset.mask(p.index, p.height, p.width).transpose(2, 0, 1) for p in truths))
+
+        def pairs() -> Any:
+            for model, dataset, transform in splits:
+                files = [dataset.path(i) for i in range(len(dataset))]
+                for p in iter_predict(model, files, self, transform=transform, image_size=None, batch_size=1,
+                                      device=device):
+                    yield p.decode(self)["probs"], dataset.mask(p.index, p.height, p.width).transpose(2, 0, 1)
+
+        probs, truths = itertools.tee(pairs())
+        return tune_segmentation((p for p, _ in probs), (t for _, t in truths))
 
     def load_tuning(self, folder: Any) -> Any:
         from cvkit.postprocess import load_postprocess
