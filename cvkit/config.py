@@ -16,6 +16,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import yaml
 
+from cvkit.loggers import DEFAULT_LOGGERS, logger_specs, require_packages
 from cvkit.versions import get_version
 from cvkit.stages import Stage, list_optimizers, list_schedulers
 
@@ -39,6 +40,7 @@ TOP_LEVEL: Dict[str, Any] = {
     "fast": dict,
     "profile": bool,
     "pipelines": (dict, type(None)),
+    "loggers": list,
 }
 REQUIRED = ("task", "data", "model", "stages")
 # Facts StagedRunner writes into config.json next to the experiment; not experiment keys.
@@ -132,6 +134,11 @@ def resolve(raw: Mapping[str, Any]) -> Dict[str, Any]:
     for kind in ("model", "criterion", "augmentation", "data"):
         if isinstance(config.get(kind), str):
             config[kind] = get_version_or_error(kind, config[kind], kind)
+    if "loggers" in config:
+        try:
+            logger_specs(config["loggers"])
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     defaults = {k: config.pop(k) for k in ("optimizer", "scheduler") if k in config}
     if not config["stages"]:
         raise ConfigError("stages: at least one stage is needed")
@@ -268,6 +275,7 @@ def complete(config: Mapping[str, Any]) -> Dict[str, Any]:
     config.setdefault("workers", 0)
     config.setdefault("profile", False)
     config.setdefault("fast", {})
+    config.setdefault("loggers", list(DEFAULT_LOGGERS))
     config.setdefault("weights", None)
     config.setdefault("augmentation", None)
     config.setdefault("criterion", {"name": task.criterion})
@@ -346,6 +354,15 @@ def _check_values(config: Mapping[str, Any]) -> None:
 
         if not torch.cuda.is_available():
             raise ConfigError(f"engine: {engine!r} needs a CUDA GPU and none is visible on this machine; use engine: cpu")
+
+
+def check_loggers_installed(config: Mapping[str, Any]) -> None:
+    """Refuse, in one line, an experiment whose ``loggers`` need a package this machine lacks (before
+    training; predicting from or exporting such a run needs none of them)."""
+    try:
+        require_packages(logger_specs(config.get("loggers", DEFAULT_LOGGERS)))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def stages_from(config: Mapping[str, Any]) -> List[Stage]:

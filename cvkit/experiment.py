@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import cvkit.versions  # noqa: F401  (the named versions experiments may use)
-from cvkit.config import ConfigError, complete, load_experiment, stages_from
+from cvkit.config import ConfigError, check_loggers_installed, complete, load_experiment, stages_from
 from cvkit.stages import Stage
 from cvkit.tasks import Task, get_task
 
@@ -497,6 +497,7 @@ def run(config: Mapping[str, Any], resume: bool = False, verbose: bool = True,
     from cvkit.perf import FastPaths
     from cvkit.runners import StagedRunner
 
+    check_loggers_installed(config)
     experiment = build(config, datasets)
     full = experiment.config
     changed: List[str] = []
@@ -520,6 +521,7 @@ def run(config: Mapping[str, Any], resume: bool = False, verbose: bool = True,
         minimize_valid_metric=full["minimize_valid_metric"], engine=full["engine"], seed=int(full["seed"]),
         verbose=verbose, config=json.loads(json.dumps(full)), test_loader=experiment.test_loader(),
         resume=resume or None, fast=FastPaths(**full["fast"]), profile=bool(full["profile"]),
+        loggers=full["loggers"],
     )
     return _tune(experiment, runner.final_metrics)
 
@@ -533,7 +535,7 @@ def _tune(experiment: Experiment, result: Dict[str, Any]) -> Dict[str, Any]:
     last = experiment.stages[-1]
     transform = eval_transform(config, image_size(config, config["stages"][-1]), last.name)
     device = next(experiment.model.parameters()).device.type
-    tuning = task.tune(experiment.model, experiment.datasets["valid"], transform, device)
+    tuning = task.tune([(experiment.model, experiment.datasets["valid"], transform)], device)
     if tuning is None:
         return result
     atomic_write_json(experiment.logdir / task.tuning_file, tuning.to_json())

@@ -7,7 +7,10 @@ training row with the one fold model that did not train on it:
 - ``oof.csv``: one row per training row, in the task's submission format, plus ``fold``, ``row``
   (the row of the training table) and the true target where the task has one;
 - ``cv.json``: each fold's best valid metric, their mean and standard deviation, and the task's
-  metrics over all out-of-fold predictions pooled.
+  metrics over all out-of-fold predictions pooled;
+- the task's post-processing (segmentation thresholds and areas: ``postprocess.json``) tuned on the
+  pooled out-of-fold predictions, its score before and after in ``cv.json``; an ensemble prediction
+  from the k-fold folder applies it.
 
 A killed k-fold run continues with ``resume=True``: finished folds are kept, the unfinished one
 resumes from its last epoch, later ones start.
@@ -52,8 +55,41 @@ def kfold(config: Mapping[str, Any], folds: int = 5, group_col: Optional[str] = 
     atomic_write_bytes(base / "oof.csv", frame.to_csv(index=False).encode())
     summary = {"folds": folds, "valid_metric": config["valid_metric"], "per_fold": scores,
                "mean": statistics.fmean(scores), "std": statistics.pstdev(scores), "oof": oof_metrics}
+    tuning = tune_out_of_fold(config, folds)
+    if tuning is not None:
+        task_file = tuning[0]
+        atomic_write_json(base / task_file, tuning[1].to_json())
+        summary["postprocess"] = {"file": task_file, "split": "out-of-fold", "before": tuning[1].before,
+                                  "after": tuning[1].after}
     atomic_write_json(base / "cv.json", summary)
     return summary
+
+
+def _fold_runs(config: Mapping[str, Any], folds: int) -> List[Any]:
+    """Each fold's trained run (:func:`cvkit.inference.predict.load_run`) and its held-out rows."""
+    from cvkit.experiment import build_datasets
+    from cvkit.inference.predict import load_run
+
+    out = []
+    for fold in range(folds):
+        trained = load_run(Path(config["logdir"]) / f"fold_{fold}")
+        out.append((trained, build_datasets(trained.config)["valid"]))
+    return out
+
+
+def tune_out_of_fold(config: Mapping[str, Any], folds: int) -> "Optional[tuple[str, Any]]":
+    """The task's post-processing chosen on every fold's held-out rows pooled (each predicted by the
+    fold that did not train on it): ``(file name, tuning)``, or None for a task without tuning.
+
+    More rows than one valid split, and the rows an ensemble of the folds never saw as a whole, so
+    ``cvkit predict --checkpoint <k-fold run>`` applies this instead of fold 0's own.
+    """
+    runs = _fold_runs(config, folds)
+    task = runs[0][0].task
+    if not task.tuning_file:
+        return None
+    tuning = task.tune([(trained.model.eval(), valid, trained.transform()) for trained, valid in runs], device="cpu")
+    return None if tuning is None else (task.tuning_file, tuning)
 
 
 @torch.no_grad()
@@ -64,17 +100,15 @@ def out_of_fold(config: Mapping[str, Any], folds: int) -> "tuple[pd.DataFrame, D
     ``best.pth``), so the split is the one it was trained with.
     """
     from cvkit.data.loaders import make_loader
-    from cvkit.experiment import build_datasets, image_size, with_transform
-    from cvkit.inference.predict import iter_predict, load_run
+    from cvkit.experiment import image_size, with_transform
+    from cvkit.inference.predict import iter_predict
     from cvkit.metrics import create_metric
 
     rows: List[Dict[str, Any]] = []
     metric = None
-    for fold in range(folds):
-        trained = load_run(Path(config["logdir"]) / f"fold_{fold}")
+    for fold, (trained, valid) in enumerate(_fold_runs(config, folds)):
         task, classes, run_config = trained.task, trained.classes, trained.config
         size = image_size(run_config, run_config["stages"][-1])
-        valid = build_datasets(run_config)["valid"]
         evaluated = task.wrap(with_transform(valid, trained.transform()))
         model = trained.model.eval()
         metric = metric or create_metric(task.metric, **task.metric_kwargs(run_config["model"], size))
@@ -95,4 +129,4 @@ def out_of_fold(config: Mapping[str, Any], folds: int) -> "tuple[pd.DataFrame, D
     return frame, (metric.compute() if metric is not None else {})
 
 
-__all__ = ["fold_config", "kfold", "out_of_fold"]
+__all__ = ["fold_config", "kfold", "out_of_fold", "tune_out_of_fold"]

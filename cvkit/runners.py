@@ -51,6 +51,7 @@ from cvkit.callbacks import (
 )
 from cvkit.io import CheckpointError, atomic_write_json, clean_stale_temporaries, load_checkpoint, save_checkpoint, state_dict_of
 from cvkit.lock import RunLock
+from cvkit.loggers import DEFAULT_LOGGERS, LoggerSpec, default_tracking_uri, logger_specs, require_packages
 from cvkit.metrics import Metric
 from cvkit.perf import FastPaths, ProfileCallback
 from cvkit.models.groups import apply_trainable, count_params, param_groups, resolve_lr, trainable_param_names
@@ -110,6 +111,9 @@ class StagedRunner(dl.SupervisedRunner):
         self.run_state = RunState(resume_payload=self._resume_payload)
         self._resume_state: Optional[Dict[str, Any]] = None
         self._ema: Optional[EmaCallback] = None
+        self._logger_specs: List[Dict[str, Any]] = logger_specs(DEFAULT_LOGGERS)
+        self._mlflow: Any = None
+        self._run_hparams: Dict[str, Any] = {}
 
     # Read-only views of the run state, for users of a finished (or running) fit.
     @property
@@ -193,6 +197,7 @@ class StagedRunner(dl.SupervisedRunner):
         resume: Union[None, bool, str, Path] = None,
         fast: Optional[FastPaths] = None,
         profile: bool = False,
+        loggers: Sequence[LoggerSpec] = DEFAULT_LOGGERS,
     ) -> "StagedRunner":
         """Run every stage in order and return self.
 
@@ -217,7 +222,13 @@ class StagedRunner(dl.SupervisedRunner):
                 uninterrupted run.
             fast: GPU speed switches (channels_last, compile, cudnn_benchmark); see cvkit.perf.
             profile: profile 10 train batches of the first epoch into logdir/profile.txt.
+            loggers: where metrics go besides log.csv: ``"tensorboard"`` (logdir/tensorboard, the
+                default) and ``"mlflow"`` (one MLflow run, by default in a SQLite store under
+                logdir/mlruns; ``{"name": "mlflow", "tracking_uri": ..., "experiment": ...}`` to
+                choose); see :mod:`cvkit.loggers`.
         """
+        self._logger_specs = logger_specs(loggers)
+        require_packages(self._logger_specs)
         stages = list(stages)
         self._check_stages(model, stages)
         self._stages = stages
@@ -257,6 +268,26 @@ class StagedRunner(dl.SupervisedRunner):
             run.stage_start_epoch = state["epoch"] if state["stage_finished"] else state["stage_start_epoch"]
             run.batch_offset, run.sample_offset = state["batch_step"], state["sample_step"]
             self.epoch_step = state["epoch"]
+        self._run_hparams = run_hparams(stages, _facts(logdir))
+        self._mlflow = self._start_mlflow(logdir, config, state)
+        try:
+            self._run_stages(model, stages, first, state, loaders, criterion, logdir, metrics, callbacks,
+                             valid_loader, engine, seed, verbose, config)
+            self._finish(model, logdir, test_loader, metrics, engine)
+        except BaseException as exc:
+            if self._mlflow is not None:
+                self._mlflow.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            raise
+        if self._mlflow is not None:
+            self._mlflow.end()
+
+    def _run_stages(self, model: nn.Module, stages: List[Stage], first: int, state: Optional[Dict[str, Any]],
+                    loaders: Union[Loaders, LoaderFactory], criterion: nn.Module, logdir: Path,
+                    metrics: Optional[MetricsFactory], callbacks: Optional[Callable[[Stage], Iterable[Callback]]],
+                    valid_loader: str, engine: Engine, seed: int, verbose: bool,
+                    config: Optional[Dict[str, Any]]) -> None:
+        """Every stage from ``first`` on, each starting from the previous one's weights (or the resume state)."""
+        run = self.run_state
         previous: Optional[Path] = logdir / "checkpoints" / stages[first - 1].name if first else None
         for index, stage in enumerate(stages):
             if index < first:
@@ -278,7 +309,24 @@ class StagedRunner(dl.SupervisedRunner):
             )
             previous = folder
             self._sync_from_disk(logdir)
-        self._finish(model, logdir, test_loader, metrics, engine)
+
+    def _start_mlflow(self, logdir: Path, config: Optional[Dict[str, Any]], state: Optional[Dict[str, Any]]) -> Any:
+        """The run's MLflow logger when ``loggers`` names mlflow (continuing a resumed run's MLflow run), else None.
+
+        Experiment: the ``experiment`` option, else the run's ``name``, else the run folder's name;
+        MLflow run name: the run folder's name.
+        """
+        spec = next((s for s in self._logger_specs if s["name"] == "mlflow"), None)
+        if spec is None:
+            return None
+        from cvkit.callbacks.mlflow import RunMLflowLogger
+
+        local = not spec.get("tracking_uri")
+        uri = default_tracking_uri(logdir) if local else spec["tracking_uri"]
+        artifacts = (logdir.resolve() / "mlruns" / "artifacts").as_uri() if local else None
+        experiment = spec.get("experiment") or (config or {}).get("name") or logdir.resolve().name
+        return RunMLflowLogger(str(experiment), logdir.resolve().name, uri, artifacts,
+                               run_id=(state or {}).get("mlflow_run_id"), tags={"cvkit.logdir": str(logdir.resolve())})
 
     @staticmethod
     def _load_state(model: nn.Module, state: Dict[str, torch.Tensor], path: Path) -> None:
@@ -384,7 +432,7 @@ class StagedRunner(dl.SupervisedRunner):
             resumed = (self._resume_state or {}).get("ema")
             self._ema = out["ema"] = EmaCallback(ema_options(stage.ema), optimizer, (self.valid_loader_key,), resumed)
         if isinstance(scheduler, SmoothedLossPlateau):
-            out["scheduler"] = BatchPlateauCallback(self._loss_key)
+            out["scheduler"] = BatchPlateauCallback(self._loss_key, optimizer)
         elif scheduler is not None:
             plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
             monitor = self._monitor(stage)
@@ -407,7 +455,8 @@ class StagedRunner(dl.SupervisedRunner):
                 out["progress"] = _at(dl.TqdmCallback(), CallbackOrder.External + 2)
         out["history"] = HistoryCallback(logdir / "log.csv")
         out["checkpoint"] = StageCheckpointCallback(
-            folder, logdir / "checkpoints" / "resume.pth", self.valid_loader_key, self.valid_metric_key
+            folder, logdir / "checkpoints" / "resume.pth", self.valid_loader_key, self.valid_metric_key,
+            self._candidate_weights(stage),
         )
         out.update(self._fast.callbacks(self._input_key))
         if self._profile and self.run_state.stage_index == 0:
@@ -415,6 +464,15 @@ class StagedRunner(dl.SupervisedRunner):
         for i, callback in enumerate(extra(stage) if extra else ()):
             out[f"extra_{i}_{type(callback).__name__}"] = callback
         return out
+
+    def _candidate_weights(self, stage: Stage) -> Dict[str, str]:
+        """The weights an epoch of ``stage`` may keep, each with the loader that validates it: the raw
+        weights, the EMA, or both when the EMA stage validates both (the better one is kept)."""
+        if stage.ema is None:
+            return {"raw": self.valid_loader_key}
+        if ema_options(stage.ema)["validate"] == "both":
+            return {"ema": self.valid_loader_key, "raw": f"{self.valid_loader_key}_raw"}
+        return {"ema": self.valid_loader_key}
 
     def _monitor(self, stage: Stage) -> Tuple[str, str]:
         """``(loader, metric)`` the stage's plateau scheduler watches: the train loss for
@@ -470,9 +528,12 @@ class StagedRunner(dl.SupervisedRunner):
                 f"{len(frozen_bn)} BatchNorm frozen, groups "
                 + ", ".join(sorted({f"{g['name']}={g['lr']:.2e}" for g in groups}))
             )
-        loggers: Dict[str, Any] = {
-            "tensorboard": StageTensorboardLogger(str(run.logdir / "tensorboard"), stage_suffix(run.stage_index))
-        }
+        names = [spec["name"] for spec in self._logger_specs]
+        loggers: Dict[str, Any] = {}
+        if "tensorboard" in names:
+            loggers["tensorboard"] = StageTensorboardLogger(str(run.logdir / "tensorboard"), stage_suffix(run.stage_index))
+        if self._mlflow is not None:
+            loggers["mlflow"] = self._mlflow
         with warnings.catch_warnings():
             # Known, harmless warnings from the pinned stack, repeated every stage otherwise:
             # accelerate<1.0 deprecating its TPU enum, Catalyst's loss metric calling float() on
@@ -490,6 +551,7 @@ class StagedRunner(dl.SupervisedRunner):
                 loaders=OrderedDict(loaders),
                 callbacks=callbacks,
                 loggers=loggers,
+                hparams=self._run_hparams,
                 num_epochs=stage.epochs,
                 seed=seed,
                 valid_loader=self.valid_loader_key,
@@ -519,7 +581,8 @@ class StagedRunner(dl.SupervisedRunner):
         """Everything needed to continue after the epoch that just ended (plain data only).
 
         With EMA, ``model`` holds the EMA weights (what was validated: best.pth and last.pth serve
-        them), ``train_model`` the raw weights training continues from and ``ema`` the average's state.
+        them; the checkpoint callback puts the raw ones there instead when, validating both, they
+        did better), ``train_model`` the raw weights training continues from and ``ema`` the average's state.
         """
         run = self.run_state
         model = self.engine.unwrap_model(self.model)
@@ -539,6 +602,7 @@ class StagedRunner(dl.SupervisedRunner):
             "model": ema["weights"] if ema is not None else weights,
             "train_model": weights if ema is not None else None,
             "ema": ema,
+            "mlflow_run_id": self._mlflow.run_id if self._mlflow is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "early_stopping": run.early_stopping,
@@ -617,6 +681,7 @@ class StagedRunner(dl.SupervisedRunner):
             "seed": seed,
             "fast_paths": self._fast.to_dict(),
             "profile": self._profile,
+            "loggers": [spec["name"] if len(spec) == 1 else dict(spec) for spec in self._logger_specs],
             "versions": {
                 "cvkit": cvkit.__version__,
                 "torch": torch.__version__,
@@ -640,23 +705,35 @@ class StagedRunner(dl.SupervisedRunner):
         best_path = logdir / run.best["path"]
         checkpoint = load_checkpoint(best_path)
         self._load_state(model, state_dict_of(checkpoint, best_path), best_path)
+        weights = checkpoint.get("weights", "raw")
         save_checkpoint(logdir / "best.pth", {
             "model": state_dict_of(checkpoint, best_path), "stage": checkpoint["stage"],
-            "epoch": checkpoint["epoch"], "metrics": checkpoint["metrics"],
+            "epoch": checkpoint["epoch"], "metrics": checkpoint["metrics"], "weights": weights,
         })
-        result: Dict[str, Any] = {"best": dict(run.best), "valid": checkpoint["metrics"].get(self.valid_loader_key, {})}
+        raw_key = f"{self.valid_loader_key}_raw"
+        valid_key = raw_key if weights == "raw" and raw_key in checkpoint["metrics"] else self.valid_loader_key
+        result: Dict[str, Any] = {"best": dict(run.best), "weights": weights,
+                                  "valid": checkpoint["metrics"].get(valid_key, {})}
         result["epochs"] = int(self.epoch_step)
         if test_loader is not None:
             result["test"] = evaluate(model, test_loader, self.criterion, metrics, engine, self._input_key, self._target_key)
         self.final_metrics = result
         atomic_write_json(logdir / "metrics.json", result)
-        facts = json.loads((logdir / "config.json").read_text()) if (logdir / "config.json").is_file() else {}
-        scores = {f"hparam/{split}/{key}": value for split in ("valid", "test") for key, value in
+        scores = {f"{split}/{key}": value for split in ("valid", "test") for key, value in
                   (result.get(split) or {}).items() if not key.startswith("loss/")}
-        write_hparams(logdir / "tensorboard", run_hparams(self._stages, facts), scores)
+        if any(spec["name"] == "tensorboard" for spec in self._logger_specs):
+            write_hparams(logdir / "tensorboard", self._run_hparams, {f"hparam/{key}": value for key, value in scores.items()})
+        if self._mlflow is not None:
+            self._mlflow.log_metrics_at({f"best/{key}": value for key, value in scores.items()}, int(self.epoch_step))
         from cvkit.plots import plot_progress
 
         plot_progress(run.history, logdir / "progress.png", self.valid_metric_key)
+
+
+def _facts(logdir: Path) -> Dict[str, Any]:
+    """The run's config.json (what the HParams tab and MLflow params describe), or {} before it exists."""
+    path = logdir / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _pipeline_of(loader: Any) -> Optional[Dict[str, Any]]:

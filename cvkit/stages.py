@@ -188,7 +188,7 @@ class Stage:
         optimizer / optimizer_kwargs: a registered optimizer (sgd, adam, adamw) and its arguments.
         weight_decay: applied to weights, not to biases and norm parameters.
         scheduler / scheduler_kwargs: a registered scheduler (plateau, step, cosine, onecycle,
-            plateau_batch: plateau on the smoothed train loss, patience in batches) or None.
+            plateau_batch: plateau on the smoothed train loss, patience in optimizer steps) or None.
         interval: step the scheduler per ``"epoch"`` or per ``"batch"`` (default: the kind's own).
         monitor: ``(loader, metric)`` the plateau scheduler watches; default the run's valid metric.
         early_stopping: ``{"patience": int, "min_delta": float, "metric": str, "loader": str}``.
@@ -379,7 +379,8 @@ class SmoothedLossPlateau(torch.optim.lr_scheduler.ReduceLROnPlateau):
 
     The keypoints project cut the LR when the train loss stalled for 10-25% of an epoch;
     Catalyst steps plateau schedulers once per epoch only, so cvkit steps this one from
-    :class:`cvkit.callbacks.BatchPlateauCallback`. ``patience`` counts batches.
+    :class:`cvkit.callbacks.BatchPlateauCallback` after every optimizer step. ``patience`` counts
+    optimizer steps (batches, unless the stage accumulates gradients).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, smoothing: float = 0.9, **kwargs: Any) -> None:
@@ -400,7 +401,7 @@ class SmoothedLossPlateau(torch.optim.lr_scheduler.ReduceLROnPlateau):
 
 @register_scheduler("batch")
 def plateau_batch(optimizer: torch.optim.Optimizer, stage: "Stage", steps_per_epoch: int, minimize: bool = True, **kwargs: Any) -> Any:
-    """Plateau on the smoothed train loss, checked every batch; ``patience`` in batches.
+    """Plateau on the smoothed train loss, checked every optimizer step; ``patience`` in optimizer steps.
 
     ``minimize`` is the direction of the train loss by :func:`cvkit.callbacks.plateau_mode`
     (always down); ``mode`` in the kwargs overrides it.

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from catalyst.core.callback import Callback
 from conftest import TinyImages, tiny_loaders
 from torch import nn
 from torch.utils.data import DataLoader
@@ -88,3 +89,44 @@ def test_nan_skip_still_works_with_accumulation(tmp_path):
                                 NaNOnce(), tmp_path, verbose=False, engine="cpu")
     assert runner.history[-1]["train/nan_skipped_batches"] == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class RisingLoss(nn.Module):
+    """Train loss k at the k-th train batch (never improves; gradient zero), 1.0 on validation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if not logits.requires_grad:
+            return logits.sum() * 0.0 + 1.0
+        self.calls += 1
+        return logits.sum() * 0.0 + float(self.calls)
+
+
+class RecordLR(Callback):
+    """The LR after every train batch (after the scheduler, order 51)."""
+
+    def __init__(self) -> None:
+        super().__init__(order=60)
+        self.per_batch: list = []
+
+    def on_batch_end(self, runner) -> None:
+        if runner.is_train_loader:
+            self.per_batch.append(runner.optimizer.param_groups[0]["lr"])
+
+
+def test_plateau_batch_patience_counts_optimizer_steps_under_accumulation(tmp_path):
+    # 48 samples in batches of 4: 12 micro-batches and 3 optimizer steps (windows of 4) per epoch.
+    # The loss never improves after step 1, so with patience 2 the LR halves after optimizer step 4
+    # (micro-batch 16), not after micro-batch 4.
+    record = RecordLR()
+    stage = Stage("s", 2, lr=0.1, optimizer="sgd", scheduler="plateau_batch", accumulate=4,
+                  scheduler_kwargs=dict(patience=2, factor=0.5, smoothing=0.0))
+    runner = StagedRunner().fit(TinyNet(), [stage], loaders(4, 48), RisingLoss(), tmp_path,
+                                callbacks=lambda s: [record], verbose=False, engine="cpu")
+    assert record.per_batch == pytest.approx([0.1] * 15 + [0.05] * 9)
+    # Each step is fed the mean loss of its 4 micro-batches: the last window held losses 21..24.
+    assert runner.scheduler.smoothed == pytest.approx(22.5)
+    assert runner.scheduler.num_bad_epochs == 2

@@ -65,22 +65,73 @@ def test_ema_weights_follow_the_formula_and_are_what_is_validated_and_saved(tmp_
     assert runner.history[-1]["valid/loss"] == pytest.approx(valid["loss"], rel=1e-5)
 
 
-def test_validate_both_logs_raw_and_ema_and_next_stage_starts_from_ema(tmp_path):
-    starts, raw = {}, []
+def test_validate_both_logs_raw_and_ema(tmp_path):
+    raw = []
     ema = {"decay": 0.5, "validate": "both"}
-    stages = [Stage("a", 1, lr=0.05, optimizer="sgd", ema=ema), Stage("b", 1, lr=0.01, ema=ema)]
-    _, runner = fit(stages, tmp_path, callbacks=lambda s: [RecordStart(starts), RecordWeights(raw)])
+    _, runner = fit([Stage("a", 1, lr=0.05, optimizer="sgd", ema=ema)], tmp_path,
+                    callbacks=lambda s: [RecordWeights(raw)])
     row = runner.history[0]
     assert "valid_raw/loss" in row and row["valid_raw/loss"] != row["valid/loss"]
     check = TinyNet()
-    check.load_state_dict(raw[5])  # stage a's raw weights after its last step
+    check.load_state_dict(raw[5])  # the raw weights after the epoch's last step
     assert row["valid_raw/loss"] == pytest.approx(evaluate(check, tiny_loaders(8)["valid"], nn.CrossEntropyLoss())["loss"], rel=1e-5)
-    ema_a = load_checkpoint(tmp_path / "checkpoints" / "a" / "best.pth")["model"]
-    for key, value in ema_a.items():
-        assert torch.equal(starts["b"][key], value)
-    assert not torch.equal(starts["b"]["fc.weight"], raw[5]["fc.weight"])
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["stages"][0]["ema"] == ema
+
+
+def test_validate_both_keeps_the_raw_weights_when_they_validate_better(tmp_path):
+    # A decay this close to 1 leaves the EMA at its first copy (the weights after step 1), while the
+    # raw weights go on learning for 5 more steps: raw validates better and is what the stage keeps.
+    starts, raw = {}, []
+    ema = {"decay": 0.999999, "validate": "both"}
+    stages = [Stage("a", 1, lr=0.05, optimizer="sgd", ema=ema), Stage("b", 1, lr=0.01, ema=ema)]
+    _, runner = fit(stages, tmp_path, callbacks=lambda s: [RecordStart(starts), RecordWeights(raw)])
+    row = runner.history[0]
+    assert row["valid_raw/loss"] < row["valid/loss"]
+    best = load_checkpoint(tmp_path / "checkpoints" / "a" / "best.pth")
+    assert best["weights"] == "raw"
+    for key, value in best["model"].items():
+        assert torch.equal(value, raw[5][key]), key
+        assert torch.equal(starts["b"][key], value), key
+    assert not torch.equal(best["ema"]["weights"]["fc.weight"], raw[5]["fc.weight"])  # the EMA itself goes on
+    # The run's best is stage b's raw weights too; metrics.json reports their validation, not the EMA's.
+    last = runner.history[1]
+    assert last["valid_raw/loss"] < min(last["valid/loss"], row["valid_raw/loss"])
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert load_checkpoint(tmp_path / "best.pth")["weights"] == metrics["weights"] == "raw"
+    assert metrics["best"]["score"] == metrics["valid"]["loss"] == last["valid_raw/loss"]
+
+
+@pytest.mark.parametrize("minimize,kept", [(True, "ema"), (False, "raw")])
+def test_validate_both_keeps_the_ema_when_it_validates_better_in_the_metrics_direction(tmp_path, minimize, kept):
+    # Epoch 2 of this run: EMA loss 0.64, raw loss 1.37. Minimising, the EMA is the better one; asked to
+    # maximise the loss, the raw weights are.
+    starts, raw = {}, []
+    ema = {"decay": 0.5, "validate": "both"}
+    stages = [Stage("a", 2, lr=0.05, optimizer="sgd", ema=ema), Stage("b", 1, lr=0.01, ema=ema)]
+    _, runner = fit(stages, tmp_path, callbacks=lambda s: [RecordStart(starts), RecordWeights(raw)],
+                    minimize_valid_metric=minimize)
+    row = runner.history[1]
+    assert row["valid/loss"] < row["valid_raw/loss"]
+    best = load_checkpoint(tmp_path / "checkpoints" / "a" / "best.pth")
+    assert (best["epoch"], best["weights"]) == (2, kept)
+    expected = best["ema"]["weights"] if kept == "ema" else raw[11]
+    for key, value in best["model"].items():
+        assert torch.equal(value, expected[key]), key
+        assert torch.equal(starts["b"][key], value), key
+    if kept == "ema":
+        assert not torch.equal(best["model"]["fc.weight"], raw[11]["fc.weight"])
+
+
+def test_without_validate_both_the_ema_is_kept(tmp_path):
+    starts = {}
+    stages = [Stage("a", 1, lr=0.05, optimizer="sgd", ema=0.999999), Stage("b", 1, lr=0.01)]
+    fit(stages, tmp_path, callbacks=lambda s: [RecordStart(starts)])
+    best = load_checkpoint(tmp_path / "checkpoints" / "a" / "best.pth")
+    assert best["weights"] == "ema"
+    assert all(torch.equal(best["model"][k], best["ema"]["weights"][k]) for k in best["model"])
+    assert all(torch.equal(starts["b"][k], v) for k, v in best["model"].items())
+    assert load_checkpoint(tmp_path / "checkpoints" / "b" / "best.pth")["weights"] == "raw"
 
 
 class Interrupt(Exception):

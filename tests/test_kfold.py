@@ -113,3 +113,36 @@ def test_predict_on_a_kfold_folder_averages_its_folds(trained, tmp_path):
                  str(folder / "run" / "fold_1" / "best.pth"), "--config", str(folder / "run" / "fold_0"),
                  "--images", str(test_csv), "--out", str(two), "--device", "cpu"]) == 0
     assert len(pd.read_csv(two)) == len(got)
+
+
+def test_segmentation_kfold_tunes_its_post_processing_out_of_fold_and_predict_applies_it(tmp_path):
+    """postprocess.json beside the folds is chosen on every training row (pooled OOF), not on one fold's
+    valid split, and `cvkit predict --checkpoint <k-fold run>` applies it instead of fold 0's own."""
+    configs = Path(__file__).resolve().parents[1] / "examples" / "configs"
+    config = load_experiment(configs / "segmentation_demo.yaml", [
+        f"logdir={tmp_path / 'run'}", f"data.root={tmp_path / 'demo'}", "data.per_class=3", "data.limit=16",
+        "stages.0.epochs=1", "stages.1.epochs=1", "augmentation.size=32"])
+    summary = kfold(config, 2, verbose=False)
+    base = tmp_path / "run"
+    pooled = json.loads((base / "postprocess.json").read_text())
+    oof = pd.read_csv(base / "oof.csv")
+    per_fold = [json.loads((base / f"fold_{k}" / "postprocess.json").read_text())["images"] for k in (0, 1)]
+    assert pooled["images"] == oof["row"].nunique() == sum(per_fold) and min(per_fold) > 0
+    assert summary["postprocess"] == {"file": "postprocess.json", "split": "out-of-fold",
+                                      "before": pooled["before"], "after": pooled["after"]}
+    assert pooled["after"] >= pooled["before"]
+
+    for entry in pooled["classes"]:  # everything above probability 0: every mask is the whole image
+        entry.update(threshold=0.0, min_area=0, min_total=0)
+    (base / "postprocess.json").write_text(json.dumps(pooled))
+    test_csv = next((tmp_path / "demo").rglob("test.csv"))
+    out = tmp_path / "sub.csv"
+    assert main(["predict", "--checkpoint", str(base), "--config", str(base / "fold_0"), "--images", str(test_csv),
+                 "--out", str(out), "--device", "cpu"]) == 0
+    from cvkit.data.rle import rle_decode
+    from cvkit.data.io import read_image
+
+    sub = pd.read_csv(out)
+    first = read_image(test_csv.parent / pd.read_csv(test_csv)["path"][0]).shape[:2]
+    masks = [rle_decode(str(r), first) for r in sub["EncodedPixels"].fillna("")]
+    assert masks and all(m.all() for m in masks)

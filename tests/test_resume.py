@@ -16,10 +16,10 @@ from cvkit.io import load_checkpoint
 SCRIPT = Path(__file__).with_name("resume_script.py")
 
 
-def run(logdir: Path, kill_at: int, resume: bool = False, sigint: bool = False) -> int:
+def run(logdir: Path, kill_at: int, resume: bool = False, sigint: bool = False, ema: bool = False) -> int:
     env = dict(os.environ, PYTHONPATH=str(SCRIPT.parent), PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     args = [sys.executable, str(SCRIPT), str(logdir), str(kill_at)]
-    args += (["--resume"] if resume else []) + (["--sigint"] if sigint else [])
+    args += (["--resume"] if resume else []) + (["--sigint"] if sigint else []) + (["--ema"] if ema else [])
     return subprocess.run(args, env=env, capture_output=True, timeout=300).returncode
 
 
@@ -31,10 +31,11 @@ def uninterrupted(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kill_at,sigint,damage", [(5, False, None), (11, False, None), (8, True, None),
+# A plain SIGKILL mid stage b is the EMA test's case below (stage b there also keeps an EMA).
+@pytest.mark.parametrize("kill_at,sigint,damage", [(5, False, None), (8, True, None),
                                                   (11, False, "delete"), (11, False, "truncate")],
-                         ids=["sigkill-mid-stage-a", "sigkill-mid-stage-b", "ctrl-c-mid-stage-b",
-                              "resume.pth-deleted", "resume.pth-truncated"])
+                         ids=["sigkill-mid-stage-a", "ctrl-c-mid-stage-b", "resume.pth-deleted",
+                              "resume.pth-truncated"])
 def test_interrupt_then_resume_equals_uninterrupted(tmp_path, uninterrupted, kill_at, sigint, damage):
     # 3 train batches per epoch: batch 5 is inside epoch 2 (stage a), 8 and 11 inside stage b.
     code = run(tmp_path / "killed", kill_at, sigint=sigint)
@@ -59,6 +60,32 @@ def test_interrupt_then_resume_equals_uninterrupted(tmp_path, uninterrupted, kil
     last_full = load_checkpoint(uninterrupted / "checkpoints" / "b" / "last.pth")["model"]
     last_resumed = load_checkpoint(tmp_path / "killed" / "checkpoints" / "b" / "last.pth")["model"]
     assert all(torch.equal(last_full[k], last_resumed[k]) for k in last_full)
+
+
+@pytest.mark.slow
+def test_a_killed_ema_stage_resumes_bit_identically(tmp_path):
+    # Stage b (batches 7-15) keeps an EMA and validates both weights; SIGKILL at batch 11, mid-epoch.
+    # The uninterrupted reference runs in this process (one thread, as the subprocesses).
+    from resume_script import train
+
+    train(str(tmp_path / "full"), ema=True)
+    assert run(tmp_path / "killed", 11, ema=True) == -signal.SIGKILL
+    cut = load_checkpoint(tmp_path / "killed" / "checkpoints" / "resume.pth")
+    assert cut["stage"] == "b" and cut["ema"]["updates"] == 3  # one epoch of b done: 3 optimizer steps
+    stage_a = (tmp_path / "killed" / "checkpoints" / "a" / "last.pth").stat().st_mtime_ns
+    assert run(tmp_path / "killed", 0, resume=True, ema=True) == 0
+    assert (tmp_path / "killed" / "checkpoints" / "a" / "last.pth").stat().st_mtime_ns == stage_a  # resumed, not rerun
+    full = load_checkpoint(tmp_path / "full" / "checkpoints" / "b" / "last.pth")
+    resumed = load_checkpoint(tmp_path / "killed" / "checkpoints" / "b" / "last.pth")
+    assert full["ema"]["updates"] == resumed["ema"]["updates"] == 9
+    for part in ("model", "train_model"):
+        assert all(torch.equal(full[part][k], resumed[part][k]) for k in full[part]), part
+    assert all(torch.equal(full["ema"]["weights"][k], resumed["ema"]["weights"][k]) for k in full["ema"]["weights"])
+    assert not torch.equal(full["ema"]["weights"]["fc.weight"], full["train_model"]["fc.weight"])
+    best_full, best_resumed = load_checkpoint(tmp_path / "full" / "best.pth"), load_checkpoint(tmp_path / "killed" / "best.pth")
+    assert (best_full["epoch"], best_full["weights"]) == (best_resumed["epoch"], best_resumed["weights"])
+    assert all(torch.equal(best_full["model"][k], best_resumed["model"][k]) for k in best_full["model"])
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "full" / "log.csv"), pd.read_csv(tmp_path / "killed" / "log.csv"))
 
 
 def test_resume_before_any_epoch_finished_starts_from_the_beginning(tmp_path):

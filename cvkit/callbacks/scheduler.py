@@ -1,7 +1,7 @@
 """Plateau scheduling: which way a monitored metric improves, and the per-batch plateau step."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, List, Optional
 
 from catalyst.core.callback import Callback, CallbackOrder
 
@@ -23,16 +23,24 @@ def plateau_mode(metric_key: str, minimize_valid: bool, loss_key: str = "loss") 
 
 
 class BatchPlateauCallback(Callback):
-    """Step a :class:`cvkit.stages.SmoothedLossPlateau` with every train batch's loss.
+    """Step a :class:`cvkit.stages.SmoothedLossPlateau` once per optimizer step with the train loss.
+
+    Under gradient accumulation one optimizer step spans several micro-batches: the scheduler is fed
+    the mean loss of the micro-batches that step used, when ``optimizer_callback.stepped`` says it
+    happened, so its patience counts optimizer steps. Without an optimizer callback (or with
+    ``accumulate=1``) that is every train batch. A batch the NaN guard skipped drops the losses
+    gathered so far, as the optimizer drops their gradients.
 
     At stage start it checks that the scheduler's mode follows :func:`plateau_mode` for the loss
     it steps on, so a loss is never treated as a score to maximise.
     """
 
-    def __init__(self, loss_key: str = "loss") -> None:
+    def __init__(self, loss_key: str = "loss", optimizer_callback: Optional[Any] = None) -> None:
         super().__init__(order=CallbackOrder.Scheduler + 1)
         self.loss_key = loss_key
+        self.optimizer_callback = optimizer_callback
         self.reads = (loss_key,)
+        self._losses: List[float] = []
 
     def on_experiment_start(self, runner: "IRunner") -> None:
         expected = plateau_mode(self.loss_key, runner.run_state.minimize, self.loss_key)
@@ -43,9 +51,19 @@ class BatchPlateauCallback(Callback):
                 f"scheduler {type(runner.scheduler).__name__} has mode {mode!r}"
             )
 
+    def on_loader_start(self, runner: "IRunner") -> None:
+        self._losses = []
+
     def on_batch_end(self, runner: "IRunner") -> None:
-        if runner.is_train_loader and not runner.run_state.skip_step:
-            runner.scheduler.update(float(runner.batch_metrics[self.loss_key]))
+        if not runner.is_train_loader:
+            return
+        if runner.run_state.skip_step:
+            self._losses = []
+            return
+        self._losses.append(float(runner.batch_metrics[self.loss_key]))
+        if self.optimizer_callback is None or self.optimizer_callback.stepped:
+            runner.scheduler.update(sum(self._losses) / len(self._losses))
+            self._losses = []
 
 
 __all__ = ["BatchPlateauCallback", "plateau_mode"]
