@@ -6,6 +6,7 @@ from typing import Dict
 
 import pytest
 import torch
+from catalyst.core.callback import Callback
 from torch.utils.data import DataLoader, Dataset
 
 warnings.filterwarnings("ignore", message=".*tensor.detach.*")
@@ -36,6 +37,22 @@ def tiny_loaders(batch_size: int = 16, n_train: int = 48, n_valid: int = 32) -> 
                             generator=torch.Generator().manual_seed(0)),
         "valid": DataLoader(TinyImages(n_valid, seed=1), batch_size=batch_size),
     }
+
+
+class Interrupt(Exception):
+    """Raised by :class:`StopAtEpoch`: a run cut off between epochs, in-process."""
+
+
+class StopAtEpoch(Callback):
+    """Interrupts a run when epoch ``epoch`` starts (the resume tests continue it)."""
+
+    def __init__(self, epoch: int) -> None:
+        super().__init__(order=201)
+        self.epoch = epoch
+
+    def on_epoch_start(self, runner) -> None:
+        if runner.epoch_step == self.epoch:
+            raise Interrupt
 
 
 @pytest.fixture

@@ -152,10 +152,12 @@ def test_preset_saves_and_loads_with_albumentations_serialisation(tmp_path, suff
     augment.save_transform(transform, tmp_path / f"aug{suffix}")
     loaded = augment.load_transform(tmp_path / f"aug{suffix}")
     assert augment.transform_to_dict(loaded) == augment.transform_to_dict(transform)
+    assert type(loaded.transforms[0]).__name__ == "OneWarp" and loaded.transforms[0].rotate == (-30.0, 30.0)
     image = np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
-    transform.set_random_seed(7)
-    loaded.set_random_seed(7)
-    assert torch.equal(transform(image=image)["image"], loaded(image=image)["image"])
+    for seed in range(3):
+        transform.set_random_seed(seed)
+        loaded.set_random_seed(seed)
+        assert torch.equal(transform(image=image)["image"], loaded(image=image)["image"])
 
 
 @pytest.mark.parametrize("name, mode", [("resize", "resize"), ("letterbox", "letterbox"), ("light", "crop"),

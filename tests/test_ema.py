@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 from catalyst.core.callback import Callback
-from conftest import tiny_loaders
+from conftest import Interrupt, StopAtEpoch, tiny_loaders
 from test_accumulation import TinyNet
 from torch import nn
 
@@ -132,20 +132,6 @@ def test_without_validate_both_the_ema_is_kept(tmp_path):
     assert all(torch.equal(best["model"][k], best["ema"]["weights"][k]) for k in best["model"])
     assert all(torch.equal(starts["b"][k], v) for k, v in best["model"].items())
     assert load_checkpoint(tmp_path / "checkpoints" / "b" / "best.pth")["weights"] == "raw"
-
-
-class Interrupt(Exception):
-    pass
-
-
-class StopAtEpoch(Callback):
-    def __init__(self, epoch: int) -> None:
-        super().__init__(order=201)
-        self.epoch = epoch
-
-    def on_epoch_start(self, runner) -> None:
-        if runner.epoch_step == self.epoch:
-            raise Interrupt
 
 
 def test_resume_restores_the_ema_exactly(tmp_path):

@@ -8,8 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from catalyst.core.callback import Callback
-from conftest import tiny_loaders
+from conftest import Interrupt, StopAtEpoch, tiny_loaders
 from test_accumulation import TinyNet
 from test_experiment import tiny
 
@@ -84,20 +83,6 @@ def test_without_the_package_mlflow_is_refused_in_one_line(tmp_path, monkeypatch
 def test_bad_logger_entries_name_the_entry(tmp_path, loggers, message):
     with pytest.raises(ConfigError, match=message):
         load_config(tiny(tmp_path, tmp_path / "run", loggers=loggers))
-
-
-class Interrupt(Exception):
-    pass
-
-
-class StopAtEpoch(Callback):
-    def __init__(self, epoch: int) -> None:
-        super().__init__(order=201)
-        self.epoch = epoch
-
-    def on_epoch_start(self, runner) -> None:
-        if runner.epoch_step == self.epoch:
-            raise Interrupt
 
 
 def test_a_resumed_run_continues_its_mlflow_run(tmp_path):

@@ -159,6 +159,7 @@ def test_reduced_jpeg_is_opencvs_own_reduced_decode_with_ceil_shape(tmp_path, re
         image = read_image(path, reduce=reduce)
         assert image.dtype == np.uint8 and image.shape == (-(-header.height // reduce), -(-header.width // reduce), 3)
         assert np.array_equal(image, _cv2_reduced_rgb(path, reduce)), name
+        assert np.array_equal(read_image(path, reduce=reduce, header=image_header(path)), image), name
     assert read_image(files["baseline.jpg"][0], reduce=2).shape == (240, 321, 3)
     assert read_image(files["baseline.jpg"][0], reduce=8).shape == (60, 81, 3)
     upright = read_image(files["baseline.jpg"][0], reduce=reduce)

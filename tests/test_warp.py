@@ -256,7 +256,7 @@ def test_reduced_decode_gives_the_same_targets_and_nearly_the_same_image(tmp_pat
     points = KeypointDataset(frame, keypoint_cols=["kx", "ky"], root=tmp_path, transform=transform)
     scales = []
     read = ds_module.read_image
-    monkeypatch.setattr(ds_module, "read_image", lambda path, reduce=1: scales.append(reduce) or read(path, reduce))
+    monkeypatch.setattr(ds_module, "read_image", lambda path, reduce=1, header=None: scales.append(reduce) or read(path, reduce, header))
     header = ds_module.image_header
 
     def items(dataset, header):
@@ -294,7 +294,7 @@ def test_a_mask_keeps_the_full_decode_and_a_wrong_header_falls_back(tmp_path, ph
                               transform=augment.create_preset("medium", 64, normalize="none"))
     scales = []
     read = ds_module.read_image
-    monkeypatch.setattr(ds_module, "read_image", lambda path, reduce=1: scales.append(reduce) or read(path, reduce))
+    monkeypatch.setattr(ds_module, "read_image", lambda path, reduce=1, header=None: scales.append(reduce) or read(path, reduce, header))
     torch.manual_seed(0)
     first = [seg[i]["targets"] for i in range(2)]
     assert scales == [1, 1]
@@ -354,18 +354,9 @@ def test_a_reduced_image_must_match_the_declared_source():
         OneWarp((32, 32), p=0.5)
 
 
-@pytest.mark.parametrize("suffix", [".json", ".yaml"])
-def test_serialisation_round_trip_and_old_pipelines_still_load(tmp_path, suffix):
-    transform = augment.create_preset("heavy", (32, 48))
-    augment.save_transform(transform, tmp_path / f"aug{suffix}")
-    loaded = augment.load_transform(tmp_path / f"aug{suffix}")
-    assert augment.transform_to_dict(loaded) == augment.transform_to_dict(transform)
-    assert isinstance(loaded.transforms[0], OneWarp) and loaded.transforms[0].rotate == (-30.0, 30.0)
-    image = np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
-    for seed in range(3):
-        transform.set_random_seed(seed)
-        loaded.set_random_seed(seed)
-        assert torch.equal(transform(image=image)["image"], loaded(image=image)["image"])
+def test_old_pipelines_still_load():
+    """Runs recorded before OneWarp name albumentations' own steps and FastAffine; they rebuild as they were
+    (the round trip of the OneWarp presets: test_data_datasets.py)."""
     old = augment.compose([A.RandomResizedCrop(size=(32, 32), scale=(0.6, 1.0)), A.HorizontalFlip(p=0.5),
                            augment.FastAffine(rotate=(-15, 15), p=0.5)])
     rebuilt = augment.transform_from_dict(augment.transform_to_dict(old))

@@ -56,7 +56,7 @@ def pipeline_input(path: PathLike, transform: Any, targets: Optional[Targets] = 
         data = targets(*size) if targets else {}
         needed = needed_source_size(transform, *size) if "mask" not in data else None
         reduce = decode_scale(size, needed) if needed is not None else 1
-        image = read_image(path, reduce=reduce)
+        image = read_image(path, reduce=reduce, header=header)
         if image.shape[:2] == (-(-size[0] // reduce), -(-size[1] // reduce)):
             return {**data, "image": image, SOURCE_KEY: WarpSource(*size, reduce)}, size
         if reduce > 1:

@@ -135,19 +135,20 @@ REDUCE_FACTORS = (1, 2, 4, 8)
 _REDUCED_FLAGS = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
 
 
-def read_image(path: PathLike, reduce: int = 1) -> np.ndarray:
+def read_image(path: PathLike, reduce: int = 1, header: Optional["ImageHeader"] = None) -> np.ndarray:
     """Read any OpenCV-readable image as RGB uint8 (H, W, 3), converted as the module says.
 
     ``reduce`` (1, 2, 4 or 8) shrinks the result to ceil(H / reduce) x ceil(W / reduce), EXIF
     orientation applied as for ``reduce=1``; the file is still checked whole (truncation, GIF, errors).
     Pixel (i, j) of a reduced image stands for source pixels [r*i, r*i + r) x [r*j, r*j + r)
     (r = ``reduce``; edge pixels repeated past the border), so a source coordinate x is x / r there.
+    ``header``: the file's :func:`image_header` when the caller already has it (not parsed again).
     """
     _check_reduce(reduce)
     path = Path(path)
     data = _whole_file(path)
     if reduce > 1 and _is_jpeg(data):
-        reduced = _decode_jpeg_reduced(data, reduce)
+        reduced = _decode_jpeg_reduced(data, reduce, header)
         if reduced is not None:
             return reduced
     image = _decode_rgb(data, cv2.IMREAD_COLOR)
@@ -193,10 +194,11 @@ def _decode_rgb(data: np.ndarray, color_flag: int) -> Optional[np.ndarray]:
     return None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def _decode_jpeg_reduced(data: np.ndarray, reduce: int) -> Optional[np.ndarray]:
+def _decode_jpeg_reduced(data: np.ndarray, reduce: int, header: Optional["ImageHeader"] = None
+                         ) -> Optional[np.ndarray]:
     """libjpeg's scaled decode, or None (decode in full and shrink instead) when the header does
     not parse, the scaled decode fails or its shape is not the promised ceil shape."""
-    header = _parse_header(_Window(memoryview(data)))
+    header = header or _parse_header(_Window(memoryview(data)))
     if header is None:
         return None
     image = _decode_rgb(data, _REDUCED_FLAGS[reduce])
