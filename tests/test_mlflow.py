@@ -106,3 +106,19 @@ def test_a_resumed_run_continues_its_mlflow_run(tmp_path):
     assert history == [(r["epoch"], pytest.approx(r["valid/loss"], rel=1e-12)) for r in runner.history]
     assert [r["epoch"] for r in runner.history] == [1, 2, 3]
     assert not (tmp_path / "tensorboard").exists()  # only the loggers asked for
+
+
+def test_the_command_refuses_a_bad_logger_in_one_line(tmp_path):
+    """`cvkit train exp.yaml --set loggers=[...]` as a user types it: exit 2, one line, nothing trained."""
+    import subprocess
+
+    import yaml
+
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(tiny(tmp_path / "demo_data", tmp_path / "run")))
+    done = subprocess.run([sys.executable, "-m", "cvkit", "train", str(path), "--set", "loggers=[tensorboard, mlfow]"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].endswith("loggers[1]: unknown logger 'mlfow'; did you mean 'mlflow'? "
+                                                         "valid: ['tensorboard', 'mlflow']")
+    assert not (tmp_path / "run").exists()
