@@ -44,7 +44,7 @@ class ValueDataset(TableDataset):
                               "is not a number")]
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
-        out = self._augment(image=self._read(index))
+        out = self._augment_row(index)
         return {"features": out["image"], "targets": torch.tensor([self.value(index)]), "index": index}
 
 

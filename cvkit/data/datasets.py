@@ -96,9 +96,6 @@ class TableDataset(TableRows, ImageDataset):
                  transform: Optional[Any] = None, normalize: Normalize = "imagenet") -> None:
         super().__init__(table, root=root, path_col=path_col, transform=transform, normalize=normalize)
 
-    def _read(self, index: int) -> np.ndarray:
-        return read_image(self.path(index))
-
     def _augment_row(self, index: int, targets: Optional[Targets] = None) -> Dict[str, Any]:
         """Row ``index``'s image through the pipeline with ``targets(height, width)`` (``bboxes``,
         ``keypoints``, ``mask``, given for the full-size image), reseeded as :meth:`_augment` is,
