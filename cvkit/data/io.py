@@ -226,6 +226,26 @@ def decode_scale(source_hw: Tuple[int, int], needed_hw: Tuple[float, float]) -> 
     return 1
 
 
+def read_image_for_resize(path: PathLike, size_hw: Optional[Tuple[int, int]]
+                          ) -> Tuple[np.ndarray, Tuple[int, int]]:
+    """``path`` decoded for a plain resize to ``size_hw`` (None: no resize), with its full (height, width).
+
+    A JPEG is decoded at the largest 1/2-1/8 scale from which the resize upsamples no output pixel,
+    as cvkit's ``resize`` pipeline decodes it (:class:`cvkit.data.warp.OneWarp`); in full when the
+    header is unknown or disagrees with the decoder. For prediction without the training stack.
+    """
+    header = image_header(path) if size_hw is not None else None
+    if header is not None:
+        full = (header.height, header.width)
+        stretch = max(size_hw[0] / full[0], size_hw[1] / full[1]) * (1 - 1e-9)
+        reduce = decode_scale(full, (full[0] * stretch, full[1] * stretch))
+        image = read_image(path, reduce=reduce, header=header)
+        if image.shape[:2] == (-(-full[0] // reduce), -(-full[1] // reduce)):
+            return image, full
+    image = read_image(path)
+    return image, (image.shape[0], image.shape[1])
+
+
 @dataclass(frozen=True)
 class ImageHeader:
     """What a JPEG's or PNG's header says about the image :func:`read_image` will return.

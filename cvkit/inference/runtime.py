@@ -120,12 +120,27 @@ class Preprocess:
         top = float(norm.get("max_pixel_value", 255.0))
         self.luts = ((np.arange(256)[None, :] - mean[:, None] * top) * (1.0 / (std[:, None] * top))).astype(np.float32)
 
-    def __call__(self, image: np.ndarray) -> np.ndarray:
+    def __call__(self, image: np.ndarray, full: Optional[Tuple[int, int]] = None) -> np.ndarray:
+        """``image`` resized and normalised; ``full``: the file's (height, width) when ``image`` is its
+        reduced decode (:func:`cvkit.data.io.read_image_for_resize`), mapped as the run's pipeline maps it."""
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != len(self.luts):
             raise ValueError(f"expected an RGB uint8 image (H, W, {len(self.luts)}), got {image.dtype} {image.shape}")
         if self.size is not None and image.shape[:2] != self.size:
-            image = cv2.resize(image, (self.size[1], self.size[0]), interpolation=self.interpolation)
+            image = self._resize(image, full or image.shape[:2])
         return np.stack([lut[image[..., c]] for c, lut in enumerate(self.luts)])
+
+    def _resize(self, image: np.ndarray, full: Tuple[int, int]) -> np.ndarray:
+        """One resampling to :attr:`size`. A reduced decode whose sides do not divide by its scale has a
+        last row/column of partial blocks: only [0, full / reduce) of it is the image, as OneWarp maps it."""
+        rows, cols = image.shape[:2]
+        reduce = next((r for r in (1, 2, 4, 8) if (-(-full[0] // r), -(-full[1] // r)) == (rows, cols)), 1)
+        if full[0] % reduce == 0 and full[1] % reduce == 0:
+            return cv2.resize(image, (self.size[1], self.size[0]), interpolation=self.interpolation)
+        sx, sy = self.size[1] * reduce / full[1], self.size[0] * reduce / full[0]
+        matrix = np.array([[sx, 0.0, 0.5 * sx - 0.5], [0.0, sy, 0.5 * sy - 0.5]])
+        rgba = cv2.warpAffine(cv2.cvtColor(image, cv2.COLOR_RGB2RGBA), matrix, (self.size[1], self.size[0]),
+                              flags=self.interpolation, borderMode=cv2.BORDER_REPLICATE)
+        return cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB)
 
 
 def decode_image(data: bytes, name: str = "image") -> np.ndarray:
@@ -167,7 +182,8 @@ class Deployed:
                        ) -> Iterator[Prediction]:
         """One :class:`Prediction` per RGB uint8 image (or per ``(name, loader)`` pair), in order."""
         names = list(names) if names is not None else [str(i) for i in range(len(images))]
-        return self._predict(((n, (lambda im=im: im)) for n, im in zip(names, images)), tta, batch_size, flip_pairs)
+        return self._predict(((n, (lambda im=im: (im, im.shape[:2]))) for n, im in zip(names, images)), tta,
+                             batch_size, flip_pairs)
 
     def _predict(self, items: Any, tta: Sequence[str], batch_size: int, flip_pairs: FlipPairs) -> Iterator[Prediction]:
         from cvkit.inference.tta import tta_predict
@@ -192,8 +208,8 @@ class Deployed:
             batch.clear()
 
         for name, load in items:
-            image = load()
-            batch.append((name, image.shape[:2], prep(image)))
+            image, size = load()
+            batch.append((name, size, prep(image, size)))
             if len(batch) == batch_size:
                 yield from flush()
         if batch:
@@ -224,11 +240,12 @@ def predict_exported(
 
     The run's tuned post-processing (copied beside the model at export) applies unless ``threshold`` is given.
     """
-    from cvkit.data.io import read_image
+    from cvkit.data.io import read_image_for_resize
 
     deployed = load_deployed(model_path)
+    size = deployed.preprocess.size
     files, names = list_images(images, root, path_col)
-    items = ((name, (lambda f=f: read_image(f))) for f, name in zip(files, names))
+    items = ((name, (lambda f=f: read_image_for_resize(f, size))) for f, name in zip(files, names))
     predictions = deployed._predict(items, tta, batch_size, flip_pairs)
     tuning = deployed.tuning if threshold is None else None
     return write_submission(predictions, deployed.task, deployed.classes, out, probs=probs,
