@@ -33,8 +33,8 @@ def create_app(model_path: str, max_bytes: int = MAX_BYTES) -> FastAPI:
     task, classes, tuning = deployed.task, deployed.classes, deployed.tuning
     app = FastAPI(title=f"cvkit {task.name}")
 
-    def predict(image: Any, name: str) -> Dict[str, Any]:
-        prediction = next(deployed.predict_arrays([image], [name]))
+    def predict(image: Any, size: Any, name: str) -> Dict[str, Any]:
+        prediction = next(deployed.predict_arrays([image], [name], sizes=[size]))
         decoded = prediction.decode(task, classes)
         rows = task.rows(name, decoded, classes, probs=True, tuning=tuning)
         return {"task": task.name, "height": prediction.height, "width": prediction.width, "rows": rows}
@@ -65,10 +65,10 @@ def create_app(model_path: str, max_bytes: int = MAX_BYTES) -> FastAPI:
         if len(data) > max_bytes:
             return _error(413, f"image of {len(data)} bytes is over the limit of {max_bytes}")
         try:
-            image = decode_image(data, name)
+            image, size = decode_image(data, name, deployed.preprocess.size)
         except ValueError as exc:
             return _error(400, str(exc))
-        return await run_in_threadpool(predict, image, name)
+        return await run_in_threadpool(predict, image, size, name)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

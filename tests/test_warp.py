@@ -380,11 +380,11 @@ def test_reseeding_the_same_way_repeats_the_output(tmp_path, photos):
 
 @pytest.mark.parametrize("size", [(96, 96), (224, 224), (200, 320), (427, 640)])
 def test_the_exported_path_decodes_and_resizes_as_the_resize_pipeline(tmp_path, photos, size):
-    """cvkit.inference.runtime (no albumentations there) reads files with read_image_for_resize and resizes
-    with its Preprocess: the same decode scale, full size and pixels as the ``resize`` preset, also where
+    """cvkit.inference.runtime (no albumentations there) reads files with read_image_for_resize (posted
+    bytes with decode_image) and resizes with its Preprocess: the same decode scale, full size and pixels as the ``resize`` preset, also where
     the sides do not divide by the scale (854 rows at 1/4 and 1/8: a last row of partial blocks)."""
     from cvkit.data.io import read_image_for_resize
-    from cvkit.inference.runtime import Preprocess
+    from cvkit.inference.runtime import Preprocess, decode_image
 
     prep = Preprocess({"resize": {"height": size[0], "width": size[1]},
                        "normalize": {"mean": [0.0] * 3, "std": [1.0] * 3, "max_pixel_value": 255.0}})
@@ -393,6 +393,8 @@ def test_the_exported_path_decodes_and_resizes_as_the_resize_pipeline(tmp_path, 
         data, full = ds_module.pipeline_input(path, augment.create_preset("resize", size, normalize="none"))
         image, runtime_full = read_image_for_resize(path, size)
         assert runtime_full == full == (854, 1280) and np.array_equal(image, data["image"])
+        posted, posted_full = decode_image(path.read_bytes(), name, size)  # what the service decodes
+        assert posted_full == full and np.array_equal(posted, image)
         assert data[SOURCE_KEY].reduce == {(96, 96): 8, (224, 224): 2, (200, 320): 4, (427, 640): 2}[size]
         ours = augment.create_preset("resize", size, normalize="none")(**data)["image"].numpy()
         assert np.abs(prep(image, runtime_full) - ours).max() < 1e-6

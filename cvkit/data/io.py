@@ -110,7 +110,7 @@ def _is_gif(data: np.ndarray) -> bool:
     return bytes(data[:4]) == b"GIF8"
 
 
-def _decode_gif(data: np.ndarray, path: Path) -> np.ndarray:
+def _decode_gif(data: np.ndarray, path: Union[str, Path]) -> np.ndarray:
     """The first frame of a GIF as RGB uint8, through Pillow (OpenCV reads GIF only from 4.11)."""
     from PIL import Image
 
@@ -146,16 +146,22 @@ def read_image(path: PathLike, reduce: int = 1, header: Optional["ImageHeader"] 
     """
     _check_reduce(reduce)
     path = Path(path)
-    data = _whole_file(path)
+    return _decode(_whole_file(path), str(path), reduce, header)
+
+
+def _decode(data: np.ndarray, where: str, reduce: int, header: Optional["ImageHeader"]) -> np.ndarray:
+    """:func:`read_image` after the file checks: encoded bytes to RGB uint8 at 1/``reduce``."""
+    if data.size == 0:
+        raise ImageReadError(f"{where}: not a readable image (0 bytes)", code="empty_file")
     if reduce > 1 and _is_jpeg(data):
         reduced = _decode_jpeg_reduced(data, reduce, header)
         if reduced is not None:
             return reduced
     image = _decode_rgb(data, cv2.IMREAD_COLOR)
     if image is None and _is_gif(data):
-        image = _decode_gif(data, path)
+        image = _decode_gif(data, where)
     if image is None:
-        raise ImageReadError(f"{path}: not a readable image ({data.size} bytes)")
+        raise ImageReadError(f"{where}: not a readable image ({data.size} bytes)")
     return image if reduce == 1 else _block_mean(image, reduce)
 
 
@@ -234,15 +240,24 @@ def read_image_for_resize(path: PathLike, size_hw: Optional[Tuple[int, int]]
     as cvkit's ``resize`` pipeline decodes it (:class:`cvkit.data.warp.OneWarp`); in full when the
     header is unknown or disagrees with the decoder. For prediction without the training stack.
     """
-    header = image_header(path) if size_hw is not None else None
+    path = Path(path)
+    return decode_for_resize(_whole_file(path), size_hw, str(path))
+
+
+def decode_for_resize(data: Union[bytes, np.ndarray], size_hw: Optional[Tuple[int, int]], where: str = "image"
+                      ) -> Tuple[np.ndarray, Tuple[int, int]]:
+    """Encoded image bytes decoded as :func:`read_image_for_resize` decodes a file (``where`` names them
+    in errors): the image at the scale chosen for ``size_hw`` and the full (height, width)."""
+    array = np.frombuffer(data, np.uint8) if isinstance(data, (bytes, bytearray)) else data
+    header = _parse_header(_Window(memoryview(array))) if size_hw is not None and array.size else None
     if header is not None:
         full = (header.height, header.width)
         stretch = max(size_hw[0] / full[0], size_hw[1] / full[1]) * (1 - 1e-9)
         reduce = decode_scale(full, (full[0] * stretch, full[1] * stretch))
-        image = read_image(path, reduce=reduce, header=header)
+        image = _decode(array, where, reduce, header)
         if image.shape[:2] == (-(-full[0] // reduce), -(-full[1] // reduce)):
             return image, full
-    image = read_image(path)
+    image = _decode(array, where, 1, None)
     return image, (image.shape[0], image.shape[1])
 
 

@@ -143,13 +143,14 @@ class Preprocess:
         return cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB)
 
 
-def decode_image(data: bytes, name: str = "image") -> np.ndarray:
-    """Encoded image bytes (PNG, JPEG...) as RGB uint8 ``(H, W, 3)``; a ValueError naming ``name`` otherwise."""
-    array = np.frombuffer(data, np.uint8)
-    image = cv2.imdecode(array, cv2.IMREAD_COLOR) if array.size else None
-    if image is None:
-        raise ValueError(f"{name}: not a readable image ({array.size} bytes)")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+def decode_image(data: bytes, name: str = "image", size_hw: Optional[Tuple[int, int]] = None
+                 ) -> Tuple[np.ndarray, Tuple[int, int]]:
+    """Encoded image bytes (PNG, JPEG...) as RGB uint8 ``(H, W, 3)`` and the full (height, width); a
+    ValueError naming ``name`` when they are not an image. With the model's input ``size_hw``
+    (:attr:`Preprocess.size`) a JPEG is decoded reduced as files are (:func:`cvkit.data.io.decode_for_resize`)."""
+    from cvkit.data.io import decode_for_resize
+
+    return decode_for_resize(data, size_hw, name)
 
 
 @dataclass
@@ -178,12 +179,14 @@ class Deployed:
         return Preprocess(self.contract["preprocess"])
 
     def predict_arrays(self, images: Sequence[np.ndarray], names: Optional[Sequence[str]] = None,
-                       tta: Sequence[str] = (), batch_size: int = 32, flip_pairs: FlipPairs = None
-                       ) -> Iterator[Prediction]:
-        """One :class:`Prediction` per RGB uint8 image (or per ``(name, loader)`` pair), in order."""
+                       tta: Sequence[str] = (), batch_size: int = 32, flip_pairs: FlipPairs = None,
+                       sizes: Optional[Sequence[Tuple[int, int]]] = None) -> Iterator[Prediction]:
+        """One :class:`Prediction` per RGB uint8 image, in order. ``sizes``: each image's full
+        (height, width) where it is a reduced decode (:func:`decode_image`), so outputs decode to it."""
         names = list(names) if names is not None else [str(i) for i in range(len(images))]
-        return self._predict(((n, (lambda im=im: (im, im.shape[:2]))) for n, im in zip(names, images)), tta,
-                             batch_size, flip_pairs)
+        sizes = list(sizes) if sizes is not None else [im.shape[:2] for im in images]
+        return self._predict(((n, (lambda im=im, hw=hw: (im, tuple(hw)))) for n, im, hw in zip(names, images, sizes)),
+                             tta, batch_size, flip_pairs)
 
     def _predict(self, items: Any, tta: Sequence[str], batch_size: int, flip_pairs: FlipPairs) -> Iterator[Prediction]:
         from cvkit.inference.tta import tta_predict
