@@ -12,7 +12,7 @@ import dataclasses
 import difflib
 import json
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
 
 import yaml
 
@@ -44,7 +44,7 @@ TOP_LEVEL: Dict[str, Any] = {
 }
 REQUIRED = ("task", "data", "model", "stages")
 # Facts StagedRunner writes into config.json next to the experiment; not experiment keys.
-RUNNER_KEYS = ("loaders", "valid", "fast_paths", "versions", "started", "resumed_with_changes")
+RUNNER_KEYS = ("loaders", "valid", "fast_paths", "versions", "started", "resumed_with_changes", "pretrained_weights")
 AUGMENTATION_KEYS = {"preset", "size", "normalize"}
 STAGE_KEYS = [f.name for f in dataclasses.fields(Stage)]
 OPTIMIZER_KEYS = {"name", "weight_decay"}
@@ -203,7 +203,7 @@ def load_experiment(path: Union[str, Path], overrides: Sequence[str] = ()) -> Di
     """
     path = Path(path)
     raw = read_mapping(path)
-    if "versions" in raw and "started" in raw:
+    if _is_saved_run(raw):
         # A run's own config.json: the run is the folder that holds it, wherever it was moved.
         raw = {k: v for k, v in raw.items() if k not in RUNNER_KEYS}
         raw["logdir"] = str(path.parent)
@@ -223,9 +223,9 @@ def _check_keys(where: str, spec: Mapping[str, Any], valid: Iterable[str]) -> No
             raise ConfigError(f"{where}: unknown key {key!r}{_near(key, valid)} valid: {valid}")
 
 
-def default_logdir(config: Mapping[str, Any], now: Optional[float] = None) -> str:
-    """``runs/<name>/<YYYY-MM-DD_HH-MM-SS>_<arch>_bs<batch>_lr<lr>``: a new folder per run, named by
-    the time and the first stage's key hyperparameters, so runs compare side by side."""
+def _logdir_names(config: Mapping[str, Any], now: Optional[float], parent: Optional[Path]) -> Iterator[Path]:
+    """:func:`default_logdir`'s name, then the same with ``_2``, ``_3``... (runs started in one second)."""
+    import itertools
     import time
 
     model = config.get("model") if isinstance(config.get("model"), dict) else {}
@@ -237,12 +237,44 @@ def default_logdir(config: Mapping[str, Any], now: Optional[float] = None) -> st
     parts = [time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(now)), arch]
     parts += [f"bs{stage['batch_size']}"] if stage.get("batch_size") else []
     parts += [f"lr{lr:g}"] if isinstance(lr, (int, float)) else []
-    folder = Path("runs") / str(config.get("name", "experiment")) / "_".join(parts)
-    taken = 1
-    while folder.exists():  # two runs started within one second
-        taken += 1
-        folder = folder.with_name(f"{'_'.join(parts)}_{taken}")
-    return str(folder)
+    folder = (parent if parent is not None else Path("runs") / str(config.get("name", "experiment"))) / "_".join(parts)
+    yield folder
+    for taken in itertools.count(2):
+        yield folder.with_name(f"{folder.name}_{taken}")
+
+
+def default_logdir(config: Mapping[str, Any], now: Optional[float] = None) -> str:
+    """``runs/<name>/<YYYY-MM-DD_HH-MM-SS>_<arch>_bs<batch>_lr<lr>``: a new folder per run, named by
+    the time and the first stage's key hyperparameters, so runs compare side by side; ``_2``, ``_3``...
+    when taken. A name only: :func:`claim_logdir` creates it."""
+    return str(next(folder for folder in _logdir_names(config, now, None) if not folder.exists()))
+
+
+def claim_logdir(config: Mapping[str, Any], parent: Union[str, Path, None] = None) -> str:
+    """Create the folder :func:`default_logdir` names (in ``parent`` when given), exclusively: of two
+    runs started in one second, the second gets ``_2`` (never the first one's folder)."""
+    names = _logdir_names(config, None, Path(parent) if parent is not None else None)
+    while True:
+        folder = next(names)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        return str(folder)
+
+
+def saved_run_folder(path: Union[str, Path]) -> Optional[Path]:
+    """The run folder when ``path`` is a run's own ``config.json`` (it holds the facts the runner adds:
+    ``versions``, ``started``), else None."""
+    path = Path(path)
+    if path.suffix != ".json" or not path.is_file():
+        return None
+    return path.parent if _is_saved_run(read_mapping(path)) else None
+
+
+def _is_saved_run(raw: Mapping[str, Any]) -> bool:
+    return "versions" in raw and "started" in raw
 
 
 def latest_logdir(config: Mapping[str, Any]) -> str:
@@ -305,6 +337,9 @@ def complete(config: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 ENGINES = ("cpu", "gpu", "amp", "ddp", "ddp_amp")
+# Network input sides that make sense: below, a backbone's downsampling leaves nothing to see; above,
+# one image is larger than any competition's and than a GPU's memory at a useful batch size.
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 4096
 MODEL_KEYS_ELSEWHERE = {"checkpoint_path": "weights: (a checkpoint or run folder) or model.pretrained: (a file)",
                         "pretrained_cfg_overlay": "model.pretrained: (a local weights file)"}
 
@@ -312,6 +347,12 @@ MODEL_KEYS_ELSEWHERE = {"checkpoint_path": "weights: (a checkpoint or run folder
 def _int_at_least(where: str, value: Any, low: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ConfigError(f"{where}: expected an integer >= {low}, got {value!r}")
+
+
+def _image_size_in_range(where: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not MIN_IMAGE_SIZE <= value <= MAX_IMAGE_SIZE:
+        raise ConfigError(f"{where}: expected an image size in pixels from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}, "
+                          f"got {value!r}")
 
 
 def _check_values(config: Mapping[str, Any]) -> None:
@@ -324,6 +365,8 @@ def _check_values(config: Mapping[str, Any]) -> None:
             _int_at_least(f"data.{key}", data[key], 1)
     if "seed" in data:
         _int_at_least("data.seed", data["seed"], 0)
+    if data.get("folds") is not None:
+        _int_at_least("data.folds", data["folds"], 2)
     fraction = data.get("valid_fraction", 0.2)
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
         raise ConfigError(f"data.valid_fraction: expected a number between 0 and 1 (exclusive), got {fraction!r}")
@@ -336,7 +379,7 @@ def _check_values(config: Mapping[str, Any]) -> None:
     augmentation = config["augmentation"]
     if isinstance(augmentation, dict) and "transform" not in augmentation:
         if augmentation.get("size") is not None:
-            _int_at_least("augmentation.size", augmentation["size"], 1)
+            _image_size_in_range("augmentation.size", augmentation["size"])
         from cvkit.data.augment import _mean_std
 
         try:
@@ -346,6 +389,9 @@ def _check_values(config: Mapping[str, Any]) -> None:
         if not mean or len(mean) != len(std) or not all(isinstance(v, (int, float)) for v in (*mean, *std)) or min(std) <= 0:
             raise ConfigError(f"augmentation.normalize: expected 'imagenet', 'none' or [mean, std] with one "
                               f"number per channel each and std > 0, got {augmentation.get('normalize')!r}")
+    for index, stage in enumerate(config["stages"]):
+        if stage.get("image_size") is not None:
+            _image_size_in_range(f"stages[{index}].image_size", stage["image_size"])
     engine = config["engine"]
     if engine is not None and engine not in ENGINES:
         raise ConfigError(f"engine: unknown engine {engine!r}{_near(str(engine), ENGINES)} valid: {list(ENGINES)}")

@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import cvkit.versions  # noqa: F401  (the named versions experiments may use)
-from cvkit.config import ConfigError, check_loggers_installed, complete, load_experiment, stages_from
+from cvkit.config import ConfigError, check_loggers_installed, claim_logdir, complete, load_experiment, stages_from
 from cvkit.stages import Stage
 from cvkit.tasks import Task, get_task
 
@@ -324,6 +324,7 @@ def build_model(config: Mapping[str, Any]) -> nn.Module:
     ``pretrained: demo`` starts a timm backbone from the demos' label-free pretext weights
     (:func:`cvkit.data.demo.demo_pretrained`, cached under ``<logdir>/../demo_data/pretrained``).
     """
+    from cvkit.io import CheckpointError
     from cvkit.models.tasks import create_task_model
 
     spec = dict(config["model"])
@@ -336,6 +337,8 @@ def build_model(config: Mapping[str, Any]) -> nn.Module:
         spec["pretrained"] = str(demo_pretrained(spec["arch"], Path(config["logdir"]).parent / "demo_data" / "pretrained"))
     try:
         return create_task_model(name, **spec)
+    except CheckpointError as exc:
+        raise ConfigError(f"model.pretrained: {exc}") from None
     except TypeError as exc:
         raise ConfigError(f"model: {exc}") from None
     except KeyError as exc:
@@ -363,6 +366,12 @@ def build_criterion(config: Mapping[str, Any], train: Any = None) -> nn.Module:
     if spec.get("weight") == "balanced":
         labels = _train_labels(config, train, "criterion.weight")
         spec["weight"] = balanced_class_weights(labels, int(config["model"]["num_classes"]))
+    num_classes = config["model"].get("num_classes")
+    for key in ("weight", "pos_weight"):
+        given = spec.get(key)
+        if isinstance(given, (list, tuple)) and num_classes is not None and len(given) != num_classes:
+            raise ConfigError(f"criterion.{key}: {len(given)} values; expected {num_classes}, one per class "
+                              f"of the model (model.num_classes)")
     try:
         criterion = create_criterion(spec.pop("name"), **spec)
     except (TypeError, ValueError) as exc:
@@ -500,6 +509,8 @@ def run(config: Mapping[str, Any], resume: bool = False, verbose: bool = True,
     check_loggers_installed(config)
     experiment = build(config, datasets)
     full = experiment.config
+    if not config.get("logdir"):  # the time-stamped folder, claimed once the experiment builds
+        full["logdir"] = claim_logdir(full)
     changed: List[str] = []
     if resume:
         changed = _check_resume(full, allow_changes)

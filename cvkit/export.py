@@ -5,13 +5,18 @@
 recorded eval pipeline, class names, task, output layout (the task's ``tta_target``) and the
 parity measured here. The check runs the exported file (ONNX Runtime, or ``torch.jit.load``) and
 the PyTorch model on the same images of the run's valid split and compares what the task reads:
-probabilities for class scores, coordinates for boxes and keypoints, logits for masks. A
-difference above the tolerance is an :class:`ExportError`; nothing is written then.
+probabilities for class scores, coordinates for boxes and keypoints, logits for masks, raw values
+for a one-column or unactivated output. Each value must satisfy
+``|exported - PyTorch| <= atol + rtol * scale``, ``scale`` being the largest ``|PyTorch|`` of that
+image's compared output: float32 rounding grows with the output's magnitude (mask logits near
+-2900 differ by more than 1e-3 between two correct runtimes), so the bound does too. A value
+outside it is an :class:`ExportError`; nothing is written then.
 """
 from __future__ import annotations
 
 import copy
 import io
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -21,6 +26,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from cvkit.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 from cvkit.inference.runtime import CONTRACT_VERSION, FORMATS, ExportedModel, contract_path
 from cvkit.tasks import Task
 
@@ -28,8 +34,10 @@ PathLike = Union[str, os.PathLike]
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
 OPSET = 17
 PARITY_IMAGES = 8
-# Largest max |exported - PyTorch| accepted, per compared quantity (coordinates are fractions of the input).
+# Parity: |exported - PyTorch| <= atol + RTOL * (largest |PyTorch| of the image's compared output), per value;
+# atol per compared quantity (coordinates are fractions of the input).
 TOLERANCES = {"probabilities": 1e-4, "coordinates": 1e-4, "mask logits": 1e-3, "outputs": 1e-3}
+RTOL = 1e-4
 _NORMALIZE_STEPS = ("NormalizeToTensor", "Normalize")
 _PASS_STEPS = ("ToTensorV2",)
 _EXPORT_NOISE = (r"You are using the legacy TorchScript-based ONNX export", r"The feature will be removed",
@@ -50,13 +58,32 @@ class ExportReport:
     task: str
     compared: str
     max_abs_diff: float
-    tolerance: float
+    tolerance: float  # atol, the absolute part of the bound
     images: int
+    rtol: float = RTOL
+    scale: float = 0.0
 
     def summary(self) -> str:
         """One line for the command's output."""
         return (f"wrote {self.path} ({self.format}, task {self.task}) and {self.contract.name}; parity on "
-                f"{self.images} images: max |diff| of {self.compared} {self.max_abs_diff:.2e} <= {self.tolerance:.0e}")
+                f"{self.images} images: max |diff| of {self.compared} {self.max_abs_diff:.2e}, within "
+                f"{self.tolerance:g} + {self.rtol:g} x max |PyTorch| per image (max |PyTorch| {self.scale:.3g})")
+
+
+@dataclass(frozen=True)
+class Parity:
+    """How the exported model's compared values differ from PyTorch's, against ``atol + rtol * scale``."""
+
+    compared: str
+    max_abs_diff: float
+    scale: float  # the largest |PyTorch| of one image's compared output, over the images
+    atol: float
+    rtol: float
+    worst: str  # the value furthest outside its bound, or "" when every value is within it
+
+    @property
+    def ok(self) -> bool:
+        return not self.worst
 
 
 # --- the run's preprocessing ----------------------------------------------------------------------
@@ -141,10 +168,17 @@ def check_onnx(data: bytes) -> None:
 
 
 def compared_values(task: Task, output: Tensor, num_classes: int) -> Tuple[str, Tensor]:
-    """What parity compares for the task's output layout: class probabilities (plus the box), coordinates or logits."""
+    """What parity compares for the task's output layout, as prediction reads it: class probabilities
+    (plus the box), coordinates, mask logits, or the raw outputs of an unactivated or one-column
+    output (a softmax over one column is always 1, which no difference could change)."""
     target = task.tta_target
     if target == "logits":
-        return "probabilities", output.float().softmax(dim=1)
+        activation = task.tta_activation or "softmax"
+        if activation == "sigmoid":
+            return "probabilities", output.float().sigmoid()
+        if activation == "softmax" and output.shape[1] > 1:
+            return "probabilities", output.float().softmax(dim=1)
+        return "outputs", output.float()
     if target == "class_box":
         return "probabilities", torch.cat([output[:, :num_classes].float().softmax(dim=1),
                                            output[:, num_classes:].float()], dim=1)
@@ -155,8 +189,11 @@ def compared_values(task: Task, output: Tensor, num_classes: int) -> Tuple[str, 
     return "outputs", output.float()
 
 
-def parity(task: Task, reference: nn.Module, exported: nn.Module, images: Tensor, num_classes: int) -> Tuple[str, float]:
-    """``(what was compared, max |exported - reference|)`` on a batch of normalised images."""
+def parity(task: Task, reference: nn.Module, exported: nn.Module, images: Tensor, num_classes: int,
+           atol: Optional[float] = None, rtol: float = RTOL) -> Parity:
+    """The exported model against ``reference`` on a batch of normalised images: each compared value
+    within ``atol + rtol * scale`` (``scale``: the largest |reference| of its image; ``atol`` default
+    :data:`TOLERANCES` of the compared quantity)."""
     with torch.no_grad():
         expected = reference.eval()(images)
         got = exported(images)
@@ -164,7 +201,16 @@ def parity(task: Task, reference: nn.Module, exported: nn.Module, images: Tensor
         raise ExportError(f"exported model gives shape {tuple(got.shape)}, PyTorch {tuple(expected.shape)}")
     what, a = compared_values(task, expected, num_classes)
     _, b = compared_values(task, got, num_classes)
-    return what, float((a - b).abs().max())
+    atol = TOLERANCES.get(what, TOLERANCES["outputs"]) if atol is None else float(atol)
+    diff = (a - b).abs().flatten(1)
+    scale = a.abs().flatten(1).amax(dim=1, keepdim=True)
+    excess = diff - (atol + rtol * scale)
+    worst = ""
+    if not bool((excess <= 0).all()):  # NaN differences fail too
+        image, index = divmod(int(torch.nan_to_num(excess, nan=float("inf")).argmax()), diff.shape[1])
+        worst = (f"image {image} value {index}: |diff| {float(diff[image, index]):.3g} > {atol:g} + {rtol:g} x "
+                 f"{float(scale[image]):.3g}")
+    return Parity(what, float(diff.max()), float(scale.max()), atol, rtol, worst)
 
 
 # --- a run ----------------------------------------------------------------------------------------
@@ -182,18 +228,40 @@ def _parity_images(run_folder: Path, transform: Any, task: Task, count: int) -> 
     return torch.stack([dataset[i]["features"].float() for i in range(min(count, len(dataset)))])
 
 
+def check_image_size(size: Any, source: str = "image_size") -> int:
+    """``size`` when it is a whole number of pixels within the image sizes a run trains at
+    (:data:`cvkit.config.MIN_IMAGE_SIZE` to :data:`~cvkit.config.MAX_IMAGE_SIZE`), else a one-line
+    ExportError naming ``source``."""
+    if isinstance(size, bool) or not isinstance(size, int) or not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+        raise ExportError(f"{source} {size!r}: expected an image size in pixels from {MIN_IMAGE_SIZE} to "
+                          f"{MAX_IMAGE_SIZE}, as a run trains at (larger images: predict with --tile)")
+    return size
+
+
+def check_tolerance(value: Any, source: str) -> float:
+    """``value`` as a finite number >= 0, else a one-line ExportError naming ``source`` (``atol``, ``rtol``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise ExportError(f"{source} {value!r}: expected a finite number >= 0")
+    return float(value)
+
+
 def export_run(run_folder: PathLike, format: str = "onnx", image_size: Optional[int] = None,
                dynamic_batch: bool = False, out: Optional[PathLike] = None, images: int = PARITY_IMAGES,
-               tolerance: Optional[float] = None, opset: int = OPSET) -> ExportReport:
+               tolerance: Optional[float] = None, opset: int = OPSET, atol: Optional[float] = None,
+               rtol: float = RTOL) -> ExportReport:
     """Export a run's ``best.pth`` to ``format`` (``onnx`` or ``torchscript``), check parity, write model + contract.
 
     Args:
         run_folder: the run (its ``config.json``, ``best.pth``, ``classes.json``).
-        image_size: the input size (default: the run's last stage size, from its recorded eval pipeline).
+        image_size: the input size, within :func:`check_image_size`'s range (default: the run's last
+            stage size, from its recorded eval pipeline).
         dynamic_batch: accept any batch size (default: batch 1).
         out: the model file (default ``<run>/export/model.onnx`` or ``model.pt``); the contract is ``<out>.json``.
         images: how many valid images the parity check runs.
-        tolerance: the largest max |difference| accepted (default: :data:`TOLERANCES` for the task's output).
+        tolerance: the former name of ``atol`` (a FutureWarning).
+        atol, rtol: parity holds when every compared value has ``|exported - PyTorch| <= atol + rtol * scale``,
+            ``scale`` the largest |PyTorch| of its image (default atol: :data:`TOLERANCES` of the compared
+            quantity; rtol: :data:`RTOL`). Both are recorded in the contract.
     """
     from cvkit.data.augment import transform_to_dict
     from cvkit.inference.predict import load_run
@@ -201,8 +269,13 @@ def export_run(run_folder: PathLike, format: str = "onnx", image_size: Optional[
 
     if format not in FORMATS:
         raise ExportError(f"format must be one of {FORMATS}, got {format!r}")
-    if image_size is not None and image_size < 1:
-        raise ExportError(f"image_size must be a positive number of pixels, got {image_size}")
+    if tolerance is not None:
+        warnings.warn("export_run(tolerance=...) is now atol=...", FutureWarning, stacklevel=2)
+        atol = tolerance if atol is None else atol
+    if image_size is not None:
+        check_image_size(image_size)
+    atol = None if atol is None else check_tolerance(atol, "atol")
+    rtol = check_tolerance(rtol, "rtol")
     folder = Path(run_folder)
     if not (folder / "config.json").is_file():
         raise ExportError(f"{folder}: not a run folder (no config.json); expected the logdir of a finished run")
@@ -219,11 +292,11 @@ def export_run(run_folder: PathLike, format: str = "onnx", image_size: Optional[
     if format == "onnx":
         check_onnx(data)
     exported = ExportedModel(data, format, batch=None if dynamic_batch else 1)
-    compared, diff = parity(task, run.model, exported, x, num_classes)
-    limit = TOLERANCES.get(compared, TOLERANCES["outputs"]) if tolerance is None else float(tolerance)
-    if not diff <= limit:
-        raise ExportError(f"{format} export of {folder} disagrees with PyTorch: max |diff| of {compared} "
-                          f"{diff:.3g} > tolerance {limit:g} on {len(x)} images; nothing written")
+    check = parity(task, run.model, exported, x, num_classes, atol, rtol)
+    if not check.ok:
+        raise ExportError(f"{format} export of {folder} disagrees with PyTorch: max |diff| of {check.compared} "
+                          f"{check.max_abs_diff:.3g} on {len(x)} images, {check.worst} (the largest |PyTorch| of "
+                          f"its image); nothing written (loosen with atol/rtol, CLI --atol/--rtol)")
     path = Path(out) if out is not None else folder / "export" / f"model{SUFFIXES[format]}"
     path.parent.mkdir(parents=True, exist_ok=True)
     tuning_file = _copy_tuning(task, folder, path.parent)
@@ -244,13 +317,16 @@ def export_run(run_folder: PathLike, format: str = "onnx", image_size: Optional[
         "num_classes": num_classes or None,
         "num_keypoints": run.config["model"].get("num_keypoints"),
         "tuning_file": tuning_file,
-        "parity": {"compared": compared, "max_abs_diff": diff, "tolerance": limit, "images": int(len(x)),
+        "parity": {"compared": check.compared, "max_abs_diff": check.max_abs_diff, "atol": check.atol,
+                   "rtol": check.rtol, "scale": check.scale, "images": int(len(x)),
+                   "rule": "|exported - PyTorch| <= atol + rtol * (largest |PyTorch| of the image), every value",
                    "reference": "PyTorch best.pth on the run's eval pipeline"},
         "source": {"run": str(folder.resolve()), "checkpoint": "best.pth"},
     }
     atomic_write_bytes(path, data)
     atomic_write_json(contract_path(path), contract)
-    return ExportReport(path, contract_path(path), format, task.name, compared, diff, limit, int(len(x)))
+    return ExportReport(path, contract_path(path), format, task.name, check.compared, check.max_abs_diff, check.atol,
+                        int(len(x)), check.rtol, check.scale)
 
 
 def _copy_tuning(task: Task, run_folder: Path, target: Path) -> Optional[str]:
@@ -265,5 +341,5 @@ def _copy_tuning(task: Task, run_folder: Path, target: Path) -> Optional[str]:
     return name
 
 
-__all__ = ["ExportError", "ExportReport", "OPSET", "TOLERANCES", "check_onnx", "compared_values", "deployable",
-           "export_model", "export_run", "parity", "preprocessing"]
+__all__ = ["ExportError", "ExportReport", "OPSET", "Parity", "RTOL", "TOLERANCES", "check_image_size", "check_onnx",
+           "check_tolerance", "compared_values", "deployable", "export_model", "export_run", "parity", "preprocessing"]

@@ -40,7 +40,8 @@ def fine_tune(
     under one-cycle, with a fresh optimizer and LRs from ``base_lr / 100`` (first level) to
     ``base_lr / 2`` (the head and the level below it), spaced geometrically by depth.
     ``fit_options`` that are :class:`Stage` fields (``ema``, ``mixup``, ``accumulate``, ``optimizer``,
-    ``weight_decay``, ``frozen_bn``, ``batch_size``...) go to both stages; the rest to
+    ``weight_decay``, ``frozen_bn``, ``batch_size``...) go to both stages, except ``cache_features``
+    (the frozen stage only); the rest to
     :meth:`StagedRunner.fit` (``metrics``, ``valid_metric``, ``engine``, ``seed``...).
     """
     if isinstance(base_lr, bool) or not isinstance(base_lr, (int, float)) or not base_lr > 0:
@@ -48,9 +49,11 @@ def fine_tune(
     if isinstance(freeze_epochs, bool) or not isinstance(freeze_epochs, int) or freeze_epochs < 0:
         raise ValueError(f"fine_tune: freeze_epochs must be an int >= 0, got {freeze_epochs!r}")
     stage_options, run_options = _split(fit_options)
+    cache = stage_options.pop("cache_features", None)
     stages = []
     if freeze_epochs:
-        stages.append(Stage("freeze", freeze_epochs, trainable="head", lr=base_lr, scheduler="onecycle", **stage_options))
+        stages.append(Stage("freeze", freeze_epochs, trainable="head", lr=base_lr, scheduler="onecycle",
+                            cache_features=cache, **stage_options))
     high = base_lr / 2
     stages.append(Stage(
         "unfreeze", epochs, trainable="all", lr={"head": high, "backbone": high},

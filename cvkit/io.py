@@ -176,6 +176,22 @@ def safe_child(folder: PathLike, name: str) -> Path:
     return child
 
 
+def create_whole(path: PathLike, data: bytes) -> None:
+    """Create ``path`` holding ``data``, never replacing it: :class:`FileExistsError` when it exists.
+
+    ``data`` goes to a temporary file beside ``path`` first, which is then hard-linked into place (a
+    link, unlike a rename, fails on an existing file), so a reader sees the whole file or none.
+    """
+    path = Path(path)
+    fd, tmp = _open_temporary(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.link(tmp, path)
+    finally:
+        os.unlink(tmp)
+
+
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):

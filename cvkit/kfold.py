@@ -38,11 +38,14 @@ def fold_config(config: Mapping[str, Any], folds: int, fold: int, group_col: Opt
 def kfold(config: Mapping[str, Any], folds: int = 5, group_col: Optional[str] = None, resume: bool = False,
           verbose: bool = True, allow_changes: bool = False) -> Dict[str, Any]:
     """Train every fold, write ``oof.csv`` and ``cv.json`` into the logdir; returns what cv.json holds."""
-    from cvkit.config import complete
+    from cvkit.config import claim_logdir, complete
     from cvkit.experiment import run
     from cvkit.io import atomic_write_bytes, atomic_write_json
 
+    named = bool(config.get("logdir"))
     config = complete(config)
+    if not named:  # the time-stamped folder, claimed once the experiment checks out
+        config["logdir"] = claim_logdir(config)
     base = Path(config["logdir"])
     scores: List[float] = []
     for fold in range(folds):

@@ -2,8 +2,9 @@
 
 Two runs writing one logdir would overwrite each other's checkpoints and logs without a word.
 :class:`RunLock` creates ``<logdir>/.cvkit.lock`` exclusively; a second run refuses with one line
-naming the owner. A lock left by a process that no longer exists on this host is taken over with
-a warning (a crash or SIGKILL cannot remove it).
+naming the owner. The file appears whole (written aside, then linked into place), so a reader never
+takes a lock being written for a stale one. A lock left by a process that no longer exists on this
+host is taken over with a warning (a crash or SIGKILL cannot remove it).
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import warnings
 from pathlib import Path
 from types import TracebackType
 from typing import Optional, Type, Union
+
+from cvkit.io import create_whole
 
 LOCK_NAME = ".cvkit.lock"
 
@@ -45,28 +48,31 @@ class RunLock:
         me = {"pid": os.getpid(), "host": socket.gethostname()}
         for _ in range(2):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                create_whole(self.path, json.dumps(me).encode())
             except FileExistsError:
                 owner = self._owner()
-                if owner is None or (owner.get("host") == me["host"] and not _alive(int(owner.get("pid", -1)))):
+                if owner is None:  # released since: try again
+                    continue
+                if not owner or (owner.get("host") == me["host"] and not _alive(int(owner.get("pid", -1)))):
                     warnings.warn(f"{self.path}: taking over a stale lock of a process that no longer runs ({owner})",
                                   stacklevel=3)
                     self.path.unlink(missing_ok=True)
                     continue
                 raise RunLockedError(f"{self.path.parent} is being written by another run (pid {owner.get('pid')} on "
                                      f"{owner.get('host')}); wait for it, stop it, or use another logdir") from None
-            with os.fdopen(fd, "w") as handle:
-                json.dump(me, handle)
             self.held = True
             return
         raise RunLockedError(f"{self.path}: could not take the lock")
 
     def _owner(self) -> Optional[dict]:
+        """The lock's ``{"pid", "host"}``; None when the file is gone, ``{}`` when it is not a lock's."""
         try:
             owner = json.loads(self.path.read_text())
-        except (OSError, ValueError):
+        except FileNotFoundError:
             return None
-        return owner if isinstance(owner, dict) else None
+        except (OSError, ValueError):
+            return {}
+        return owner if isinstance(owner, dict) else {}
 
     def release(self) -> None:
         """Give the lock back (only the holder removes the file)."""

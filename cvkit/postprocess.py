@@ -121,6 +121,11 @@ class SegmentationPostprocess:
             missing = [key for key in _CLASS_KEYS if not isinstance(entry, Mapping) or key not in entry]
             if missing:
                 raise ValueError(f"{source}: classes[{k}] lacks {missing}; expected keys {list(_CLASS_KEYS)}")
+            for key in ("min_area", "min_total"):
+                area = entry[key]
+                if isinstance(area, bool) or not isinstance(area, (int, float)) or not float(area).is_integer():
+                    raise ValueError(f"{source}: classes[{k}].{key} must be a whole number of pixels >= 0; "
+                                     f"got {area!r}")
             try:
                 values = (float(entry["threshold"]), int(entry["min_area"]), int(entry["min_total"]))
             except (TypeError, ValueError):

@@ -7,6 +7,7 @@ weights of a stage start the next one unless the stage says otherwise.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import platform
@@ -49,10 +50,11 @@ from cvkit.callbacks import (
     plateau_mode,
     stage_suffix,
 )
+from cvkit.feature_cache import CachedFeatures, cached_loaders, features_as_input
 from cvkit.io import CheckpointError, atomic_write_json, clean_stale_temporaries, load_checkpoint, save_checkpoint, state_dict_of
 from cvkit.lock import RunLock
 from cvkit.loggers import DEFAULT_LOGGERS, LoggerSpec, default_tracking_uri, logger_specs, require_packages
-from cvkit.metrics import Metric
+from cvkit.metrics import Metric, metric_minimized
 from cvkit.perf import FastPaths, ProfileCallback
 from cvkit.models.groups import apply_trainable, count_params, param_groups, resolve_lr, trainable_param_names
 from cvkit.stages import SmoothedLossPlateau, Stage, ema_options
@@ -165,6 +167,9 @@ class StagedRunner(dl.SupervisedRunner):
             # A loader's own generator would carry its state across epochs; reseed it per epoch
             # (same on every rank) so an epoch's order depends on seed and epoch alone.
             generator.manual_seed(self.seed + self.epoch_step)
+        dataset = getattr(self.loader, "dataset", None)
+        if isinstance(dataset, CachedFeatures):
+            dataset.set_epoch(self.epoch_step - self.run_state.stage_start_epoch - 1)
 
     def on_epoch_start(self, runner: "StagedRunner") -> None:
         super().on_epoch_start(runner)
@@ -188,7 +193,7 @@ class StagedRunner(dl.SupervisedRunner):
         callbacks: Optional[Callable[[Stage], Iterable[Callback]]] = None,
         valid_loader: str = "valid",
         valid_metric: str = "loss",
-        minimize_valid_metric: bool = True,
+        minimize_valid_metric: Optional[bool] = None,
         engine: Union[None, str, Engine] = None,
         seed: int = 42,
         verbose: bool = True,
@@ -211,7 +216,8 @@ class StagedRunner(dl.SupervisedRunner):
                 metrics.json and progress.png go.
             metrics: factory of cvkit metrics computed on every loader (fresh objects per stage).
             callbacks: factory ``f(stage) -> callbacks`` added to each stage's list.
-            valid_loader / valid_metric / minimize_valid_metric: what "best" means.
+            valid_loader / valid_metric / minimize_valid_metric: what "best" means; the direction
+                comes from the metric (``lower_is_better``; ``loss*`` is minimised) unless given.
             engine: ``"cpu"``, ``"gpu"``, ``"amp"`` or a Catalyst engine (default: GPU if any).
             seed: seeds each stage (Catalyst reseeds per epoch from it).
             verbose: progress bars and a line per epoch.
@@ -231,6 +237,8 @@ class StagedRunner(dl.SupervisedRunner):
         require_packages(self._logger_specs)
         stages = list(stages)
         self._check_stages(model, stages)
+        if minimize_valid_metric is None:
+            minimize_valid_metric = _minimized(valid_metric, metrics)
         self._stages = stages
         self._resume_state = None
         self._fast, self._profile = fast or FastPaths(), profile
@@ -304,9 +312,17 @@ class StagedRunner(dl.SupervisedRunner):
             if not (config or {}).get("pipelines"):
                 self._record_pipelines(logdir, stage, stage_loaders)
             folder = logdir / "checkpoints" / stage.name
-            self._run_stage(
-                model, stage, stage_loaders, criterion, metrics, callbacks, folder, engine, seed, verbose
-            )
+            cached = contextlib.nullcontext()
+            if stage.cache_features:
+                self._apply_trainable(model, stage, trainable_param_names(model, stage.trainable))
+                stage_loaders = cached_loaders(model, stage_loaders, stage.cache_features, seed + index, engine.device,
+                                               self._input_key, self._target_key,
+                                               f"stage {stage.name!r}: cache_features", verbose)
+                cached = features_as_input(model)
+            with cached:
+                self._run_stage(
+                    model, stage, stage_loaders, criterion, metrics, callbacks, folder, engine, seed, verbose
+                )
             previous = folder
             self._sync_from_disk(logdir)
 
@@ -691,6 +707,9 @@ class StagedRunner(dl.SupervisedRunner):
             },
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
+        weights = [m.cvkit_weights for m in model.modules() if isinstance(getattr(m, "cvkit_weights", None), dict)]
+        if weights:
+            config["pretrained_weights"] = weights[0]  # the file the backbone started from, with its sha256
         config.update(extra or {})
         atomic_write_json(logdir / "config.json", config)
 
@@ -728,6 +747,16 @@ class StagedRunner(dl.SupervisedRunner):
         from cvkit.plots import plot_progress
 
         plot_progress(run.history, logdir / "progress.png", self.valid_metric_key)
+
+
+def _minimized(key: str, metrics: Optional[MetricsFactory]) -> bool:
+    """Whether a smaller ``key`` is better, from the metrics that produce it (``loss*``: yes)."""
+    if key.startswith("loss"):
+        return True
+    if metrics is None:
+        raise ValueError(f"valid_metric {key!r}: no metrics= produce it, so its direction is unknown; "
+                         "pass metrics=... or minimize_valid_metric=True/False")
+    return metric_minimized(list(metrics()), key)
 
 
 def _facts(logdir: Path) -> Dict[str, Any]:

@@ -212,6 +212,11 @@ class Stage:
             frequency (:class:`cvkit.data.samplers.BalancedSampler`); None: the loader's own order.
         frozen_bn: BatchNorm layers of frozen blocks stay in eval mode (``"eval"``, statistics and
             affine parameters fixed) or keep training (``"train"``, fastai's default).
+        cache_features: a head stage (``trainable="head"``) on cached features: the frozen backbone
+            runs once over the train set per augmented copy (this many copies, epoch ``e`` of the
+            stage trains on copy ``e mod N``) and once over the other loaders, and only the head
+            trains on what it gave (:mod:`cvkit.feature_cache`). The same head weights as the slow
+            path when the train transform is deterministic, in a fraction of the time.
     """
 
     name: str
@@ -238,6 +243,7 @@ class Stage:
     accumulate: int = 1
     sampler: Optional[str] = None
     frozen_bn: str = "eval"
+    cache_features: Optional[int] = None
 
     def __post_init__(self) -> None:
         where = f"stage {self.name!r}"
@@ -298,11 +304,25 @@ class Stage:
             raise ValueError(f"{where}: sampler must be one of {list(SAMPLERS)}, got {self.sampler!r}")
         if self.frozen_bn not in ("eval", "train"):
             raise ValueError(f"{where}: frozen_bn must be 'eval' or 'train', got {self.frozen_bn!r}")
+        if self.cache_features is not None:
+            self._check_cache_features()
         if self.ema is not None:
             ema_options(self.ema, where)
         if self.mixup is not None:
             mixup_options(self.mixup, where)
         self._check_builds()
+
+    def _check_cache_features(self) -> None:
+        """Cached features need a head stage whose frozen part cannot change: no mixup, frozen BN in eval mode."""
+        where, copies = f"stage {self.name!r}: cache_features", self.cache_features
+        if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
+            raise ValueError(f"{where} must be an int >= 1 (augmented copies of the train set), got {copies!r}")
+        if self.trainable != "head":
+            raise ValueError(f"{where} needs trainable='head' (the backbone must be frozen), got {self.trainable!r}")
+        if self.mixup is not None:
+            raise ValueError(f"{where} cannot mix images it never sees again; drop mixup from this stage")
+        if self.frozen_bn != "eval":
+            raise ValueError(f"{where} needs frozen_bn='eval': with 'train' the frozen BatchNorm statistics move every batch")
 
     def _check_loss_range(self) -> None:
         """``loss_range`` is a band ``(lo, hi)`` or a dict of LossRangeCallback options; check it now."""

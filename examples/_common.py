@@ -1,4 +1,4 @@
-"""Command-line options the example scripts share (not part of cvkit: examples are scripts a user copies).
+"""Options and error reporting the example scripts share (not part of cvkit: examples are scripts a user copies).
 
 Examples import it as ``from _common import ...``; Python puts a script's own folder first on
 ``sys.path``, so that works for ``python examples/x.py`` from anywhere.
@@ -6,8 +6,9 @@ Examples import it as ``from _common import ...``; Python puts a script's own fo
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from cvkit.data.demo import demo_pretrained
 
@@ -46,3 +47,14 @@ def starting_weights(args: argparse.Namespace) -> Optional[Path]:
 def predict_device(args: argparse.Namespace) -> str:
     """Where the examples' test-set predictions run: the CPU when ``--device cpu``, else a GPU when visible."""
     return "cpu" if args.device == "cpu" else "auto"
+
+
+def run_script(main: Callable[[], Any]) -> None:
+    """Run an example's ``main()`` as ``cvkit`` runs a command: bad input (a ValueError, KeyError or
+    OSError, e.g. a weights file that would run code, a missing folder) is one line on stderr, exit code 2."""
+    try:
+        main()
+    except (ValueError, KeyError, OSError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"{Path(sys.argv[0]).name}: error: {' '.join(str(message).split())}", file=sys.stderr)
+        sys.exit(2)

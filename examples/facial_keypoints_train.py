@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from _common import common_args, predict_device, starting_weights
+from _common import common_args, predict_device, run_script, starting_weights
 from cvkit.callbacks.worst import WorstPredictionsCallback, draw_keypoints
 from cvkit.data import FastAffine, KeypointDataset, compose, create_preset, split_train_valid
 from cvkit.data.demo import KEYPOINT_NAMES, build_keypoints
@@ -118,4 +118,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -23,7 +23,7 @@ import albumentations as A
 import torch
 from torch.utils.data import DataLoader
 
-from _common import common_args, starting_weights
+from _common import common_args, run_script, starting_weights
 from cvkit.data import ClassificationDataset, compose, create_preset, split_train_valid
 from cvkit.data.demo import build_classification
 from cvkit.data.loaders import make_loader
@@ -110,4 +110,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from _common import common_args, predict_device, starting_weights
+from _common import common_args, predict_device, run_script, starting_weights
 from cvkit.callbacks.criterion import SetCriterionAttribute
 from cvkit.data import BoxDataset, FastAffine, compose, create_preset, split_train_valid
 from cvkit.data.demo import build_boxes
@@ -112,4 +112,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from _common import common_args, predict_device
+from _common import common_args, predict_device, run_script
 from cvkit.config import load_config
 from cvkit.experiment import build_datasets, run, with_transform
 from cvkit.inference.export import export_by_class
@@ -98,4 +98,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

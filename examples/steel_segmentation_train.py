@@ -20,7 +20,7 @@ import albumentations as A
 import pandas as pd
 import torch
 
-from _common import common_args, predict_device
+from _common import common_args, predict_device, run_script
 from cvkit.config import load_config
 from cvkit.data.augment import compose, create_preset, transform_to_dict
 from cvkit.data.io import read_image
@@ -115,4 +115,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

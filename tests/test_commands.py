@@ -102,7 +102,7 @@ def test_report_has_one_row_per_run(run_dir, tmp_path, capsys):
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     assert header[:5] == ["run", "model", "epochs", "image size", "best"]
     assert {"valid accuracy", "test accuracy", "test f1_macro"} <= set(header)
-    assert len(lines) == 4 and lines[2].startswith("| demo | test_resnet | 2 | 48 |")
+    assert len(lines) == 4 and lines[2].startswith("| demo | efficientnet_lite0 | 2 | 64 |")
     assert main(["report", str(tmp_path), "--out", str(out)]) == 2
     assert "metrics.json not found" in capsys.readouterr().err
 
@@ -170,7 +170,7 @@ def test_a_run_without_logdir_gets_a_time_stamped_folder_and_a_latest_link(tmp_p
     assert main(["train", str(path), "--quiet", *FAST]) == 0
     runs = [p for p in (tmp_path / "runs" / "classification_demo").iterdir() if p.name not in ("latest", "demo_data")]
     assert len(runs) == 1
-    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}_test_resnet_bs16_lr0\.01", runs[0].name)
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}_efficientnet_lite0_bs16_lr0\.003", runs[0].name)
     latest = tmp_path / "runs" / "classification_demo" / "latest"
     assert latest.is_symlink() and latest.resolve() == runs[0].resolve()
     assert (latest / "metrics.json").is_file()

@@ -67,8 +67,8 @@ def test_inventory_lists_sizes_modes_and_unreadable(tmp_path):
 
 
 def test_demo_is_deterministic_and_eda_writes_plots(tmp_path):
-    a = demo.build_boxes(tmp_path / "a", seed=5, per_class=2, canvas=48)
-    b = demo.build_boxes(tmp_path / "b", seed=5, per_class=2, canvas=48)
+    a = demo.build_boxes(tmp_path / "a", seed=5, per_class=3, canvas=48)
+    b = demo.build_boxes(tmp_path / "b", seed=5, per_class=3, canvas=48)
     first = pd.read_csv(a / "train.csv")
     assert first.equals(pd.read_csv(b / "train.csv"))
     assert (a / first.path[0]).read_bytes() == (b / first.path[0]).read_bytes()

@@ -243,3 +243,70 @@ def test_predict_tile_option_matches_whole_images_that_fit_one_tile(runs, tmp_pa
     assert main(["predict", "--checkpoint", str(run), "--config", str(run / "config.json"), "--images",
                  str(_test_csv(run, "keypoints")), "--out", str(tmp_path / "k.csv"), "--tile", "64"]) == 2
     assert "tiled inference needs mask outputs" in capsys.readouterr().err
+
+
+class _Scaled(torch.nn.Module):
+    """A run's model with its outputs blown up to the thousands, as a long-trained segmentation model's logits are."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x) * 1000 - 2000
+
+
+def test_parity_is_relative_to_the_outputs_scale_and_recorded_in_the_contract(runs, tmp_path, monkeypatch):
+    import importlib
+
+    from cvkit.export import RTOL
+
+    predict_module = importlib.import_module("cvkit.inference.predict")  # the package's `predict` is the function
+
+    load_run = predict_module.load_run
+
+    def scaled(folder):
+        run = load_run(folder)
+        run.model = _Scaled(run.model)
+        return run
+
+    monkeypatch.setattr(predict_module, "load_run", scaled)
+    run, out = runs["segmentation"], tmp_path / "seg.onnx"
+    with pytest.raises(ExportError, match=r"max .diff. of mask logits .* > 0.001 \+ 0 x .*nothing written"):
+        export_run(run, "onnx", out=out, rtol=0)  # float32 rounding at |logit| ~ 3000 is above an absolute 1e-3
+    assert not out.exists()
+    report = export_run(run, "onnx", out=out)
+    assert report.max_abs_diff > TOLERANCES["mask logits"] and report.rtol == RTOL and report.scale > 1000
+    parity = json.loads(contract_path(out).read_text())["parity"]
+    assert (parity["atol"], parity["rtol"], parity["scale"]) == (TOLERANCES["mask logits"], RTOL, report.scale)
+    assert "atol + rtol" in parity["rule"]
+    assert main(["export", str(run), "--out", str(out), "--atol", "0.5", "--rtol", "0"]) == 0
+    parity = json.loads(contract_path(out).read_text())["parity"]
+    assert (parity["atol"], parity["rtol"]) == (0.5, 0.0)
+
+
+def test_parity_of_a_one_column_output_compares_the_values_not_a_softmax():
+    from cvkit.export import compared_values, parity
+    from cvkit.tasks import get_task
+
+    class Regression(type(get_task("classification"))):
+        tta_activation = "none"
+
+    class Shifted(torch.nn.Module):
+        def __init__(self, model: torch.nn.Module, shift: float) -> None:
+            super().__init__()
+            self.model, self.shift = model, shift
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.model(x) + self.shift
+
+    torch.manual_seed(0)
+    reference = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 1)).eval()
+    images = torch.randn(4, 3, 8, 8)
+    classification = get_task("classification")
+    assert compared_values(classification, torch.zeros(2, 1), 1)[0] == "outputs"  # softmax of one column is 1
+    assert compared_values(classification, torch.zeros(2, 3), 3)[0] == "probabilities"
+    for task in (classification, Regression()):
+        check = parity(task, reference, Shifted(reference, 0.5), images, 1)
+        assert check.compared == "outputs" and not check.ok and abs(check.max_abs_diff - 0.5) < 1e-6
+        assert parity(task, reference, Shifted(reference, 0.0), images, 1).ok

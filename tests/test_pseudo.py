@@ -77,7 +77,7 @@ def test_stl10_pseudo_label_stage_with_bce(tmp_path):
     example = examples_loader.load("stl10_train")
     result = example.main(["--logdir", str(tmp_path / "run"), "--limit", "200", "--head-epochs", "1", "--epochs", "1",
                            "--image-size", "32", "--pseudo-label", "--pseudo-epochs", "1", "--pseudo-threshold", "0.1",
-                           "--loss", "bce", "--quiet"])
+                           "--loss", "bce", "--quiet", "--arch", "test_resnet", "--pretrained", "none"])
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert [s["name"] for s in config["stages"]] == ["head", "full", "pseudo"]
     assert "BCEOneHotLoss" in config["criterion"]

@@ -50,6 +50,8 @@ def test_head_stage_freezes_backbone_and_its_batchnorm(arch, tmp_path):
 @pytest.mark.parametrize("train_bn", [True, False])
 def test_full_stage_batchnorm_policy(train_bn, tmp_path):
     model = create_model("test_resnet", 3)
+    # a random head: the zero-started one sends no gradient into the backbone on the first of these 3 steps
+    nn.init.normal_(model.get_classifier().weight, std=0.1)
     before = snapshot(model)
     fit(model, [Stage("full", 1, trainable="all", train_bn=train_bn, lr=0.05, optimizer="sgd")], tmp_path)
     after = snapshot(model)

@@ -28,6 +28,7 @@ from cvkit.inference.runtime import predict_exported  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_BYTES = 200_000
+MAX_PIXELS = 1_000_000
 
 
 def _free_port() -> int:
@@ -47,8 +48,9 @@ def served(tmp_path_factory):
     model = export_run(root / "run", "onnx").path
     port = _free_port()
     server = subprocess.Popen([sys.executable, str(ROOT / "examples" / "serve.py"), str(model), "--port", str(port),
-                               "--max-bytes", str(MAX_BYTES)], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                               "--max-bytes", str(MAX_BYTES), "--max-pixels", str(MAX_PIXELS)], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -115,3 +117,31 @@ def test_bad_input_gets_a_4xx_with_a_message(served):
     assert status == 413
     status, body = _post(url, b"", "image/png")
     assert status == 400
+
+
+def test_an_image_over_the_pixel_cap_is_refused_from_its_header_and_never_a_500(served):
+    import struct
+    import zlib
+
+    url = served["url"] + "/predict"
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    small = cv2.imencode(".jpg", np.full((16, 16, 3), 128, np.uint8))[1].tobytes()
+    sof = small.find(b"\xff\xc0")
+    jpeg = small[:sof + 5] + struct.pack(">HH", 65_500, 65_500) + small[sof + 9:]
+    wide = cv2.imencode(".png", np.zeros((1000, 1001, 3), np.uint8))[1].tobytes()  # real, small file, 1,001,000 px
+    for data, size in ((png, "100000x100000"), (jpeg, "65500x65500"), (wide, "1001x1000")):
+        for status, body in (_post(url, data, "image/png"), _post(url, *_multipart("x.png", data))):
+            assert status == 413 and f"claims a {size} image" in body["error"], body
+            assert f"over the cap of {MAX_PIXELS:,} pixels" in body["error"]
+    good = (served["images"] / pd.read_csv(served["images"] / "test.csv")["path"][0]).read_bytes()
+    for data, message in ((good[:len(good) // 2], "truncated"), (b"", "not a readable image (0 bytes)"),
+                          (b"GIF89a" + bytes(20) + b";", "not a readable GIF"), (b"\x89PNG\r\n\x1a\n", "truncated")):
+        status, body = _post(url, data, "application/octet-stream")
+        assert status == 400 and message in body["error"], (status, body)
+    status, body = _post(url, b"--x\r\nnot really multipart", "multipart/form-data; boundary=x")
+    assert 400 <= status < 500, (status, body)

@@ -51,7 +51,8 @@ def test_example_runs_repeats_with_its_seed_and_best_pth_reproduces_its_test_met
     import examples_loader
 
     example = examples_loader.load("stl10_train")
-    args = ["--limit", "240", "--head-epochs", "1", "--epochs", "2", "--image-size", "32", "--quiet"]
+    args = ["--limit", "240", "--head-epochs", "1", "--epochs", "2", "--image-size", "32", "--quiet",
+            "--arch", "test_resnet", "--pretrained", "none"]
     result = example.main(["--logdir", str(tmp_path / "run"), *args])
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["test"] == pytest.approx(result["test"])

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from pathlib import Path
+from typing import Callable, Iterable, List, Optional, Sequence, Union
 
 from cvkit.registry import Registry
 
+PathLike = Union[str, os.PathLike]
 Run = Callable[[argparse.Namespace], int]
 AddArguments = Callable[[argparse.ArgumentParser], None]
 
@@ -33,11 +36,19 @@ class Command:
 
 
 COMMANDS: Registry[Command] = Registry("command")
-COMMAND_MODULES = ("cvkit.cli.data", "cvkit.cli.experiment", "cvkit.cli.deploy")
+COMMAND_MODULES = ("cvkit.cli.data", "cvkit.cli.experiment", "cvkit.cli.deploy", "cvkit.cli.weights")
 
 
 class UsageError(Exception):
     """Options that do not fit together; reported like an argparse error (exit 2)."""
+
+
+def refuse_overwriting_inputs(outputs: Iterable[PathLike], inputs: Iterable[PathLike], instead: str) -> None:
+    """No command writes over its own input: a :class:`UsageError` naming the file and what to do ``instead``."""
+    sources = [Path(p).resolve() for p in inputs]
+    for output in outputs:
+        if Path(output).resolve() in sources:
+            raise UsageError(f"{output} is an input of this command; refusing to write over it ({instead})")
 
 
 def register_command(name: str, help: str, add_arguments: AddArguments, override: bool = False) -> Callable[[Run], Run]:

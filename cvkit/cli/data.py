@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
-from cvkit.cli.base import UsageError, register_command
+from cvkit.cli.base import UsageError, refuse_overwriting_inputs, register_command
 
 
 def _columns(text: Optional[str]) -> Optional[List[str]]:
@@ -84,11 +84,12 @@ def _table_args(p: argparse.ArgumentParser) -> None:
 def _split_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("csv", help="CSV with one row per image")
     p.add_argument("--out-dir", help="where to write train.csv/valid.csv or folds.csv (default: the CSV's folder, "
-                                     "so relative image paths stay valid)")
+                                     "so relative image paths stay valid); never over the input CSV")
     p.add_argument("--valid-fraction", type=float, default=0.2, help="share of each class that goes to valid.csv")
     p.add_argument("--label-col", default="label", help="stratify by this column")
     p.add_argument("--no-stratify", action="store_true", help="ignore --label-col and split at random")
-    p.add_argument("--folds", type=int, help="write folds.csv with a 'fold' column 0..K-1 instead of train/valid")
+    p.add_argument("--folds", type=int, help="write folds.csv with a 'fold' column 0..K-1 (K >= 2) instead of "
+                                            "train/valid")
     p.add_argument("--group-col", help="with --folds: keep rows sharing this column's value in one fold")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same split")
 
@@ -98,8 +99,14 @@ def _split(args: argparse.Namespace) -> int:
     from cvkit.data.tools import add_folds, split_train_valid
 
     out_dir = Path(args.out_dir) if args.out_dir else Path(args.csv).parent
-    out_dir.mkdir(parents=True, exist_ok=True)
     label = None if args.no_stratify else args.label_col
+    if args.folds is not None and args.folds < 2:
+        raise UsageError(f"--folds must be at least 2 (each row is valid in one fold), got {args.folds}")
+    outputs = ["folds.csv"] if args.folds else ["train.csv", "valid.csv"]
+    refuse_overwriting_inputs([out_dir / name for name in outputs], [args.csv],
+                              f"give --out-dir, then train with data.root: {Path(args.csv).parent}, the folder "
+                              "its image paths are relative to")
+    out_dir.mkdir(parents=True, exist_ok=True)
     if args.folds:
         frame = add_folds(args.csv, args.folds, label_col=label, group_col=args.group_col, seed=args.seed)
         frame.to_csv(out_dir / "folds.csv", index=False)
@@ -126,8 +133,9 @@ def _inventory(args: argparse.Namespace) -> int:
     from cvkit.data.tools import inventory
     from cvkit.io import atomic_write_json
 
-    frame, summary = inventory(args.csv, args.root, args.path_col, args.workers, progress=sys.stderr.isatty())
     out = Path(args.out)
+    refuse_overwriting_inputs([out, out.with_suffix(".summary.json")], [args.csv], "choose another --out")
+    frame, summary = inventory(args.csv, args.root, args.path_col, args.workers, progress=sys.stderr.isatty())
     out.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out, index=False)
     atomic_write_json(out.with_suffix(".summary.json"), summary)
@@ -145,6 +153,7 @@ def _stats(args: argparse.Namespace) -> int:
     from cvkit.data.tools import mean_std
     from cvkit.io import atomic_write_json
 
+    refuse_overwriting_inputs([args.out] if args.out else [], [args.csv], "choose another --out")
     result = mean_std(args.csv, args.root, args.path_col, args.workers, progress=sys.stderr.isatty())
     if args.out:
         atomic_write_json(args.out, result)
@@ -160,7 +169,7 @@ def _eda_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-root", help="folder of the test image paths (default: the test CSV's folder)")
     p.add_argument("--path-col", default="path", help="column holding the image path")
     p.add_argument("--label-col", default="label", help="label column for the balance plot")
-    p.add_argument("--max-images", type=int, default=2000, help="images read per split (a seeded sample)")
+    p.add_argument("--max-images", type=int, default=2000, help="images read per split (a seeded sample; >= 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of that sample")
     p.add_argument("--workers", type=int, help="reader threads (default: up to 8, one per core)")
 
@@ -169,6 +178,8 @@ def _eda_args(p: argparse.ArgumentParser) -> None:
 def _eda(args: argparse.Namespace) -> int:
     from cvkit.data.tools import eda
 
+    if args.max_images < 1:
+        raise UsageError(f"--max-images must be at least 1 (images read per split), got {args.max_images}")
     written = eda(args.train, args.test, args.out_dir, root=args.root, test_root=args.test_root,
                   path_col=args.path_col, label_col=args.label_col, max_images=args.max_images, seed=args.seed,
                   workers=args.workers, progress=sys.stderr.isatty())

@@ -6,13 +6,14 @@ Each one is a thin layer over the library (:mod:`cvkit.experiment`, :mod:`cvkit.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from cvkit.cli.base import UsageError, register_command
+from cvkit.cli.base import UsageError, refuse_overwriting_inputs, register_command
 
 
 def _experiment_args(p: argparse.ArgumentParser) -> None:
@@ -45,33 +46,56 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 @register_command("train", "Train a YAML experiment (all its stages); writes the run to its logdir.", _train_args)
 def _train(args: argparse.Namespace) -> int:
-    from cvkit.config import complete, latest_logdir
     from cvkit.experiment import run
 
-    config = _load(args)
-    if not config.get("logdir"):
-        config["logdir"] = latest_logdir(config) if args.resume else complete(config)["logdir"]
     if args.resume_changed and not args.resume:
         raise UsageError("--resume-changed only applies with --resume")
     if args.group_col and not args.folds:
         raise UsageError("--group-col only applies with --folds")
-    if args.folds is not None:
-        from cvkit.kfold import kfold
+    if args.folds is not None and args.folds < 2:
+        raise UsageError(f"--folds must be at least 2, got {args.folds}")
+    config = _load(args)
+    claimed = _new_logdir(args, config)
+    try:
+        if args.folds is not None:
+            from cvkit.kfold import kfold
 
-        if args.folds < 2:
-            raise UsageError(f"--folds must be at least 2, got {args.folds}")
-        summary = kfold(config, args.folds, args.group_col, resume=args.resume, verbose=not args.quiet,
-                        allow_changes=args.resume_changed)
-        print(json.dumps(summary, indent=2, default=str))
-        logdir = Path(config.get("logdir") or f"runs/{config.get('name', 'experiment')}")
-        print(f"folds written to {logdir}/fold_*; out-of-fold predictions in {logdir / 'oof.csv'}")
-        return 0
-    result = run(config, resume=args.resume, verbose=not args.quiet, allow_changes=args.resume_changed)
-    logdir = config.get("logdir") or f"runs/{config.get('name', 'experiment')}"
+            summary = kfold(config, args.folds, args.group_col, resume=args.resume, verbose=not args.quiet,
+                            allow_changes=args.resume_changed)
+            print(json.dumps(summary, indent=2, default=str))
+            print(f"folds written to {config['logdir']}/fold_*; out-of-fold predictions in "
+                  f"{Path(config['logdir']) / 'oof.csv'}")
+            return 0
+        result = run(config, resume=args.resume, verbose=not args.quiet, allow_changes=args.resume_changed)
+    except BaseException:
+        if claimed:
+            with contextlib.suppress(OSError):
+                Path(claimed).rmdir()  # only while the failed run left it empty
+        raise
     summary = {"best": result["best"], "valid": result.get("valid"), "test": result.get("test")}
     print(json.dumps(summary, indent=2, default=str))
-    print(f"run written to {logdir} (repeat it with: cvkit train {Path(logdir) / 'config.json'})")
+    print(f"run written to {config['logdir']} (repeat it with: cvkit train {Path(config['logdir']) / 'config.json'})")
     return 0
+
+
+def _new_logdir(args: argparse.Namespace, config: Dict[str, Any]) -> Optional[str]:
+    """Set ``config["logdir"]``: with --resume the run to continue; for a saved run's config.json a new
+    time-stamped folder beside it (never over the run it repeats); without a logdir a new time-stamped
+    folder. Returns the folder claimed for this run, if any (:func:`cvkit.config.claim_logdir`)."""
+    from cvkit.config import claim_logdir, latest_logdir, saved_run_folder
+
+    if args.resume:
+        config["logdir"] = config.get("logdir") or latest_logdir(config)
+        return None
+    repeated = saved_run_folder(args.config)
+    if repeated is not None and not any(o.partition("=")[0].strip() == "logdir" for o in args.overrides):
+        config["logdir"] = claim_logdir(config, parent=repeated.parent)
+        print(f"repeating the run in {repeated} as a new run in {config['logdir']} (--resume continues it instead)")
+        return config["logdir"]
+    if not config.get("logdir"):
+        config["logdir"] = claim_logdir(config)
+        return config["logdir"]
+    return None
 
 
 # --- predict -----------------------------------------------------------------------------------
@@ -79,8 +103,11 @@ def _train(args: argparse.Namespace) -> int:
 def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", action="append",
                    help="weights to predict with: a best.pth, a run folder, or a k-fold run folder (its folds are "
-                        "averaged); repeat it to average several models (with --config)")
-    p.add_argument("--config", help="the run's config.json (or the experiment YAML it came from)")
+                        "averaged); repeat it to average several models")
+    p.add_argument("--allow-missing-folds", action="store_true",
+                   help="average a k-fold run folder's remaining folds when some fold (or its best.pth) is gone")
+    p.add_argument("--config", help="the run's config.json (or the experiment YAML it came from); default: the "
+                                    "first --checkpoint's run folder (the folder itself, or a best.pth's folder)")
     p.add_argument("--model", help="an exported model (cvkit export: model.onnx or model.pt, its contract JSON "
                                    "beside it) to predict with instead of --checkpoint/--config")
     p.add_argument("--images", required=True,
@@ -112,29 +139,56 @@ def _predict(args: argparse.Namespace) -> int:
 
     if args.image_size is not None and args.image_size < 1:
         raise UsageError(f"--image-size must be a positive number of pixels, got {args.image_size}")
+    inputs = [args.images, *(args.checkpoint or []), *(p for p in (args.config, args.model) if p)]
+    refuse_overwriting_inputs([args.out], inputs, "choose another --out")
     tta = [t.strip() for t in _split_specs(args.tta or "") if t.strip()]
     if args.model:
         from cvkit.inference.runtime import predict_exported
 
         given = [f for f, v in (("--checkpoint", args.checkpoint), ("--config", args.config),
-                                ("--image-size", args.image_size), ("--tile", args.tile)) if v is not None]
+                                ("--image-size", args.image_size), ("--tile", args.tile),
+                                ("--allow-missing-folds", args.allow_missing_folds or None)) if v is not None]
         if given:
             raise UsageError(f"--model predicts with the exported model and its contract; drop {', '.join(given)}")
         frame = predict_exported(args.model, args.images, args.out, tta=tta, probs=args.probs,
                                  batch_size=args.batch_size, threshold=args.threshold, root=args.root,
                                  path_col=args.path_col, flip_pairs=args.flip_pairs)
     else:
-        if not args.checkpoint or not args.config:
-            raise UsageError("give --checkpoint and --config (a run), or --model (an exported model)")
-        frame = predict_run(args.checkpoint, args.config, args.images, args.out, tta=tta, probs=args.probs,
-                            batch_size=args.batch_size, device=args.device, image_size=args.image_size,
-                            root=args.root, path_col=args.path_col, threshold=args.threshold, workers=args.workers,
-                            progress=sys.stderr.isatty(), flip_pairs=args.flip_pairs, tile=args.tile,
-                            overlap=args.overlap)
-    print(f"wrote {args.out} ({len(frame)} rows)")
+        if not args.checkpoint:
+            raise UsageError("give --checkpoint (a run folder or its best.pth), or --model (an exported model)")
+        frame = predict_run(args.checkpoint, args.config or _run_folder(args.checkpoint[0]), args.images, args.out,
+                            tta=tta, probs=args.probs, batch_size=args.batch_size, device=args.device,
+                            image_size=args.image_size, root=args.root, path_col=args.path_col,
+                            threshold=args.threshold, workers=args.workers, progress=sys.stderr.isatty(),
+                            flip_pairs=args.flip_pairs, tile=args.tile, overlap=args.overlap,
+                            allow_missing_folds=args.allow_missing_folds)
+    left_out = _without_folds(args.checkpoint) if args.allow_missing_folds and args.checkpoint else ""
+    print(f"wrote {args.out} ({len(frame)} rows{left_out})")
     if args.export_dir:
         print(f"copied {_export_by_class(args, frame)} images into {args.export_dir}/<class>/")
     return 0
+
+
+def _run_folder(checkpoint: str) -> str:
+    """The run folder ``--checkpoint`` names (itself, or a checkpoint file's folder) when it holds the
+    run's config.json (a k-fold run folder: its folds' own), for a prediction without --config."""
+    from cvkit.inference.predict import kfold_members
+
+    path = Path(checkpoint)
+    folder = path if path.is_dir() else path.parent
+    folds, missing = kfold_members(folder)
+    if (folder / "config.json").is_file() or folds or missing:
+        return str(folder)
+    raise UsageError(f"--checkpoint {checkpoint}: {folder / 'config.json'} not found; give --config (the run's "
+                     "config.json or experiment YAML)")
+
+
+def _without_folds(checkpoints: List[str]) -> str:
+    """``; without ...`` naming the folds a k-fold ensemble left out (--allow-missing-folds), else ``''``."""
+    from cvkit.inference.predict import kfold_members
+
+    missing = [f"{c}/{m}" for c in checkpoints for m in kfold_members(c)[1]]
+    return f"; the folds' ensemble without {', '.join(missing)}, as --allow-missing-folds allows" if missing else ""
 
 
 def _export_by_class(args: argparse.Namespace, frame: Any) -> int:

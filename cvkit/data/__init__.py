@@ -8,8 +8,8 @@ import importlib
 from typing import Any, List
 
 _EXPORTS = {
-    "io": ("DataError", "ImageReadError", "TableError", "LabelError", "DatasetCheckError", "read_image",
-           "read_image_info", "read_mask", "class_map_from_labels", "save_class_map", "load_class_map",
+    "io": ("DataError", "ImageReadError", "ImageTooLargeError", "TableError", "LabelError", "DatasetCheckError",
+           "read_image", "read_image_info", "read_mask", "class_map_from_labels", "save_class_map", "load_class_map",
            "check_class_map", "decoder_warning"),
     "boxes": ("BOX_FORMATS", "to_xyxy", "from_xyxy", "convert_boxes", "box_problem"),
     "rle": ("rle_encode", "rle_decode", "masks_from_rle", "masks_to_rle_frame", "parse_rle", "rle_table_problems"),

@@ -2,7 +2,7 @@
 
 :func:`check_dataset` reads every image once (threads, since OpenCV decodes without the GIL)
 and asks the dataset whether each row's targets fit that image. Problem codes:
-``missing_file``, ``empty_file``, ``truncated``, ``unreadable``, ``corrupt_data``,
+``missing_file``, ``empty_file``, ``truncated``, ``unreadable``, ``corrupt_data``, ``too_large``,
 ``duplicate_path``, ``unknown_label``, ``bad_box``, ``keypoint_count``, ``bad_keypoints``,
 ``keypoint_outside``, ``mask_size``, ``bad_mask``, ``mask_missing_file``... and, for the dataset
 as a whole (``index`` and ``row`` -1), ``no_rows`` and ``no_keypoints``.

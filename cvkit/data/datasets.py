@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from cvkit.data.augment import Normalize, default_transform, with_targets
 from cvkit.data.boxes import box_problem
-from cvkit.data.io import DataError, decode_scale, image_header, read_image
+from cvkit.data.io import DataError, check_pixels, decode_scale, image_header, read_image
 # KeypointCountError, MaskSizeError, list_image_files, load_table and require_columns are re-exported.
 from cvkit.data.rows import (  # noqa: F401
     BoxRows,
@@ -53,6 +53,7 @@ def pipeline_input(path: PathLike, transform: Any, targets: Optional[Targets] = 
     header = image_header(path) if leading_warp(transform) is not None else None
     if header is not None:
         size = (header.height, header.width)
+        check_pixels(*size, str(path))  # before the targets are drawn at that size
         data = targets(*size) if targets else {}
         needed = needed_source_size(transform, *size) if "mask" not in data else None
         reduce = decode_scale(size, needed) if needed is not None else 1

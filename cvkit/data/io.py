@@ -15,6 +15,11 @@ full decode's time), anything else is decoded in full and block-averaged (``INTE
 JPEG's or PNG's header alone, and :func:`decode_scale` picks the largest ``reduce`` a crop can
 afford, so a loader can decode only the pixels it needs.
 
+Every reader refuses, before decoding, an image whose header claims more pixels than
+:func:`max_image_pixels` (:data:`MAX_IMAGE_PIXELS`, or ``$CVKIT_MAX_IMAGE_PIXELS``), with an
+:class:`ImageTooLargeError`: a few bytes of JPEG, PNG, GIF, BMP or WebP header can otherwise claim a
+100000 x 100000 image and make the decoder allocate gigabytes.
+
 A JPEG whose entropy-coded data is damaged but whose end marker is intact decodes without an
 error, to a partly grey or smeared image; libjpeg only writes "Corrupt JPEG data: ..." to the
 process's stderr. :func:`decoder_warning` captures that message for one file, and
@@ -33,7 +38,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO, Dict, Iterable, Mapping, Optional, Tuple, Type, Union
+from typing import BinaryIO, Dict, Iterable, Iterator, Mapping, Optional, Tuple, Type, Union
 
 import cv2
 import numpy as np
@@ -43,6 +48,9 @@ from cvkit.io import atomic_write_json
 PathLike = Union[str, os.PathLike]
 
 _RGB_FLAG = getattr(cv2, "IMREAD_COLOR_RGB", None)
+# The most pixels (height x width, from the header) any reader decodes: 8000 x 8000, 192 MB as RGB uint8.
+MAX_IMAGE_PIXELS = 64_000_000
+PIXELS_ENV = "CVKIT_MAX_IMAGE_PIXELS"
 
 
 class DataError(ValueError):
@@ -53,12 +61,19 @@ class ImageReadError(DataError):
     """An image or mask file is missing, empty, truncated or not an image.
 
     ``code`` is one of ``missing_file``, ``empty_file``, ``truncated``, ``unreadable``,
-    ``corrupt_data`` (or ``bad_mask``), so a report can count problems by kind.
+    ``corrupt_data``, ``too_large`` (or ``bad_mask``), so a report can count problems by kind.
     """
 
     def __init__(self, message: str, code: str = "unreadable") -> None:
         super().__init__(message)
         self.code = code
+
+
+class ImageTooLargeError(ImageReadError):
+    """An image whose header claims more pixels than :func:`max_image_pixels`; refused before decoding."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="too_large")
 
 
 class TableError(DataError):
@@ -75,6 +90,38 @@ class DatasetCheckError(DataError):
     def __init__(self, message: str, report: object = None) -> None:
         super().__init__(message)
         self.report = report
+
+
+def max_image_pixels(value: Optional[int] = None) -> int:
+    """The pixel cap: ``value`` when given, else ``$CVKIT_MAX_IMAGE_PIXELS`` when set, else :data:`MAX_IMAGE_PIXELS`."""
+    if value is None:
+        raw = os.environ.get(PIXELS_ENV, "").strip()
+        if not raw:
+            return MAX_IMAGE_PIXELS
+        if not raw.isdigit() or int(raw) < 1:
+            raise DataError(f"${PIXELS_ENV}={raw!r}: expected a positive whole number of pixels "
+                            f"(default {MAX_IMAGE_PIXELS})")
+        return int(raw)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise DataError(f"max_pixels={value!r}: expected a positive whole number of pixels")
+    return int(value)
+
+
+def check_pixels(height: int, width: int, where: str, max_pixels: Optional[int] = None) -> None:
+    """An :class:`ImageTooLargeError` naming ``where`` when a ``height`` x ``width`` image is over the pixel cap."""
+    cap = max_image_pixels(max_pixels)
+    if height * width > cap:
+        hint = f" (set {PIXELS_ENV} to raise it)" if max_pixels is None else ""
+        raise ImageTooLargeError(f"{where}: the header claims a {width}x{height} image ({height * width:,} pixels), "
+                                 f"over the cap of {cap:,} pixels{hint}")
+
+
+def _refuse_oversized(data: np.ndarray, where: str, header: Optional["ImageHeader"] = None,
+                      max_pixels: Optional[int] = None) -> None:
+    """:func:`check_pixels` on the size the header of ``data`` claims (``header`` when the caller parsed it)."""
+    size = (header.height, header.width) if header is not None else _claimed_size(data)
+    if size is not None:
+        check_pixels(size[0], size[1], where, max_pixels)
 
 
 def _read_bytes(path: Path) -> np.ndarray:
@@ -118,7 +165,7 @@ def _decode_gif(data: np.ndarray, path: Union[str, Path]) -> np.ndarray:
         with Image.open(io.BytesIO(data.tobytes())) as gif:
             gif.seek(0)
             return np.asarray(gif.convert("RGB"))
-    except (OSError, ValueError, SyntaxError) as exc:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ImageReadError(f"{path}: not a readable GIF ({exc})") from None
 
 
@@ -135,7 +182,8 @@ REDUCE_FACTORS = (1, 2, 4, 8)
 _REDUCED_FLAGS = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
 
 
-def read_image(path: PathLike, reduce: int = 1, header: Optional["ImageHeader"] = None) -> np.ndarray:
+def read_image(path: PathLike, reduce: int = 1, header: Optional["ImageHeader"] = None,
+               max_pixels: Optional[int] = None) -> np.ndarray:
     """Read any OpenCV-readable image as RGB uint8 (H, W, 3), converted as the module says.
 
     ``reduce`` (1, 2, 4 or 8) shrinks the result to ceil(H / reduce) x ceil(W / reduce), EXIF
@@ -143,21 +191,25 @@ def read_image(path: PathLike, reduce: int = 1, header: Optional["ImageHeader"] 
     Pixel (i, j) of a reduced image stands for source pixels [r*i, r*i + r) x [r*j, r*j + r)
     (r = ``reduce``; edge pixels repeated past the border), so a source coordinate x is x / r there.
     ``header``: the file's :func:`image_header` when the caller already has it (not parsed again).
+    ``max_pixels``: the pixel cap (default :func:`max_image_pixels`).
     """
     _check_reduce(reduce)
     path = Path(path)
-    return _decode(_whole_file(path), str(path), reduce, header)
+    return _decode(_whole_file(path), str(path), reduce, header, max_pixels)
 
 
-def _decode(data: np.ndarray, where: str, reduce: int, header: Optional["ImageHeader"]) -> np.ndarray:
-    """:func:`read_image` after the file checks: encoded bytes to RGB uint8 at 1/``reduce``."""
+def _decode(data: np.ndarray, where: str, reduce: int, header: Optional["ImageHeader"],
+            max_pixels: Optional[int] = None) -> np.ndarray:
+    """:func:`read_image` after the file checks: encoded bytes to RGB uint8 at 1/``reduce``, refused
+    (:class:`ImageTooLargeError`) before decoding when the header claims more than ``max_pixels``."""
     if data.size == 0:
         raise ImageReadError(f"{where}: not a readable image (0 bytes)", code="empty_file")
+    _refuse_oversized(data, where, header, max_pixels)
     if reduce > 1 and _is_jpeg(data):
-        reduced = _decode_jpeg_reduced(data, reduce, header)
+        reduced = _decode_jpeg_reduced(data, reduce, where, header)
         if reduced is not None:
             return reduced
-    image = _decode_rgb(data, cv2.IMREAD_COLOR)
+    image = _decode_rgb(data, cv2.IMREAD_COLOR, where)
     if image is None and _is_gif(data):
         image = _decode_gif(data, where)
     if image is None:
@@ -188,26 +240,36 @@ def _is_jpeg(data: np.ndarray) -> bool:
     return bytes(data[:2]) == b"\xff\xd8"
 
 
-def _decode_rgb(data: np.ndarray, color_flag: int) -> Optional[np.ndarray]:
+def _imdecode(data: np.ndarray, flags: int, where: str) -> Optional[np.ndarray]:
+    """``cv2.imdecode``; its own refusals (an assertion on a size it will not allocate...) as one-line
+    ImageReadErrors."""
+    try:
+        return cv2.imdecode(data, flags)
+    except cv2.error:
+        raise ImageReadError(f"{where}: not a readable image ({data.size} bytes; OpenCV refused to decode it)"
+                             ) from None
+
+
+def _decode_rgb(data: np.ndarray, color_flag: int, where: str) -> Optional[np.ndarray]:
     """``cv2.imdecode`` with ``color_flag`` (IMREAD_COLOR or a IMREAD_REDUCED_COLOR_*) giving RGB.
 
     OpenCV 5 refuses IMREAD_COLOR_RGB together with the IMREAD_COLOR bit that the reduced flags
     contain, so that bit is swapped for the RGB one; older OpenCV decodes BGR and converts.
     """
     if _RGB_FLAG is not None:
-        return cv2.imdecode(data, (color_flag & ~cv2.IMREAD_COLOR) | _RGB_FLAG)
-    image = cv2.imdecode(data, color_flag)
+        return _imdecode(data, (color_flag & ~cv2.IMREAD_COLOR) | _RGB_FLAG, where)
+    image = _imdecode(data, color_flag, where)
     return None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def _decode_jpeg_reduced(data: np.ndarray, reduce: int, header: Optional["ImageHeader"] = None
+def _decode_jpeg_reduced(data: np.ndarray, reduce: int, where: str, header: Optional["ImageHeader"] = None
                          ) -> Optional[np.ndarray]:
     """libjpeg's scaled decode, or None (decode in full and shrink instead) when the header does
     not parse, the scaled decode fails or its shape is not the promised ceil shape."""
     header = header or _parse_header(_Window(memoryview(data)))
     if header is None:
         return None
-    image = _decode_rgb(data, _REDUCED_FLAGS[reduce])
+    image = _decode_rgb(data, _REDUCED_FLAGS[reduce], where)
     expected = (-(-header.height // reduce), -(-header.width // reduce), 3)
     if image is None or image.shape != expected:
         return None
@@ -232,32 +294,39 @@ def decode_scale(source_hw: Tuple[int, int], needed_hw: Tuple[float, float]) -> 
     return 1
 
 
-def read_image_for_resize(path: PathLike, size_hw: Optional[Tuple[int, int]]
+def read_image_for_resize(path: PathLike, size_hw: Optional[Tuple[int, int]], max_pixels: Optional[int] = None
                           ) -> Tuple[np.ndarray, Tuple[int, int]]:
     """``path`` decoded for a plain resize to ``size_hw`` (None: no resize), with its full (height, width).
 
     A JPEG is decoded at the largest 1/2-1/8 scale from which the resize upsamples no output pixel,
     as cvkit's ``resize`` pipeline decodes it (:class:`cvkit.data.warp.OneWarp`); in full when the
     header is unknown or disagrees with the decoder. For prediction without the training stack.
+    ``max_pixels``: the pixel cap (default :func:`max_image_pixels`).
     """
     path = Path(path)
-    return decode_for_resize(_whole_file(path), size_hw, str(path))
+    return decode_for_resize(_read_bytes(path), size_hw, str(path), max_pixels)
 
 
-def decode_for_resize(data: Union[bytes, np.ndarray], size_hw: Optional[Tuple[int, int]], where: str = "image"
-                      ) -> Tuple[np.ndarray, Tuple[int, int]]:
+def decode_for_resize(data: Union[bytes, np.ndarray], size_hw: Optional[Tuple[int, int]], where: str = "image",
+                      max_pixels: Optional[int] = None) -> Tuple[np.ndarray, Tuple[int, int]]:
     """Encoded image bytes decoded as :func:`read_image_for_resize` decodes a file (``where`` names them
-    in errors): the image at the scale chosen for ``size_hw`` and the full (height, width)."""
+    in errors): the image at the scale chosen for ``size_hw`` and the full (height, width).
+
+    Refused as a file is: cut short (``truncated``), or a header claiming more than ``max_pixels``
+    (:func:`max_image_pixels`) pixels (:class:`ImageTooLargeError`, before any decoding)."""
     array = np.frombuffer(data, np.uint8) if isinstance(data, (bytes, bytearray)) else data
+    problem = truncation_problem(array) if array.size else None
+    if problem:
+        raise ImageReadError(f"{where}: {problem}", code="truncated")
     header = _parse_header(_Window(memoryview(array))) if size_hw is not None and array.size else None
     if header is not None:
         full = (header.height, header.width)
         stretch = max(size_hw[0] / full[0], size_hw[1] / full[1]) * (1 - 1e-9)
         reduce = decode_scale(full, (full[0] * stretch, full[1] * stretch))
-        image = _decode(array, where, reduce, header)
+        image = _decode(array, where, reduce, header, max_pixels)
         if image.shape[:2] == (-(-full[0] // reduce), -(-full[1] // reduce)):
             return image, full
-    image = _decode(array, where, 1, None)
+    image = _decode(array, where, 1, None, max_pixels)
     return image, (image.shape[0], image.shape[1])
 
 
@@ -339,46 +408,106 @@ def _oriented(height: int, width: int, orientation: int, kind: str) -> ImageHead
     return ImageHeader(height=height, width=width, orientation=orientation, format=kind)
 
 
-def _jpeg_header(window: _Window) -> Optional[ImageHeader]:
-    """Walk the markers from SOI to SOS: the frame size from SOF, the orientation from the first
-    "Exif" APP1 (OpenCV honours one placed before or after SOF, so the walk goes on to SOS)."""
+def _jpeg_segments(window: _Window) -> Iterator[Tuple[int, int, int]]:
+    """``(marker, offset of its length field, length)`` of each JPEG segment after SOI, the last one SOS
+    (``0xDA``, offset, 0); it stops early where the markers do not parse (a byte other than FF, EOI
+    before any scan, a length below 2) and raises ``struct.error`` at the end of the data."""
     pos = 2
-    size: Optional[Tuple[int, int]] = None
-    orientation: Optional[int] = None
     while True:
         if window.read(pos, 1) != b"\xff":
-            return None
+            return
         while window.read(pos, 1) == b"\xff":  # a marker may be preceded by fill bytes
             pos += 1
         marker = window.read(pos, 1)
         if not marker:
-            return None
+            return
         code = marker[0]
         pos += 1
         if code in _JPEG_STANDALONE:
             continue
         if code == 0xD9:  # EOI before any scan
-            return None
+            return
         if code == 0xDA:  # SOS: the header is over
-            break
+            yield code, pos, 0
+            return
         (length,) = struct.unpack(">H", window.read(pos, 2))
         if length < 2:
-            return None
-        if code in _JPEG_SOF and size is None:
-            _, height, width = struct.unpack(">BHH", window.read(pos + 2, 5))
-            if height == 0 or width == 0:  # height given later by a DNL marker
+            return
+        yield code, pos, length
+        pos += length
+
+
+def _jpeg_frame(window: _Window, pos: int) -> Optional[Tuple[int, int]]:
+    """(height, width) of the SOF segment at ``pos``; None when the height is 0 (given later by a DNL marker)."""
+    _, height, width = struct.unpack(">BHH", window.read(pos + 2, 5))
+    return (height, width) if height and width else None
+
+
+def _jpeg_header(window: _Window) -> Optional[ImageHeader]:
+    """Walk the markers from SOI to SOS: the frame size from SOF, the orientation from the first
+    "Exif" APP1 (OpenCV honours one placed before or after SOF, so the walk goes on to SOS)."""
+    size: Optional[Tuple[int, int]] = None
+    orientation: Optional[int] = None
+    scanned = False
+    for code, pos, length in _jpeg_segments(window):
+        if code == 0xDA:
+            scanned = True
+        elif code in _JPEG_SOF and size is None:
+            size = _jpeg_frame(window, pos)
+            if size is None:
                 return None
-            size = (height, width)
         elif code == 0xE1 and orientation is None:
             payload = window.read(pos + 2, length - 2)
             if payload.startswith(b"Exif\x00\x00"):
                 orientation = _exif_orientation(payload[6:])
                 if orientation is None:
                     return None
-        pos += length
-    if size is None:
+    if not scanned or size is None:
         return None
     return _oriented(size[0], size[1], orientation or 1, "jpeg")
+
+
+def _claimed_size(data: np.ndarray) -> Optional[Tuple[int, int]]:
+    """(height, width) as stored that the header of a JPEG (first SOF), PNG (IHDR), GIF (logical screen),
+    BMP or WebP claims, read from the first bytes whatever follows; None for other formats or no such header."""
+    window = _Window(memoryview(data))
+    head = window.read(0, 30)
+    try:
+        if head.startswith(b"\xff\xd8"):
+            frames = (pos for code, pos, _ in _jpeg_segments(window) if code in _JPEG_SOF)
+            return next((_jpeg_frame(window, pos) for pos in frames), None)
+        if head.startswith(_PNG_SIGNATURE) and head[12:16] == b"IHDR":
+            width, height = struct.unpack(">II", head[16:24])
+            return height, width
+        if head.startswith(b"GIF8"):
+            width, height = struct.unpack("<HH", head[6:10])
+            return height, width
+        if head.startswith(b"BM"):
+            if struct.unpack("<I", head[14:18])[0] == 12:  # OS/2 BITMAPCOREHEADER: 16-bit sides
+                width, height = struct.unpack("<HH", head[18:22])
+            else:
+                width, height = struct.unpack("<ii", head[18:26])
+            return abs(height), abs(width)
+        if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+            return _webp_size(head)
+    except struct.error:  # a header cut short
+        return None
+    return None
+
+
+def _webp_size(head: bytes) -> Optional[Tuple[int, int]]:
+    """(height, width) of a WebP's canvas (VP8X), lossless (VP8L) or lossy (VP8) bitstream header."""
+    kind = head[12:16]
+    if kind == b"VP8X":
+        width, height = (int.from_bytes(head[at:at + 3], "little") + 1 for at in (24, 27))
+        return height, width
+    if kind == b"VP8L" and head[20:21] == b"\x2f":
+        (bits,) = struct.unpack("<I", head[21:25])
+        return ((bits >> 14) & 0x3FFF) + 1, (bits & 0x3FFF) + 1
+    if kind == b"VP8 " and head[23:26] == b"\x9d\x01\x2a":
+        width, height = struct.unpack("<HH", head[26:30])
+        return height & 0x3FFF, width & 0x3FFF
+    return None
 
 
 def _png_header(window: _Window) -> Optional[ImageHeader]:
@@ -514,6 +643,7 @@ def decoder_warning(path: PathLike) -> Optional[str]:
     data = _read_bytes(Path(path))
     if bytes(data[:2]) != b"\xff\xd8":
         return None
+    _refuse_oversized(data, str(path))
     with NativeStderr() as captured:
         cv2.imdecode(data, cv2.IMREAD_COLOR)
     captured.replay()
@@ -524,7 +654,8 @@ def read_image_info(path: PathLike) -> Dict[str, object]:
     """Width, height, channels, dtype ("mode") and file size of an image, as stored on disk."""
     path = Path(path)
     data = _read_bytes(path)
-    raw = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    _refuse_oversized(data, str(path))
+    raw = _imdecode(data, cv2.IMREAD_UNCHANGED, str(path))
     if raw is None and _is_gif(data):
         raw = _decode_gif(data, path)
     if raw is None:
@@ -541,7 +672,8 @@ def read_mask(path: PathLike) -> np.ndarray:
     """Read a PNG mask as uint8 (H, W) class ids; a 3-channel mask must have equal channels."""
     path = Path(path)
     data = _whole_file(path)
-    mask = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    _refuse_oversized(data, str(path))
+    mask = _imdecode(data, cv2.IMREAD_UNCHANGED, str(path))
     if mask is None:
         raise ImageReadError(f"{path}: not a readable mask image")
     if mask.ndim == 3:

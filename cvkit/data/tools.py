@@ -36,8 +36,11 @@ def _thread_map(fn: Callable[[Any], Any], items: Sequence[Any], workers: Optiona
 
 
 def _paths(table: Table, root: Optional[PathLike], path_col: str) -> Tuple[pd.DataFrame, List[Path]]:
+    """The table and its image paths; a table without rows is a :class:`DataError` naming it."""
     frame, name, default_root = load_table(table)
     require_columns(frame, [path_col], name)
+    if frame.empty:
+        raise DataError(f"{name}: no rows; expected one image path per row in column {path_col!r}")
     base = Path(root) if root is not None else default_root
     return frame, [base / str(p) for p in frame[path_col]]
 
@@ -203,9 +206,12 @@ def eda(train: Table, test: Table, out_dir: PathLike, root: Optional[PathLike] =
         progress: bool = False) -> List[Path]:
     """Compare train and test: image sizes, brightness/contrast, colour means and label balance, as PNGs.
 
-    At most ``max_images`` per split are read (a seeded sample). Unreadable images are left out with a
-    warning naming them; a split with no readable image is a :class:`DataError`. Returns the PNG paths written.
+    At most ``max_images`` (>= 1; None: all) per split are read (a seeded sample). Unreadable images are
+    left out with a warning naming them; a split without rows or readable images is a :class:`DataError`.
+    Returns the PNG paths written.
     """
+    if max_images is not None and (isinstance(max_images, bool) or max_images < 1):
+        raise ValueError(f"eda: max_images={max_images!r}; expected at least 1 (None reads every image)")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -221,13 +227,13 @@ def eda(train: Table, test: Table, out_dir: PathLike, root: Optional[PathLike] =
             paths = [paths[i] for i in pick]
         results = list(_thread_map(_image_stats, paths, workers, progress, f"eda {split}"))
         errors = [r["error"] for r in results if "error" in r]
-        if results and len(errors) == len(results):
+        if len(errors) == len(results):
             raise DataError(f"eda: no readable image in the {split} table ({len(errors)} tried), e.g. {errors[0]}")
-        if errors or not results:
+        if errors:
             import warnings
 
-            warnings.warn(f"eda: {len(errors)} of {len(results)} {split} images unreadable and left out"
-                          + (f", e.g. {errors[0]}" if errors else f" (the {split} table has no rows)"), stacklevel=2)
+            warnings.warn(f"eda: {len(errors)} of {len(results)} {split} images unreadable and left out, "
+                          f"e.g. {errors[0]}", stacklevel=2)
         stats[split] = pd.DataFrame([r for r in results if "error" not in r])
         frames[split] = frame
     written = []

@@ -300,7 +300,7 @@ def load_run(config: PathLike, checkpoint: Optional[PathLike] = None) -> RunMode
 
     config = Path(config)
     if config.is_dir():
-        folds = _folds(config)
+        folds = kfold_members(config)[0]
         config = (folds[0] if folds and not (config / "config.json").is_file() else config) / "config.json"
     experiment = complete(load_experiment(config))
     checkpoint = Path(checkpoint) if checkpoint is not None else config.parent
@@ -344,15 +344,16 @@ def predict_run(
     flip_pairs: FlipPairs = None,
     tile: Optional[int] = None,
     overlap: int = 64,
+    allow_missing_folds: bool = False,
 ) -> pd.DataFrame:
     """A run's submission for ``images``: :func:`load_run` + :func:`iter_predict` + :func:`write_submission`.
 
     ``checkpoint`` may be several files or a k-fold run folder: their models are averaged
-    (:func:`run_checkpoints`). The run's tuned post-processing (``postprocess.json``) applies unless
-    ``threshold`` is given: a k-fold folder's own, tuned out-of-fold (:func:`cvkit.kfold.kfold`), else
-    the first model's run's.
+    (:func:`run_checkpoints`; a k-fold folder missing a fold is refused unless ``allow_missing_folds``).
+    The run's tuned post-processing (``postprocess.json``) applies unless ``threshold`` is given: a k-fold
+    folder's own, tuned out-of-fold (:func:`cvkit.kfold.kfold`), else the first model's run's.
     """
-    runs = [load_run(config, c) for c in run_checkpoints(checkpoint)]
+    runs = [load_run(config, c) for c in run_checkpoints(checkpoint, allow_missing_folds)]
     run = runs[0]
     size = image_size or _run_size(run.config)
     predictions = iter_predict([r.model for r in runs], images, run.task, tta=tta, batch_size=batch_size, device=device,
@@ -362,28 +363,63 @@ def predict_run(
     tuning = None
     if threshold is None:
         given = list(checkpoint) if isinstance(checkpoint, (list, tuple)) else [checkpoint]
-        kfold_folder = given[0] if len(given) == 1 and _folds(given[0]) else None
+        kfold_folder = given[0] if len(given) == 1 and kfold_members(given[0])[0] else None
         tuning = (run.task.load_tuning(kfold_folder) if kfold_folder is not None else None) or run.tuning
     return write_submission(predictions, run.task, run.classes, out, probs=probs,
                             threshold=0.5 if threshold is None else threshold, tuning=tuning)
 
 
-def run_checkpoints(checkpoint: Union[None, PathLike, Sequence[PathLike]]) -> List[Optional[PathLike]]:
+def run_checkpoints(checkpoint: Union[None, PathLike, Sequence[PathLike]],
+                    allow_missing_folds: bool = False) -> List[Optional[PathLike]]:
     """The checkpoints an ensemble prediction averages: each given file or run folder, a k-fold run
-    folder standing for its ``fold_*/best.pth`` (None alone: the run's own best.pth)."""
+    folder standing for its ``fold_*/best.pth`` (None alone: the run's own best.pth).
+
+    A k-fold folder lacking a fold that ``cv.json`` counts (a removed ``fold_k/`` or ``fold_k/best.pth``)
+    is a :class:`~cvkit.data.io.DataError` naming it, unless ``allow_missing_folds``: then the others average.
+    """
+    from cvkit.data.io import DataError
+
     given = list(checkpoint) if isinstance(checkpoint, (list, tuple)) else [checkpoint]
     out: List[Optional[PathLike]] = []
     for item in given:
-        folds = _folds(item)
+        folds, missing = kfold_members(item)
+        if missing and (not allow_missing_folds or not folds):
+            listed = "cv.json lists" if (Path(item) / "cv.json").is_file() else "expected"
+            hint = ("; restore it, or average the others (allow_missing_folds=True; CLI: --allow-missing-folds)"
+                    if folds else "")
+            raise DataError(f"{item}: k-fold run without {', '.join(missing)} ({listed} {len(folds) + len(missing)} "
+                            f"folds){hint}")
         out += [f / "best.pth" for f in folds] if folds else [item]
     return out or [None]
 
 
-def _folds(folder: Optional[PathLike]) -> List[Path]:
-    """A k-fold run's ``fold_*`` folders (none for an ordinary run folder or a file)."""
+def kfold_members(folder: Optional[PathLike]) -> Tuple[List[Path], List[str]]:
+    """A k-fold run folder's ``fold_k`` folders holding ``best.pth``, and the folds it lacks (``fold_1``,
+    ``fold_2/best.pth``): the folds are those ``cv.json`` counts, else ``fold_0`` to the highest present.
+    ``([], [])`` for an ordinary run folder or a file."""
+    from cvkit.data.io import DataError
+
     if folder is None or not Path(folder).is_dir() or (Path(folder) / "best.pth").is_file():
-        return []
-    return sorted(p for p in Path(folder).glob("fold_*") if (p / "best.pth").is_file())
+        return [], []
+    folder = Path(folder)
+    present = [int(p.name[5:]) for p in folder.glob("fold_*") if p.name[5:].isdigit() and p.is_dir()]
+    count = max(present) + 1 if present else 0
+    summary = folder / "cv.json"
+    if summary.is_file():
+        try:
+            count = json.loads(summary.read_text())["folds"]
+        except (ValueError, KeyError, TypeError):
+            count = None
+        if not isinstance(count, int) or isinstance(count, bool) or count < 2:
+            raise DataError(f"{summary}: expected a JSON mapping whose 'folds' is the number of folds (>= 2)")
+    folds, missing = [], []
+    for k in range(count):
+        fold = folder / f"fold_{k}"
+        if (fold / "best.pth").is_file():
+            folds.append(fold)
+        else:
+            missing.append(f"fold_{k}/best.pth" if fold.is_dir() else f"fold_{k}")
+    return folds, missing
 
 
 def _run_size(config: Dict[str, Any]) -> Optional[int]:
@@ -392,5 +428,5 @@ def _run_size(config: Dict[str, Any]) -> Optional[int]:
     return image_size(config, config["stages"][-1])
 
 
-__all__ = ["ImageFiles", "Prediction", "RunModel", "check_flip_pairs", "run_checkpoints", "iter_predict", "list_images", "load_run",
-           "predict", "predict_run", "write_submission"]
+__all__ = ["ImageFiles", "Prediction", "RunModel", "check_flip_pairs", "iter_predict", "kfold_members", "list_images",
+           "load_run", "predict", "predict_run", "run_checkpoints", "write_submission"]

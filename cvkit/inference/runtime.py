@@ -8,10 +8,19 @@ the model, and hands the output to the task (:mod:`cvkit.tasks`) for decoding an
 through the same :func:`~cvkit.inference.tta.tta_predict` and
 :func:`~cvkit.inference.predict.write_submission` as a checkpoint. Catalyst, timm, smp and
 albumentations are never imported on this path.
+
+Loading refuses, in one line naming the file, a model file that is not what its format says
+(:func:`open_model`: a TorchScript file must be a TorchScript zip, and no model file is ever
+unpickled) and a contract that does not fit the model (:func:`check_contract`: class count, input
+size, normalisation, output layout), before any image is read.
 """
 from __future__ import annotations
 
+import io
+import math
 import os
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -28,6 +37,17 @@ PathLike = Union[str, os.PathLike]
 FORMATS = ("onnx", "torchscript")
 CONTRACT_VERSION = 1
 CONTRACT_KEYS = ("version", "format", "task", "output", "input", "preprocess", "classes")
+# Output layouts (a task's ``tta_target``): the dimensions of one image's output.
+LAYOUT_DIMS = {"logits": 1, "class_box": 1, "keypoints": 1, "boxes": 1, "mask": 3}
+_TORCHSCRIPT_MEMBERS = ("data.pkl", "constants.pkl", "version")
+
+
+class ModelFileError(ValueError):
+    """An exported model file that cannot be loaded; the one-line message names the file and the problem."""
+
+
+class ContractError(ValueError):
+    """A contract that does not fit its model; the one-line message names the contract file and the key."""
 
 
 def contract_path(model_path: PathLike) -> Path:
@@ -63,26 +83,19 @@ class ExportedModel(nn.Module):
     def __init__(self, source: Union[PathLike, bytes], format: str, batch: Optional[int] = None,
                  threads: Optional[int] = None) -> None:
         super().__init__()
-        if format not in FORMATS:
-            raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
         self.format, self.batch = format, batch
+        loaded = open_model(source, format, threads)
         if format == "onnx":
-            import onnxruntime as ort
-
-            options = ort.SessionOptions()
-            if threads:
-                options.intra_op_num_threads = int(threads)
-            data = source if isinstance(source, bytes) else str(source)
-            self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+            self.session = loaded
             self.input_name = self.session.get_inputs()[0].name
         else:
-            import io
-            import warnings
+            self.module = loaded
 
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=r".*torch\.jit.* is deprecated", category=FutureWarning)
-                self.module = torch.jit.load(io.BytesIO(source) if isinstance(source, bytes) else str(source),
-                                             map_location="cpu").eval()
+    def fixed_input_shape(self) -> Optional[List[Optional[int]]]:
+        """The input shape an ONNX model declares (None for a dimension left free), or None (TorchScript)."""
+        if self.format != "onnx":
+            return None
+        return [d if isinstance(d, int) and d > 0 else None for d in self.session.get_inputs()[0].shape]
 
     def _run(self, x: Tensor) -> Tensor:
         if self.format == "onnx":
@@ -102,6 +115,88 @@ class ExportedModel(nn.Module):
                 part = torch.cat([part, part[-1:].expand(short, *part.shape[1:])])
             pieces.append(self._run(part)[:self.batch - short])
         return torch.cat(pieces)
+
+
+def open_model(source: Union[PathLike, bytes], format: str, threads: Optional[int] = None) -> Any:
+    """The one loader of exported model files: an ONNX Runtime session or a TorchScript module.
+
+    The file is first looked at (empty, a Python pickle, a zip, and for TorchScript the zip's
+    members), then loaded; any failure is a :class:`ModelFileError` naming the file and the problem
+    in one line. Nothing is unpickled: a TorchScript archive goes to ``torch.jit.load`` only when it
+    holds a TorchScript program (``code/``, ``constants.pkl``...), which TorchScript reads itself.
+    """
+    if format not in FORMATS:
+        raise ModelFileError(f"format must be one of {FORMATS}, got {format!r}")
+    where = "the exported model bytes" if isinstance(source, bytes) else str(source)
+    try:
+        if isinstance(source, bytes):
+            head = source[:8]
+        else:
+            with open(source, "rb") as handle:
+                head = handle.read(8)
+    except OSError as exc:
+        raise ModelFileError(f"{where}: cannot be read ({exc.strerror or type(exc).__name__})") from None
+    kind = _file_kind(head)
+    if kind in ("empty", "pickle") or (kind == "zip") != (format == "torchscript"):
+        described = {"empty": "is empty (0 bytes)", "pickle": "is a Python pickle (cvkit never unpickles a model file)",
+                     "zip": "is a zip archive (TorchScript, or a torch.save checkpoint)",
+                     "other": "is not a zip archive"}[kind]
+        expected = {"onnx": "an ONNX model", "torchscript": "a TorchScript archive"}[format]
+        raise ModelFileError(f"{where}: {described}; expected {expected} as cvkit export writes it (--format {format})")
+    if format == "onnx":
+        return _onnx_session(source, where, threads)
+    return _torchscript_module(source, where)
+
+
+def _file_kind(head: bytes) -> str:
+    """``empty``, ``pickle`` (protocol 2+ starts with PROTO, 0x80), ``zip`` or ``other`` from a file's first bytes."""
+    if not head:
+        return "empty"
+    if head[:1] == b"\x80":
+        return "pickle"
+    return "zip" if head[:4] == b"PK\x03\x04" else "other"
+
+
+def _onnx_session(source: Union[PathLike, bytes], where: str, threads: Optional[int]) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    try:
+        return ort.InferenceSession(source if isinstance(source, bytes) else str(source), options,
+                                    providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's own exception types (InvalidProtobuf, Fail, InvalidGraph...)
+        problem = {"InvalidProtobuf": "does not parse as an ONNX model (truncated, or another kind of file)",
+                   "InvalidGraph": "holds an ONNX graph that ONNX Runtime finds invalid",
+                   "NotImplemented": "uses an operator this ONNX Runtime does not implement"}.get(
+            type(exc).__name__, f"is refused by ONNX Runtime ({type(exc).__name__})")
+        raise ModelFileError(f"{where}: {problem}; expected the model.onnx that cvkit export writes") from None
+
+
+def _torchscript_module(source: Union[PathLike, bytes], where: str) -> nn.Module:
+    """``torch.jit.load`` of a file checked to be a TorchScript zip: one folder holding ``code/`` and its records."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(source) if isinstance(source, bytes) else source) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        raise ModelFileError(f"{where}: a damaged zip archive (truncated?), not a TorchScript archive; expected the "
+                             "model.pt that cvkit export writes (--format torchscript)") from None
+    folders = {name.split("/", 1)[0] for name in names}
+    folder = next(iter(folders)) if len(folders) == 1 else ""
+    program = any(name.startswith(f"{folder}/code/") for name in names)
+    if not folder or not program or any(f"{folder}/{m}" not in names for m in _TORCHSCRIPT_MEMBERS):
+        raise ModelFileError(f"{where}: a zip archive that is not a TorchScript archive (expected one folder with "
+                             f"code/, {', '.join(_TORCHSCRIPT_MEMBERS)}; a torch.save checkpoint is refused, never "
+                             "unpickled); expected the model.pt that cvkit export writes (--format torchscript)")
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*torch\.jit.* is deprecated", category=FutureWarning)
+            return torch.jit.load(io.BytesIO(source) if isinstance(source, bytes) else str(source),
+                                  map_location="cpu").eval()
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise ModelFileError(f"{where}: a TorchScript archive that torch.jit.load cannot load ({type(exc).__name__}; "
+                             "damaged, or saved by another PyTorch)") from None
 
 
 class Preprocess:
@@ -143,14 +238,15 @@ class Preprocess:
         return cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB)
 
 
-def decode_image(data: bytes, name: str = "image", size_hw: Optional[Tuple[int, int]] = None
-                 ) -> Tuple[np.ndarray, Tuple[int, int]]:
+def decode_image(data: bytes, name: str = "image", size_hw: Optional[Tuple[int, int]] = None,
+                 max_pixels: Optional[int] = None) -> Tuple[np.ndarray, Tuple[int, int]]:
     """Encoded image bytes (PNG, JPEG...) as RGB uint8 ``(H, W, 3)`` and the full (height, width); a
-    ValueError naming ``name`` when they are not an image. With the model's input ``size_hw``
+    ValueError naming ``name`` when they are not an image, an ImageTooLargeError when the header claims
+    more than ``max_pixels`` (:func:`cvkit.data.io.max_image_pixels`). With the model's input ``size_hw``
     (:attr:`Preprocess.size`) a JPEG is decoded reduced as files are (:func:`cvkit.data.io.decode_for_resize`)."""
     from cvkit.data.io import decode_for_resize
 
-    return decode_for_resize(data, size_hw, name)
+    return decode_for_resize(data, size_hw, name, max_pixels)
 
 
 @dataclass
@@ -220,11 +316,136 @@ class Deployed:
 
 
 def load_deployed(model_path: PathLike, threads: Optional[int] = None) -> Deployed:
-    """An exported model and its contract, ready to predict."""
+    """An exported model and its contract, checked against each other (:func:`check_contract`), ready to predict."""
     contract = read_contract(model_path)
-    batch = contract["input"].get("batch")
-    model = ExportedModel(model_path, contract["format"], batch=int(batch) if batch else None, threads=threads)
+    where = contract_path(model_path)
+    _, _, _, batch = _input_spec(contract, where)
+    model = ExportedModel(model_path, contract["format"], batch=batch, threads=threads)
+    check_contract(contract, model, where)
     return Deployed(contract, model, Path(model_path).parent)
+
+
+# --- the contract against its model ---------------------------------------------------------------
+
+def check_contract(contract: Dict[str, Any], model: ExportedModel, where: PathLike) -> None:
+    """Refuse a contract its model cannot honour, before any image is read: a :class:`ContractError`
+    naming ``where`` (the contract file) and the key.
+
+    Checked: the task and its output layout (``task``, ``output``), the input size against the
+    input shape an ONNX model fixes (``input.*``), the preprocessing (``preprocess.resize`` equal to
+    the input size, ``preprocess.normalize`` finite with a non-zero std), and, from one run of the
+    model on zeros of the input size, the output's shape against the layout, the class count
+    (``classes`` / ``num_classes``), ``num_keypoints`` and ``output_shape``.
+    """
+    task = _contract_task(contract, where)
+    if contract["output"] != task.tta_target:
+        raise ContractError(f"{where}: output {contract['output']!r} is not the output layout of task {task.name!r}; "
+                            f"expected {task.tta_target!r}")
+    channels, height, width, batch = _input_spec(contract, where)
+    _check_preprocess(contract.get("preprocess"), channels, (height, width), where)
+    declared = model.fixed_input_shape()
+    if declared is not None:
+        if len(declared) != 4:
+            raise ContractError(f"{where}: input.layout NCHW, but the model's input has {len(declared)} dimensions")
+        for key, want, fixed in zip(("batch", "channels", "height", "width"), (batch, channels, height, width),
+                                    declared):
+            if fixed is not None and want is not None and want != fixed:
+                raise ContractError(f"{where}: input.{key} is {want}, but the model's input is fixed at {fixed} "
+                                    f"(shape {declared}); expected the size the model was exported with")
+    shape = (batch or 1, channels, height, width)
+    try:
+        output = model(torch.zeros(shape))
+    except Exception as exc:  # ONNX Runtime and TorchScript raise their own types; either way the sizes disagree
+        raise ContractError(f"{where}: the model fails on an input of shape {shape} (input.channels/height/width): "
+                            f"{type(exc).__name__}; expected the input size the model was exported with") from None
+    _check_output(contract, tuple(int(d) for d in output.shape[1:]), where)
+
+
+def _contract_task(contract: Dict[str, Any], where: PathLike) -> Task:
+    try:
+        return get_task(contract["task"])
+    except KeyError:
+        from cvkit.tasks import TASKS
+
+        raise ContractError(f"{where}: task {contract['task']!r} is not a registered task; expected one of "
+                            f"{TASKS.list()}") from None
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _input_spec(contract: Dict[str, Any], where: PathLike) -> Tuple[int, int, int, Optional[int]]:
+    """``(channels, height, width, batch or None)`` from the contract's ``input``, each a positive integer."""
+    spec = contract["input"]
+    if not isinstance(spec, dict):
+        raise ContractError(f"{where}: input is {spec!r}; expected {{channels, height, width, batch}}")
+    for key in ("channels", "height", "width"):
+        if not _positive_int(spec.get(key)):
+            raise ContractError(f"{where}: input.{key} is {spec.get(key)!r}; expected a positive integer")
+    batch = spec.get("batch")
+    if batch is not None and not _positive_int(batch):
+        raise ContractError(f"{where}: input.batch is {batch!r}; expected a positive integer or null (any batch)")
+    return spec["channels"], spec["height"], spec["width"], batch
+
+
+def _check_preprocess(spec: Any, channels: int, size: Tuple[int, int], where: PathLike) -> None:
+    """``preprocess.resize`` equal to the input size; ``preprocess.normalize`` finite, one value per channel,
+    a non-zero std."""
+    resize = spec.get("resize") if isinstance(spec, dict) else None
+    if not isinstance(resize, dict) or (resize.get("height"), resize.get("width")) != size:
+        shown = (resize.get("height"), resize.get("width")) if isinstance(resize, dict) else resize
+        raise ContractError(f"{where}: preprocess.resize is {shown}; expected the input size (height, width) {size}")
+    norm = spec.get("normalize")
+    if not isinstance(norm, dict):
+        raise ContractError(f"{where}: preprocess.normalize is {norm!r}; expected {{mean, std, max_pixel_value}}")
+    for key in ("mean", "std"):
+        values = norm.get(key)
+        if (not isinstance(values, list) or len(values) != channels
+                or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)):
+            raise ContractError(f"{where}: preprocess.normalize.{key} is {values!r}; expected {channels} finite "
+                                "numbers")
+    if any(v == 0 for v in norm["std"]):
+        raise ContractError(f"{where}: preprocess.normalize.std is {norm['std']}; a std of 0 divides by zero, "
+                            "expected non-zero values")
+    top = norm.get("max_pixel_value", 255.0)
+    if not isinstance(top, (int, float)) or not math.isfinite(top) or top <= 0:
+        raise ContractError(f"{where}: preprocess.normalize.max_pixel_value is {top!r}; expected a positive number")
+
+
+def _check_output(contract: Dict[str, Any], shape: Tuple[int, ...], where: PathLike) -> None:
+    """One image's output ``shape`` against the layout, the class count, ``num_keypoints`` and ``output_shape``."""
+    layout, classes, count = contract["output"], contract["classes"], contract.get("num_classes")
+    dims = LAYOUT_DIMS[layout]
+    if len(shape) != dims:
+        raise ContractError(f"{where}: output {layout!r} needs {dims} dimension(s) per image, but the model gives "
+                            f"{list(shape)}; expected the layout the model was exported with")
+    if not isinstance(classes, list) or (count is not None and not _positive_int(count)):
+        raise ContractError(f"{where}: classes {classes!r} / num_classes {count!r}; expected a list of names and "
+                            "a positive integer or null")
+    if classes and count is not None and len(classes) != count:
+        raise ContractError(f"{where}: classes names {len(classes)} classes but num_classes is {count}; expected "
+                            "one name per class")
+    key, count = ("classes", len(classes)) if classes else ("num_classes", count)
+    width = shape[0]
+    expected = {"logits": count, "mask": count, "class_box": count + 4 if count else None, "boxes": 4}.get(layout)
+    if layout == "class_box" and not count:
+        raise ContractError(f"{where}: classes is empty; output 'class_box' needs the class names")
+    if expected is not None and width != expected:
+        given = f"{key} gives {count} classes, so " if layout != "boxes" else ""
+        unit = "channels" if dims == 3 else "values"
+        raise ContractError(f"{where}: {given}output {layout!r} expects {expected} {unit} per image, but the model "
+                            f"outputs {width} (shape {list(shape)})")
+    points = contract.get("num_keypoints")
+    if points is not None and not _positive_int(points):
+        raise ContractError(f"{where}: num_keypoints is {points!r}; expected a positive integer or null")
+    if layout == "keypoints" and (width % 2 or (points is not None and width != 2 * points)):
+        raise ContractError(f"{where}: num_keypoints is {points!r}, but the model outputs {width} values per image; "
+                            "expected 2 (x, y) per keypoint")
+    recorded = contract.get("output_shape")
+    if recorded is not None and (not isinstance(recorded, list) or list(recorded[1:]) != list(shape)):
+        raise ContractError(f"{where}: output_shape is {recorded!r}, but the model gives {['batch', *shape]}; "
+                            "expected the shape recorded at export")
 
 
 def predict_exported(
@@ -255,5 +476,5 @@ def predict_exported(
                             threshold=0.5 if threshold is None else threshold, tuning=tuning)
 
 
-__all__ = ["Deployed", "ExportedModel", "FORMATS", "Preprocess", "contract_path", "decode_image", "load_deployed",
-           "predict_exported", "read_contract"]
+__all__ = ["ContractError", "Deployed", "ExportedModel", "FORMATS", "ModelFileError", "Preprocess", "check_contract",
+           "contract_path", "decode_image", "load_deployed", "open_model", "predict_exported", "read_contract"]

@@ -1,46 +1,44 @@
 """timm classifiers by name, with an optional custom head and pretrained weights from local files only.
 
 Nothing here touches the network: ``pretrained=True`` looks in the weights folder
-(``$CVKIT_WEIGHTS`` or ``./weights``) and fails with a message saying where to put the file.
+(``$CVKIT_WEIGHTS`` or ``./weights``), then in installed weight packages
+(:func:`cvkit.models.pretrained.resolve_pretrained`), and fails with a message naming both.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Set, Union
 
 import timm
 from torch import nn
 
 from cvkit.io import load_checkpoint, state_dict_of
 from cvkit.models.groups import get_submodule, head_names, set_submodule
-
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
-
-
-def weights_dir() -> Path:
-    """Folder searched for ``<arch>.<suffix>`` when ``pretrained=True``."""
-    return Path(os.environ.get("CVKIT_WEIGHTS", "weights"))
+from cvkit.models.pretrained import WEIGHT_SUFFIXES, find_weights, weights_dir  # noqa: F401  (public here too)
+from cvkit.models.pretrained import resolve_pretrained, weights_record
 
 
-def find_weights(arch: str, folder: Optional[Path] = None) -> Path:
-    """The local weight file for ``arch``, or a FileNotFoundError that says where to put one."""
-    folder = Path(folder) if folder is not None else weights_dir()
-    candidates = [folder / f"{arch}{s}" for s in WEIGHT_SUFFIXES]
-    candidates += [folder / arch / name for name in ("model.safetensors", "pytorch_model.bin")]
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise FileNotFoundError(
-        f"no local pretrained weights for {arch!r}: cvkit never downloads. Put the file at "
-        f"{candidates[0]} (or {candidates[1].name}), set CVKIT_WEIGHTS to its folder, or pass "
-        "pretrained=PATH. See weights/README.md."
-    )
+def start_small(head: nn.Module) -> nn.Module:
+    """Zero the weights and bias of ``head``'s output layer (its last Linear or convolution); return ``head``.
+
+    A new head then puts out zero logits (a loss of log C) whatever its family's init scale:
+    timm initialises EfficientNet's classifier uniformly in +-1/sqrt(outputs), +-0.71 for two
+    classes, and on 1280 non-negative pretrained features such a head starts with huge logits
+    that a short head stage never unlearns (measured in bench/RESULTS.md). The layer still gets
+    gradients (features times the output error), so it learns from the first step.
+    """
+    layers = [m for m in head.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
+    if layers:
+        nn.init.zeros_(layers[-1].weight)
+        if layers[-1].bias is not None:
+            nn.init.zeros_(layers[-1].bias)
+    return head
 
 
 def bn_dropout_head(in_features: int, num_classes: int, dropout: float = 0.5) -> nn.Sequential:
-    """BatchNorm1d + Dropout + Linear on pooled features (the Ford-vs-Ferrari project's head)."""
-    return nn.Sequential(nn.BatchNorm1d(in_features), nn.Dropout(dropout), nn.Linear(in_features, num_classes))
+    """BatchNorm1d + Dropout + Linear on pooled features (the Ford-vs-Ferrari project's head), starting small."""
+    return start_small(nn.Sequential(nn.BatchNorm1d(in_features), nn.Dropout(dropout), nn.Linear(in_features, num_classes)))
 
 
 def create_model(
@@ -56,8 +54,11 @@ def create_model(
     Args:
         arch: any timm architecture name (``resnet50``, ``efficientnet_b0``, ``test_resnet``...).
         num_classes: outputs of the classifier.
-        pretrained: None/False for random init, True for ``weights/<arch>.*``, or a file path.
+        pretrained: None/False for random init, True for ``weights/<arch>.*`` or packaged weights
+            (:func:`~cvkit.models.pretrained.resolve_pretrained`), or a file path. The model then
+            carries ``cvkit_weights`` (:func:`~cvkit.models.pretrained.weights_record`).
         head: None keeps timm's classifier; ``"bn_dropout"`` puts BatchNorm+Dropout+Linear there.
+            A head not loaded from ``pretrained`` starts at zero outputs (:func:`start_small`).
         head_dropout: dropout of the ``bn_dropout`` head.
         **kwargs: passed to ``timm.create_model`` (``drop_rate``, ``in_chans``...); None values dropped.
     """
@@ -68,9 +69,15 @@ def create_model(
         raise ValueError(f"num_classes must be a positive int (outputs of the classifier), got {num_classes!r}")
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
+    loaded: set = set()
     if pretrained:
-        path = find_weights(arch) if pretrained is True else Path(pretrained)
-        load_backbone_weights(model, path)
+        path = resolve_pretrained(arch) if pretrained is True else Path(pretrained)
+        loaded = load_backbone_weights(model, path)
+        model.cvkit_weights = weights_record(path)
+    for name in head_names(model):
+        keys = get_submodule(model, name).state_dict(prefix=name + ".")
+        if not keys.keys() <= loaded:  # a new or resized classifier; one loaded from the file is kept
+            start_small(get_submodule(model, name))
     if head == "bn_dropout":
         (name,) = head_names(model)[-1:]
         old = get_submodule(model, name)
@@ -81,8 +88,8 @@ def create_model(
     return model
 
 
-def load_backbone_weights(model: nn.Module, path: Union[str, os.PathLike]) -> None:
-    """Load pretrained weights into everything but a classifier whose shape differs.
+def load_backbone_weights(model: nn.Module, path: Union[str, os.PathLike]) -> Set[str]:
+    """Load pretrained weights into everything but a classifier whose shape differs; return the keys loaded.
 
     Raises a ValueError naming the file and the first mismatching keys when the file does not
     fit the architecture (missing or unexpected keys outside the head).
@@ -100,6 +107,8 @@ def load_backbone_weights(model: nn.Module, path: Union[str, os.PathLike]) -> No
     if mismatched or missing or unexpected:
         raise ValueError(
             f"weights in {path} do not fit {type(model).__name__}: "
-            f"shape mismatch {mismatched[:5]}, missing {missing[:5]}, unexpected {unexpected[:5]}"
+            f"shape mismatch {mismatched[:5]}, missing {missing[:5]}, unexpected {unexpected[:5]}; another "
+            f"repository's checkpoint converts with `cvkit weights import {path} --arch ARCH`"
         )
     model.load_state_dict(state, strict=False)
+    return set(state)

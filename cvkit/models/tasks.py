@@ -8,7 +8,7 @@ Each one follows the group contract of :mod:`cvkit.models.groups`: the wrappers 
 in ``head_names`` and keep the timm network under ``backbone`` (``backbone.layer3`` is a valid
 ``trainable`` block); smp models are found by their ``decoder`` + ``segmentation_head``.
 Nothing downloads: pretrained weights come from a file (``pretrained=True`` looks in
-``weights/``, see :func:`cvkit.models.factory.find_weights`).
+``weights/``, then in installed weight packages, see :func:`cvkit.models.pretrained.resolve_pretrained`).
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from cvkit.io import load_checkpoint, state_dict_of
-from cvkit.models.factory import create_model, find_weights, load_backbone_weights
+from cvkit.models.factory import create_model, load_backbone_weights, start_small
+from cvkit.models.pretrained import resolve_pretrained, weights_record
 from cvkit.registry import Registry
 
 Pretrained = Union[bool, str, os.PathLike, None]
@@ -33,7 +34,8 @@ BOX_DIMS = 4
 def timm_backbone(arch: str, pretrained: Pretrained = None, **timm_kwargs) -> nn.Module:
     """A timm network without classifier (``num_classes=0``): forward gives pooled features.
 
-    ``pretrained`` is None/False (random), True (``weights/<arch>.*``) or a file path.
+    ``pretrained`` is None/False (random), True (``weights/<arch>.*`` or packaged weights) or a file
+    path; a loaded backbone carries ``cvkit_weights`` (:func:`~cvkit.models.pretrained.weights_record`).
     """
     if not timm.is_model(arch):
         close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
@@ -41,7 +43,9 @@ def timm_backbone(arch: str, pretrained: Pretrained = None, **timm_kwargs) -> nn
     timm_kwargs = {k: v for k, v in timm_kwargs.items() if v is not None}
     backbone = timm.create_model(arch, pretrained=False, num_classes=0, **timm_kwargs)
     if pretrained:
-        load_backbone_weights(backbone, find_weights(arch) if pretrained is True else Path(pretrained))
+        path = resolve_pretrained(arch) if pretrained is True else Path(pretrained)
+        load_backbone_weights(backbone, path)
+        backbone.cvkit_weights = weights_record(path)
     return backbone
 
 
@@ -84,8 +88,8 @@ class ClassBoxModel(_BackboneModel):
         self.backbone = timm_backbone(arch, pretrained, **timm_kwargs)
         self.num_features = self.backbone.num_features
         self.drop = nn.Dropout(dropout)
-        self.cls_head = nn.Linear(self.num_features, num_classes)
-        self.box_head = nn.Linear(self.num_features, BOX_DIMS)
+        self.cls_head = start_small(nn.Linear(self.num_features, num_classes))
+        self.box_head = start_small(nn.Linear(self.num_features, BOX_DIMS))
         self.head_names = ("cls_head", "box_head")
 
     def forward(self, x: Tensor) -> Tensor:
@@ -117,7 +121,7 @@ class KeypointModel(_BackboneModel):
         self.backbone = timm_backbone(arch, pretrained, **timm_kwargs)
         self.num_features = self.backbone.num_features
         self.drop = nn.Dropout(dropout)
-        self.head = nn.Linear(self.num_features, 2 * num_keypoints)
+        self.head = start_small(nn.Linear(self.num_features, 2 * num_keypoints))
         self.head_names = ("head",)
 
     def forward(self, x: Tensor) -> Tensor:

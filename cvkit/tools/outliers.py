@@ -284,13 +284,10 @@ def contact_sheet(
 
 
 def _as_rgb(item: Any) -> np.ndarray:
-    import cv2
-
     if isinstance(item, (str, os.PathLike)):
-        image = cv2.imread(os.fspath(item), cv2.IMREAD_COLOR)
-        if image is None:
-            raise FileNotFoundError(f"cannot read image {item}")
-        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        from cvkit.data.io import read_image
+
+        return read_image(item)  # an ImageReadError naming the file, the pixel cap included
     image = item.detach().cpu().numpy() if isinstance(item, torch.Tensor) else np.asarray(item)
     if image.ndim == 3 and image.shape[0] in (1, 3) and image.shape[2] not in (1, 3, 4):
         image = image.transpose(1, 2, 0)
