@@ -435,11 +435,10 @@ def changed_keys(saved: Mapping[str, Any], current: Mapping[str, Any]) -> List[s
     return sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
 
 
-def _finished(logdir: Path, task: Task) -> Optional[Dict[str, Any]]:
-    """The metrics of a run that already finished in ``logdir`` (``metrics.json``, and the task's tuned
-    post-processing when it has one, are its last writes), else None."""
+def _finished(logdir: Path) -> Optional[Dict[str, Any]]:
+    """The metrics of a run that already finished in ``logdir`` (``metrics.json`` is its last write), else None."""
     path = logdir / "metrics.json"
-    if not path.is_file() or (task.tuning_file and not (logdir / task.tuning_file).is_file()):
+    if not path.is_file():
         return None
     try:
         metrics = json.loads(path.read_text())
@@ -448,32 +447,36 @@ def _finished(logdir: Path, task: Task) -> Optional[Dict[str, Any]]:
     return metrics if isinstance(metrics, dict) and "best" in metrics else None
 
 
-def _check_resume(full: Mapping[str, Any], allow_changes: bool) -> List[str]:
-    """Refuse to resume a run whose experiment changed since it started, naming the keys; the changed
-    keys when ``allow_changes``."""
+def _check_resume(full: Mapping[str, Any], allow_changes: bool) -> Dict[str, Any]:
+    """Refuse to resume a run whose experiment changed since it started, naming the keys; with
+    ``allow_changes``, the changed dotted keys with their values before (None: the key was absent)."""
     saved_path = Path(full["logdir"]) / "config.json"
     if not saved_path.is_file():
-        return []
-    changed = changed_keys(complete(load_experiment(saved_path)), full)
+        return {}
+    saved = complete(load_experiment(saved_path))
+    changed = changed_keys(saved, full)
     if changed and not allow_changes:
         raise ConfigError(f"resume: the experiment differs from the run's {saved_path} in {changed[:8]}"
                           f"{' ...' if len(changed) > 8 else ''}; resume it unchanged, start a new logdir, or "
                           "allow the change explicitly (--resume-changed; the new values are recorded in config.json)")
-    return changed
+    before = _flat(json.loads(json.dumps(saved, default=str)))
+    return {key: before.get(key) for key in changed}
 
 
-def _record_changes(full: Mapping[str, Any], changed: List[str]) -> None:
-    """Write a resumed run's new experiment into its config.json, listing the keys that changed.
-
-    The interrupted stage continues from its saved optimizer and scheduler state, so a changed LR or
-    scheduler of that stage applies from the next stage on; epochs, later stages and data apply at once.
-    """
+def _record_changes(experiment: Experiment, before: Dict[str, Any]) -> None:
+    """Write a resumed run's new experiment into its config.json, and append to ``resumed_with_changes``
+    the changed keys, their values before and the epoch the run resumes after (the new values apply from
+    the next one; see :meth:`cvkit.runners.StagedRunner.fit`'s ``resume`` for the interrupted stage)."""
     from cvkit.io import atomic_write_json
+    from cvkit.runners import StagedRunner
 
+    full = experiment.config
     path = Path(full["logdir"]) / "config.json"
     saved = json.loads(path.read_text())
     saved.update(json.loads(json.dumps(full, default=str)))
-    saved["resumed_with_changes"] = saved.get("resumed_with_changes", []) + [changed]
+    entry = {"keys": sorted(before), "before": before,
+             "resumed_after": StagedRunner().resume_point(experiment.logdir, experiment.stages)}
+    saved["resumed_with_changes"] = saved.get("resumed_with_changes", []) + [entry]
     atomic_write_json(path, saved)
 
 
@@ -500,21 +503,30 @@ def run(config: Mapping[str, Any], resume: bool = False, verbose: bool = True,
     ``config.json`` in the logdir is the completed experiment (plus the runner's facts) and
     re-runs as it is; ``classes.json`` keeps the class names for :mod:`cvkit.inference.predict`.
     With ``resume``, a run that already finished is left as it is (its metrics are returned), and a
-    run whose experiment changed since is refused unless ``allow_changes``.
+    run whose experiment changed since is refused unless ``allow_changes``. The run folder's lock
+    (:class:`cvkit.lock.RunLock`) is held from the first write into it to the last.
     """
+    from cvkit.lock import RunLock
+
+    check_loggers_installed(config)
+    experiment = build(config, datasets)
+    if not config.get("logdir"):  # the time-stamped folder, claimed once the experiment builds
+        experiment.config["logdir"] = claim_logdir(experiment.config)
+    with RunLock(experiment.logdir):
+        return _run_locked(experiment, resume, verbose, allow_changes)
+
+
+def _run_locked(experiment: Experiment, resume: bool, verbose: bool, allow_changes: bool) -> Dict[str, Any]:
+    """:func:`run` once the run folder is held."""
     from cvkit.io import atomic_write_json
     from cvkit.perf import FastPaths
     from cvkit.runners import StagedRunner
 
-    check_loggers_installed(config)
-    experiment = build(config, datasets)
     full = experiment.config
-    if not config.get("logdir"):  # the time-stamped folder, claimed once the experiment builds
-        full["logdir"] = claim_logdir(full)
-    changed: List[str] = []
+    before: Dict[str, Any] = {}
     if resume:
-        changed = _check_resume(full, allow_changes)
-        done = _finished(experiment.logdir, experiment.task)
+        before = _check_resume(full, allow_changes)
+        done = _finished(experiment.logdir)
         if done is not None:
             if verbose:
                 print(f"{experiment.logdir} is a finished run (metrics.json); nothing to resume")
@@ -522,8 +534,8 @@ def run(config: Mapping[str, Any], resume: bool = False, verbose: bool = True,
     experiment.prepare()
     _link_latest(experiment.logdir)
     full["pipelines"] = pipelines(full, experiment.stages)
-    if changed:
-        _record_changes(full, changed)
+    if before:
+        _record_changes(experiment, before)
     if experiment.classes:
         atomic_write_json(experiment.logdir / CLASSES_FILE, experiment.classes)
     runner = StagedRunner().fit(
@@ -532,28 +544,27 @@ def run(config: Mapping[str, Any], resume: bool = False, verbose: bool = True,
         minimize_valid_metric=full["minimize_valid_metric"], engine=full["engine"], seed=int(full["seed"]),
         verbose=verbose, config=json.loads(json.dumps(full)), test_loader=experiment.test_loader(),
         resume=resume or None, fast=FastPaths(**full["fast"]), profile=bool(full["profile"]),
-        loggers=full["loggers"],
+        loggers=full["loggers"], postprocess=lambda model: _tune(experiment, model),
     )
-    return _tune(experiment, runner.final_metrics)
+    return runner.final_metrics
 
 
-def _tune(experiment: Experiment, result: Dict[str, Any]) -> Dict[str, Any]:
-    """The task's post-processing chosen on the valid split (never the test split) with the best weights,
-    saved beside the run, its valid score before and after added to ``metrics.json``."""
+def _tune(experiment: Experiment, model: nn.Module) -> Dict[str, Any]:
+    """The task's post-processing chosen on the valid split (never the test split) with the best weights
+    (``model``), saved beside the run; ``{"postprocess": ...}`` (its valid score before and after) for
+    ``metrics.json``, or {} for a task without post-processing."""
     from cvkit.io import atomic_write_json
 
     task, config = experiment.task, experiment.config
     last = experiment.stages[-1]
     transform = eval_transform(config, image_size(config, config["stages"][-1]), last.name)
-    device = next(experiment.model.parameters()).device.type
-    tuning = task.tune([(experiment.model, experiment.datasets["valid"], transform)], device)
+    device = next(model.parameters()).device.type
+    tuning = task.tune([(model, experiment.datasets["valid"], transform)], device)
     if tuning is None:
-        return result
+        return {}
     atomic_write_json(experiment.logdir / task.tuning_file, tuning.to_json())
-    result = {**result, "postprocess": {"file": task.tuning_file, "split": "valid", "before": tuning.before,
-                                        "after": tuning.after}}
-    atomic_write_json(experiment.logdir / "metrics.json", result)
-    return result
+    return {"postprocess": {"file": task.tuning_file, "split": "valid", "before": tuning.before,
+                            "after": tuning.after}}
 
 
 __all__ = ["Experiment", "build", "build_datasets", "build_model", "build_criterion", "class_names", "complete",

@@ -262,10 +262,11 @@ def export_run(run_folder: PathLike, format: str = "onnx", image_size: Optional[
         atol, rtol: parity holds when every compared value has ``|exported - PyTorch| <= atol + rtol * scale``,
             ``scale`` the largest |PyTorch| of its image (default atol: :data:`TOLERANCES` of the compared
             quantity; rtol: :data:`RTOL`). Both are recorded in the contract.
+
+    An export into the run folder (the default) holds the run's lock (:class:`cvkit.lock.RunLock`) while it
+    reads the run and writes, so it never mixes with a run still writing there.
     """
-    from cvkit.data.augment import transform_to_dict
-    from cvkit.inference.predict import load_run
-    from cvkit.io import atomic_write_bytes, atomic_write_json
+    from cvkit.lock import RunLock
 
     if format not in FORMATS:
         raise ExportError(f"format must be one of {FORMATS}, got {format!r}")
@@ -279,6 +280,20 @@ def export_run(run_folder: PathLike, format: str = "onnx", image_size: Optional[
     folder = Path(run_folder)
     if not (folder / "config.json").is_file():
         raise ExportError(f"{folder}: not a run folder (no config.json); expected the logdir of a finished run")
+    path = Path(out) if out is not None else folder / "export" / f"model{SUFFIXES[format]}"
+    if not path.resolve().is_relative_to(folder.resolve()):
+        return _export(folder, path, format, image_size, dynamic_batch, images, opset, atol, rtol)
+    with RunLock(folder):
+        return _export(folder, path, format, image_size, dynamic_batch, images, opset, atol, rtol)
+
+
+def _export(folder: Path, path: Path, format: str, image_size: Optional[int], dynamic_batch: bool, images: int,
+            opset: int, atol: Optional[float], rtol: float) -> ExportReport:
+    """:func:`export_run` of ``folder`` into ``path``, its arguments checked."""
+    from cvkit.data.augment import transform_to_dict
+    from cvkit.inference.predict import load_run
+    from cvkit.io import atomic_write_bytes, atomic_write_json
+
     run = load_run(folder)
     task = run.task
     transform = run.transform(image_size)
@@ -297,7 +312,6 @@ def export_run(run_folder: PathLike, format: str = "onnx", image_size: Optional[
         raise ExportError(f"{format} export of {folder} disagrees with PyTorch: max |diff| of {check.compared} "
                           f"{check.max_abs_diff:.3g} on {len(x)} images, {check.worst} (the largest |PyTorch| of "
                           f"its image); nothing written (loosen with atol/rtol, CLI --atol/--rtol)")
-    path = Path(out) if out is not None else folder / "export" / f"model{SUFFIXES[format]}"
     path.parent.mkdir(parents=True, exist_ok=True)
     tuning_file = _copy_tuning(task, folder, path.parent)
     with torch.no_grad():

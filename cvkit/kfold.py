@@ -13,7 +13,8 @@ training row with the one fold model that did not train on it:
   from the k-fold folder applies it.
 
 A killed k-fold run continues with ``resume=True``: finished folds are kept, the unfinished one
-resumes from its last epoch, later ones start.
+resumes from its last epoch, later ones start. The k-fold folder's lock (:class:`cvkit.lock.RunLock`) is
+held from the first fold to ``cv.json``; each fold's run holds its own folder's.
 """
 from __future__ import annotations
 
@@ -39,13 +40,22 @@ def kfold(config: Mapping[str, Any], folds: int = 5, group_col: Optional[str] = 
           verbose: bool = True, allow_changes: bool = False) -> Dict[str, Any]:
     """Train every fold, write ``oof.csv`` and ``cv.json`` into the logdir; returns what cv.json holds."""
     from cvkit.config import claim_logdir, complete
-    from cvkit.experiment import run
-    from cvkit.io import atomic_write_bytes, atomic_write_json
+    from cvkit.lock import RunLock
 
     named = bool(config.get("logdir"))
     config = complete(config)
     if not named:  # the time-stamped folder, claimed once the experiment checks out
         config["logdir"] = claim_logdir(config)
+    with RunLock(config["logdir"]):
+        return _kfold_locked(config, folds, group_col, resume, verbose, allow_changes)
+
+
+def _kfold_locked(config: Dict[str, Any], folds: int, group_col: Optional[str], resume: bool, verbose: bool,
+                  allow_changes: bool) -> Dict[str, Any]:
+    """:func:`kfold` of a completed experiment once its folder is held."""
+    from cvkit.experiment import run
+    from cvkit.io import atomic_write_bytes, atomic_write_json
+
     base = Path(config["logdir"])
     scores: List[float] = []
     for fold in range(folds):

@@ -203,6 +203,7 @@ class StagedRunner(dl.SupervisedRunner):
         fast: Optional[FastPaths] = None,
         profile: bool = False,
         loggers: Sequence[LoggerSpec] = DEFAULT_LOGGERS,
+        postprocess: Optional[Callable[[nn.Module], Dict[str, Any]]] = None,
     ) -> "StagedRunner":
         """Run every stage in order and return self.
 
@@ -225,13 +226,19 @@ class StagedRunner(dl.SupervisedRunner):
             test_loader: evaluated with the best weights at the end into metrics.json.
             resume: True (``logdir/checkpoints/resume.pth``) or a path: continue a killed run
                 from its last completed epoch; on CPU with a fixed seed the result equals an
-                uninterrupted run.
+                uninterrupted run. When the interrupted stage's :data:`~cvkit.stages.SCHEDULE_KEYS`
+                settings changed since (a new LR, more epochs...), it continues on the new settings'
+                schedule: its optimizer's moments are kept, its LRs and scheduler are rebuilt and advanced
+                to the epoch it resumes at; a stage that had run all its epochs continues when it has more now.
             fast: GPU speed switches (channels_last, compile, cudnn_benchmark); see cvkit.perf.
             profile: profile 10 train batches of the first epoch into logdir/profile.txt.
             loggers: where metrics go besides log.csv: ``"tensorboard"`` (logdir/tensorboard, the
                 default) and ``"mlflow"`` (one MLflow run, by default in a SQLite store under
                 logdir/mlruns; ``{"name": "mlflow", "tracking_uri": ..., "experiment": ...}`` to
                 choose); see :mod:`cvkit.loggers`.
+            postprocess: called with the model holding the best weights after the test evaluation;
+                what it returns is added to metrics.json, which is written last (a run folder holding
+                metrics.json is finished).
         """
         self._logger_specs = logger_specs(loggers)
         require_packages(self._logger_specs)
@@ -247,7 +254,7 @@ class StagedRunner(dl.SupervisedRunner):
         logdir.mkdir(parents=True, exist_ok=True)
         with RunLock(logdir):
             self._fit_locked(model, stages, loaders, criterion, logdir, metrics, callbacks, valid_loader, valid_metric,
-                             minimize_valid_metric, engine, seed, verbose, config, test_loader, resume)
+                             minimize_valid_metric, engine, seed, verbose, config, test_loader, resume, postprocess)
         return self
 
     def _fit_locked(self, model: nn.Module, stages: List[Stage], loaders: Union[Loaders, LoaderFactory],
@@ -255,7 +262,8 @@ class StagedRunner(dl.SupervisedRunner):
                     callbacks: Optional[Callable[[Stage], Iterable[Callback]]], valid_loader: str, valid_metric: str,
                     minimize_valid_metric: bool, engine: Union[None, str, Engine], seed: int, verbose: bool,
                     config: Optional[Dict[str, Any]], test_loader: Optional[DataLoader],
-                    resume: Union[None, bool, str, Path]) -> None:
+                    resume: Union[None, bool, str, Path],
+                    postprocess: Optional[Callable[[nn.Module], Dict[str, Any]]]) -> None:
         """:meth:`fit` once the run folder is held."""
         clean_stale_temporaries(logdir)
         self.valid_loader_key, self.valid_metric_key = valid_loader, valid_metric
@@ -272,8 +280,9 @@ class StagedRunner(dl.SupervisedRunner):
         first = 0
         if state is not None:
             run.history, run.best = list(state["history"]), dict(state["run_best"])
-            first = state["stage_index"] + (1 if state["stage_finished"] else 0)
-            run.stage_start_epoch = state["epoch"] if state["stage_finished"] else state["stage_start_epoch"]
+            finished = state["stage_finished"] and not _has_more_epochs(state, stages[state["stage_index"]])
+            first = state["stage_index"] + (1 if finished else 0)
+            run.stage_start_epoch = state["epoch"] if finished else state["stage_start_epoch"]
             run.batch_offset, run.sample_offset = state["batch_step"], state["sample_step"]
             self.epoch_step = state["epoch"]
         self._run_hparams = run_hparams(stages, _facts(logdir))
@@ -281,7 +290,7 @@ class StagedRunner(dl.SupervisedRunner):
         try:
             self._run_stages(model, stages, first, state, loaders, criterion, logdir, metrics, callbacks,
                              valid_loader, engine, seed, verbose, config)
-            self._finish(model, logdir, test_loader, metrics, engine)
+            self._finish(model, logdir, test_loader, metrics, engine, criterion, postprocess)
         except BaseException as exc:
             if self._mlflow is not None:
                 self._mlflow.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
@@ -427,7 +436,7 @@ class StagedRunner(dl.SupervisedRunner):
 
         cvkit's run at 3-5 (channels_last, profile, freeze_bn), 7 (mixup), 11-12 (criterion, metrics),
         29-32 (nan_guard, backward, gradient_guard), 41 (optimizer), 43 (ema), 51-52 (scheduler, lr_monitor) and
-        101-120 (early_stopping, progress, history, checkpoint); Catalyst's default orders (0, 10,
+        101-121 (early_stopping, progress, history, checkpoint, console); Catalyst's default orders (0, 10,
         20, ..., 100) stay free for the user's callbacks.
         """
         logdir = self.run_state.logdir
@@ -530,9 +539,7 @@ class StagedRunner(dl.SupervisedRunner):
         steps_per_epoch = math.ceil(len(loaders[train_key]) / stage.accumulate)
         scheduler = stage.build_scheduler(optimizer, steps_per_epoch, minimize)
         if self._resume_state is not None:
-            optimizer.load_state_dict(self._resume_state["optimizer"])
-            if scheduler is not None and self._resume_state["scheduler"] is not None:
-                scheduler.load_state_dict(self._resume_state["scheduler"])
+            self._restore_schedule(stage, optimizer, scheduler, steps_per_epoch)
         callbacks = self._stage_callbacks(stage, frozen_bn, metrics, extra, folder, scheduler, verbose)
         if stage.ema is not None and ema_options(stage.ema)["validate"] == "both":
             loaders = {**loaders, f"{self.valid_loader_key}_raw": loaders[self.valid_loader_key]}
@@ -576,6 +583,34 @@ class StagedRunner(dl.SupervisedRunner):
                 verbose=False,
             )
 
+    def _restore_schedule(self, stage: Stage, optimizer: torch.optim.Optimizer, scheduler: Any,
+                          steps_per_epoch: int) -> None:
+        """Continue the interrupted stage's optimizer and scheduler from the resume state.
+
+        Unchanged settings (or a resume file that does not record them): both as saved. Changed
+        :data:`~cvkit.stages.SCHEDULE_KEYS`: the saved optimizer's moments (when the optimizer kind is the
+        same) under the new settings' hyperparameters and LRs, and the new scheduler stepped through the
+        optimizer steps (epochs, for a per-epoch one) the stage already ran, so the LRs from here on are
+        those an uninterrupted run with the new settings has; a plateau scheduler starts afresh at the new LRs.
+        """
+        state = self._resume_state
+        saved = state.get("schedule")
+        if saved is None or saved == stage.schedule_settings():
+            optimizer.load_state_dict(state["optimizer"])
+            if scheduler is not None and state["scheduler"] is not None:
+                scheduler.load_state_dict(state["scheduler"])
+            return
+        if saved["optimizer"] == stage.optimizer:
+            fresh = optimizer.state_dict()["param_groups"]  # the new settings, set by the new scheduler too
+            optimizer.load_state_dict({"state": state["optimizer"]["state"], "param_groups": fresh})
+        if scheduler is None or isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            return
+        done = min(int(state["epoch"]) - int(state["stage_start_epoch"]), stage.epochs)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+            for _ in range(done * (steps_per_epoch if stage.interval == "batch" else 1)):
+                scheduler.step()
+
     @staticmethod
     def _apply_trainable(model: nn.Module, stage: Stage, trainable: set) -> List[str]:
         """Set what trains; return the BatchNorm modules to keep in eval mode.
@@ -613,6 +648,8 @@ class StagedRunner(dl.SupervisedRunner):
             "stage_start_epoch": run.stage_start_epoch,
             "epoch": int(self.epoch_step),
             "stage_finished": bool(self.need_early_stop or self.epoch_step >= self.num_epochs),
+            "stopped_early": bool(self.need_early_stop),
+            "schedule": run.stage.schedule_settings(),
             "batch_step": int(self.batch_step),
             "sample_step": int(self.sample_step),
             "model": ema["weights"] if ema is not None else weights,
@@ -650,6 +687,14 @@ class StagedRunner(dl.SupervisedRunner):
         if state["stages"] != names:
             raise ValueError(f"{path} was written by a run with stages {state['stages']}, not {names}")
         return state
+
+    def resume_point(self, logdir: Union[str, Path], stages: Sequence[Stage]) -> Optional[Dict[str, Any]]:
+        """``{"stage", "epoch"}``: the last completed epoch ``fit(resume=True)`` continues ``logdir`` from,
+        or None when no epoch finished (errors as :meth:`fit`'s, its warnings left to it)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = self._read_resume(Path(logdir), list(stages), True)
+        return None if state is None else {"stage": state["stage"], "epoch": int(state["epoch"])}
 
     @staticmethod
     def _try_resume_file(path: Path) -> Optional[Dict[str, Any]]:
@@ -714,8 +759,14 @@ class StagedRunner(dl.SupervisedRunner):
         atomic_write_json(logdir / "config.json", config)
 
     def _finish(
-        self, model: nn.Module, logdir: Path, test_loader: Optional[DataLoader], metrics: Optional[MetricsFactory], engine: Engine
+        self, model: nn.Module, logdir: Path, test_loader: Optional[DataLoader], metrics: Optional[MetricsFactory],
+        engine: Engine, criterion: nn.Module, postprocess: Optional[Callable[[nn.Module], Dict[str, Any]]],
     ) -> None:
+        """Root best.pth, the test evaluation, ``postprocess``, then metrics.json last.
+
+        Everything here comes from the files and the arguments, never from a stage's runner state
+        (``self.criterion``...): a run resumed after its last epoch runs no stage before it.
+        """
         run = self.run_state
         if not run.best:
             raise RuntimeError(
@@ -735,9 +786,9 @@ class StagedRunner(dl.SupervisedRunner):
                                   "valid": checkpoint["metrics"].get(valid_key, {})}
         result["epochs"] = int(self.epoch_step)
         if test_loader is not None:
-            result["test"] = evaluate(model, test_loader, self.criterion, metrics, engine, self._input_key, self._target_key)
-        self.final_metrics = result
-        atomic_write_json(logdir / "metrics.json", result)
+            result["test"] = evaluate(model, test_loader, criterion, metrics, engine, self._input_key, self._target_key)
+        if postprocess is not None:
+            result.update(postprocess(model))
         scores = {f"{split}/{key}": value for split in ("valid", "test") for key, value in
                   (result.get(split) or {}).items() if not key.startswith("loss/")}
         if any(spec["name"] == "tensorboard" for spec in self._logger_specs):
@@ -747,6 +798,13 @@ class StagedRunner(dl.SupervisedRunner):
         from cvkit.plots import plot_progress
 
         plot_progress(run.history, logdir / "progress.png", self.valid_metric_key)
+        self.final_metrics = result
+        atomic_write_json(logdir / "metrics.json", result)
+
+
+def _has_more_epochs(state: Mapping[str, Any], stage: Stage) -> bool:
+    """Whether a stage that had run all its epochs when ``state`` was saved has more now (``--resume-changed``)."""
+    return not state.get("stopped_early", True) and int(state["epoch"]) - int(state["stage_start_epoch"]) < stage.epochs
 
 
 def _minimized(key: str, metrics: Optional[MetricsFactory]) -> bool:
@@ -796,6 +854,8 @@ def evaluate(
     """Loss (mean over samples) and metrics of ``model`` on ``loader``, in eval mode."""
     device = torch.device("cuda") if isinstance(engine, Engine) and engine.device.type == "cuda" else torch.device("cpu")
     model = model.to(device).eval()
+    if criterion is not None:
+        criterion = criterion.to(device)
     metric_objs = list(metrics()) if metrics else []
     for metric in metric_objs:
         metric.reset()

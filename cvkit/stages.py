@@ -120,6 +120,9 @@ def onecycle(optimizer: torch.optim.Optimizer, stage: "Stage", steps_per_epoch: 
     return torch.optim.lr_scheduler.OneCycleLR(optimizer, **kwargs)
 
 
+# What a stage's optimizer hyperparameters and LR schedule are built from (steps per epoch included).
+SCHEDULE_KEYS = ("lr", "layer_decay", "weight_decay", "optimizer", "optimizer_kwargs", "scheduler", "scheduler_kwargs",
+                 "interval", "epochs", "batch_size", "accumulate")
 _EARLY_STOPPING_KEYS = {"patience", "min_delta", "metric", "loader", "minimize"}
 SAMPLERS = (None, "balanced")
 _EMA_KEYS = ("decay", "min_decay", "update_after_step", "use_warmup", "warmup_gamma", "warmup_power",
@@ -374,6 +377,10 @@ class Stage:
     def to_dict(self) -> Dict[str, Any]:
         """Plain-data form for config.json."""
         return asdict(self)
+
+    def schedule_settings(self) -> Dict[str, Any]:
+        """The :data:`SCHEDULE_KEYS` settings (a resumed stage whose settings differ rebuilds its schedule)."""
+        return {key: getattr(self, key) for key in SCHEDULE_KEYS}
 
     def build_optimizer(self, groups: List[dict]) -> torch.optim.Optimizer:
         """The stage's optimizer over ``groups`` (already carrying per-group ``lr``/``weight_decay``)."""

@@ -170,7 +170,8 @@ def test_resume_refuses_a_changed_experiment_and_leaves_a_finished_run_alone(tra
     run(changed, resume=True, verbose=False, allow_changes=True)
     saved = json.loads((logdir / "config.json").read_text())
     assert saved["seed"] == 7 and saved["stages"][1]["lr"] == 0.5
-    assert saved["resumed_with_changes"] == [["seed", "stages.1.lr"]]
+    assert saved["resumed_with_changes"] == [{"keys": ["seed", "stages.1.lr"], "before": {"seed": 42, "stages.1.lr": 0.001},
+                                              "resumed_after": {"stage": "full", "epoch": 2}}]
 
 
 def test_a_copied_run_folder_continues_where_it_is(trained, tmp_path):

@@ -1,4 +1,4 @@
-"""cvkit.fine_tune (head first, then everything with discriminative LRs) and the frozen-BN policy."""
+"""cvkit.fine_tune (the default recipe: head on cached features, then everything) and the frozen-BN policy."""
 from __future__ import annotations
 
 import json
@@ -24,33 +24,40 @@ class RecordGroups(Callback):
 
     def on_experiment_start(self, runner) -> None:
         self.store[runner.stage.name] = (
-            {g["name"]: g["max_lr"] for g in runner.optimizer.param_groups}, len(runner.optimizer.state),
+            {g["name"]: g.get("initial_lr", g["lr"]) for g in runner.optimizer.param_groups}, len(runner.optimizer.state),
         )
 
 
-def test_fine_tune_trains_the_head_then_everything_with_discriminative_lrs(tmp_path):
+def test_fine_tune_is_the_default_recipe_head_on_cached_features_then_everything(tmp_path):
     torch.manual_seed(0)
     model = create_model("test_resnet", 3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     groups = {}
-    runner = cvkit.fine_tune(model, tiny_loaders(), nn.CrossEntropyLoss(), epochs=1, base_lr=0.01, freeze_epochs=1,
-                             logdir=tmp_path, verbose=False, engine="cpu", weight_decay=0.01,
-                             callbacks=lambda s: [RecordGroups(groups)])
+    runner = cvkit.fine_tune(model, tiny_loaders(), nn.CrossEntropyLoss(), epochs=1, base_lr=0.01, freeze_epochs=3,
+                             logdir=tmp_path, verbose=False, engine="cpu", callbacks=lambda s: [RecordGroups(groups)])
     assert isinstance(runner, StagedRunner)
-    assert [r["stage"] for r in runner.history] == ["freeze", "unfreeze"]
+    assert [r["stage"] for r in runner.history][-1] == "unfreeze"
     frozen = load_checkpoint(tmp_path / "checkpoints" / "freeze" / "last.pth")["model"]
     assert torch.equal(frozen["conv1.0.weight"], before["conv1.0.weight"])
     assert not torch.equal(frozen["fc.weight"], before["fc.weight"])
-    assert groups["freeze"][0] == {"head": pytest.approx(0.01)}
+    assert groups["freeze"][0] == {"head": pytest.approx(0.03)}
     lrs, state_size = groups["unfreeze"]
     assert state_size == 0, "the unfreeze stage must start with a fresh optimizer"
-    assert lrs["head"] == pytest.approx(0.005)
-    assert min(lrs.values()) == pytest.approx(0.0001)
-    backbone = sorted(v for k, v in lrs.items() if k != "head")
-    assert len(backbone) > 2 and backbone[-1] == pytest.approx(0.005)
+    assert lrs["head"] == pytest.approx(0.01)
+    backbone = sorted((v for k, v in lrs.items() if k != "head"), reverse=True)
+    assert len(backbone) > 2 and backbone[0] == pytest.approx(0.003)
+    assert backbone[1] == pytest.approx(0.003 * 0.8)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert [s["weight_decay"] for s in config["stages"]] == [0.01, 0.01]
-    assert [s["scheduler"] for s in config["stages"]] == ["onecycle", "onecycle"]
+    freeze, unfreeze = config["stages"]
+    assert (freeze["cache_features"], freeze["early_stopping"], freeze["optimizer"]) == (2, {"patience": 3}, "adamw")
+    assert (unfreeze["cache_features"], unfreeze["train_bn"], unfreeze["scheduler"]) == (None, False, "cosine")
+    assert (unfreeze["weight_decay"], unfreeze["init"]) == (0.01, "best")
+    without = cvkit.fine_tune(create_model("test_resnet", 3), tiny_loaders(), nn.CrossEntropyLoss(), epochs=1,
+                              freeze_epochs=1, logdir=tmp_path / "b", verbose=False, engine="cpu",
+                              cache_features=None, train_bn=True)
+    stages = json.loads((tmp_path / "b" / "config.json").read_text())["stages"]
+    assert stages[0]["cache_features"] is None and stages[1]["train_bn"] is True
+    assert without.best
 
 
 @pytest.mark.parametrize("policy", ["train", "eval"])

@@ -30,8 +30,8 @@ class StageCheckpointCallback(Callback):
     preference on a tie: ``{"raw": loader_key}`` by default, ``{"ema": "valid"}`` with an EMA, and
     ``{"ema": "valid", "raw": "valid_raw"}`` when an EMA stage validates both. The candidate with the
     better ``metric_key`` (in the run's direction) is the epoch's: its score competes for best, its
-    weights go in the checkpoint's ``model`` and its name in ``weights``, so the next stage starts
-    from whichever weights validated better.
+    weights go in the checkpoint's ``model`` and its name in ``weights`` (and ``run_state.kept_weights``,
+    which the console prints), so the next stage starts from whichever weights validated better.
     """
 
     def __init__(self, folder: Path, resume_path: Path, loader_key: str, metric_key: str,
@@ -71,6 +71,7 @@ class StageCheckpointCallback(Callback):
     def on_epoch_end(self, runner: "IRunner") -> None:
         state = runner.run_state
         weights, score = self.choose(runner)
+        state.kept_weights = weights
         epoch = int(runner.epoch_step)
         better = state.better(score, state.stage_best_score)
         if better:

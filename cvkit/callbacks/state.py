@@ -31,6 +31,7 @@ class RunState:
         best: the run's best epoch so far: ``{"stage", "epoch", "score", "path"}`` (path relative to logdir).
         stage_best_score / stage_best_epoch: the running stage's best valid score and its epoch.
         early_stopping: the early-stopping counters after the last epoch (None: no early stopping).
+        kept_weights: the weights the last epoch kept, ``"ema"`` or ``"raw"`` (set by the checkpoint callback).
         history: one row per finished epoch (what ``log.csv`` holds).
         skip_step: the NaN guard marked the current train batch; backward/optimizer leave it out.
         nan_skipped: batches skipped by the NaN guard in the current loader.
@@ -48,6 +49,7 @@ class RunState:
     stage_best_score: Optional[float] = None
     stage_best_epoch: Optional[int] = None
     early_stopping: Optional[Dict[str, Any]] = None
+    kept_weights: Optional[str] = None
     history: List[Dict[str, Any]] = field(default_factory=list)
     skip_step: bool = False
     nan_skipped: int = 0

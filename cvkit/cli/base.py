@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Iterable, List, Optional, Sequence, Union
 
 from cvkit.registry import Registry
+from cvkit.status import say
 
 PathLike = Union[str, os.PathLike]
 Run = Callable[[argparse.Namespace], int]
@@ -59,6 +60,12 @@ def register_command(name: str, help: str, add_arguments: AddArguments, override
         return run
 
     return decorator
+
+
+def loading(libraries: str) -> None:
+    """Before a command's first heavy import: say that it loads ``libraries`` (seconds), unless torch is loaded."""
+    if "torch" not in sys.modules:
+        say(f"loading {libraries}...")
 
 
 def list_commands() -> List[str]:

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import argparse
 
-from cvkit.cli.base import register_command
+from cvkit.cli.base import loading, register_command
 
 
 def _image_size(text: str) -> int:
     """``--image-size``: refused at argument time outside cvkit.export's size range (one line)."""
+    loading("torch, timm")
     from cvkit.export import ExportError, check_image_size
 
     try:
@@ -46,6 +47,7 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 @register_command("export", "Export a run's best.pth to ONNX or TorchScript, checked against PyTorch on valid "
                             "images, with a JSON contract beside it.", _export_args)
 def _export(args: argparse.Namespace) -> int:
+    loading("torch, timm")
     from cvkit.export import RTOL, export_run
 
     report = export_run(args.run, args.format, image_size=args.image_size, dynamic_batch=args.dynamic_batch,

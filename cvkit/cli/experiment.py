@@ -10,10 +10,12 @@ import contextlib
 import json
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from cvkit.cli.base import UsageError, refuse_overwriting_inputs, register_command
+from cvkit.cli.base import UsageError, loading, refuse_overwriting_inputs, register_command
+from cvkit.status import progress_bars_wanted, say
 
 
 def _experiment_args(p: argparse.ArgumentParser) -> None:
@@ -46,14 +48,15 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 @register_command("train", "Train a YAML experiment (all its stages); writes the run to its logdir.", _train_args)
 def _train(args: argparse.Namespace) -> int:
-    from cvkit.experiment import run
-
     if args.resume_changed and not args.resume:
         raise UsageError("--resume-changed only applies with --resume")
     if args.group_col and not args.folds:
         raise UsageError("--group-col only applies with --folds")
     if args.folds is not None and args.folds < 2:
         raise UsageError(f"--folds must be at least 2, got {args.folds}")
+    loading("torch, timm, catalyst")
+    from cvkit.experiment import run
+
     config = _load(args)
     claimed = _new_logdir(args, config)
     try:
@@ -135,27 +138,29 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
 @register_command("predict", "Predict a folder or CSV of images with a run's checkpoint into a submission CSV.",
                   _predict_args)
 def _predict(args: argparse.Namespace) -> int:
-    from cvkit.inference.predict import predict_run
-
     if args.image_size is not None and args.image_size < 1:
         raise UsageError(f"--image-size must be a positive number of pixels, got {args.image_size}")
     inputs = [args.images, *(args.checkpoint or []), *(p for p in (args.config, args.model) if p)]
     refuse_overwriting_inputs([args.out], inputs, "choose another --out")
     tta = [t.strip() for t in _split_specs(args.tta or "") if t.strip()]
     if args.model:
-        from cvkit.inference.runtime import predict_exported
-
         given = [f for f, v in (("--checkpoint", args.checkpoint), ("--config", args.config),
                                 ("--image-size", args.image_size), ("--tile", args.tile),
                                 ("--allow-missing-folds", args.allow_missing_folds or None)) if v is not None]
         if given:
             raise UsageError(f"--model predicts with the exported model and its contract; drop {', '.join(given)}")
+        loading("torch")
+        from cvkit.inference.runtime import predict_exported
+
         frame = predict_exported(args.model, args.images, args.out, tta=tta, probs=args.probs,
                                  batch_size=args.batch_size, threshold=args.threshold, root=args.root,
                                  path_col=args.path_col, flip_pairs=args.flip_pairs)
     else:
         if not args.checkpoint:
             raise UsageError("give --checkpoint (a run folder or its best.pth), or --model (an exported model)")
+        loading("torch, timm")
+        from cvkit.inference.predict import predict_run
+
         frame = predict_run(args.checkpoint, args.config or _run_folder(args.checkpoint[0]), args.images, args.out,
                             tta=tta, probs=args.probs, batch_size=args.batch_size, device=args.device,
                             image_size=args.image_size, root=args.root, path_col=args.path_col,
@@ -244,6 +249,7 @@ def _lr_find_args(p: argparse.ArgumentParser) -> None:
 @register_command("lr-find", "LR range test on an experiment's stage; prints the suggested LR, plots the curve.",
                   _lr_find_args)
 def _lr_find(args: argparse.Namespace) -> int:
+    loading("torch, timm")
     from cvkit.experiment import build
     from cvkit.tools.lr_find import lr_find
 
@@ -255,12 +261,18 @@ def _lr_find(args: argparse.Namespace) -> int:
     experiment.prepare()
     loader = experiment.loaders(stage)["train"]
     device = "cuda" if experiment.config["engine"] in ("gpu", "amp") else "cpu"
+    which = f" for group {args.group!r}" if args.group else ""
+    swept = f"group {args.group!r} (the others at the stage's LRs)" if args.group else "every group"
+    say(f"lr-find: sweeping stage {stage.name!r} (trainable: {stage.trainable}), {swept}, over {args.steps} batches "
+        f"from lr {_fmt(args.start_lr)} to {_fmt(args.end_lr)} on {device}; the plot goes to {args.out}")
+    started = time.perf_counter()
     result = lr_find(experiment.model, loader, experiment.criterion, start_lr=args.start_lr, end_lr=args.end_lr,
                      num_steps=args.steps, trainable=stage.trainable, optimizer=stage.optimizer, group=args.group,
                      lr=stage.lr if args.group else None, weight_decay=stage.weight_decay, train_bn=stage.train_bn,
-                     device=device, out_png=args.out, progress=sys.stderr.isatty(),
+                     device=device, out_png=args.out, progress=progress_bars_wanted(),
                      optimizer_kwargs=stage.optimizer_kwargs)
-    which = f" for group {args.group!r}" if args.group else ""
+    stopped = f" (stopped at lr {_fmt(result.diverged_lr)}: the loss diverged)" if result.diverged_lr is not None else ""
+    say(f"lr-find: {len(result.lrs)} of {args.steps} batches swept in {time.perf_counter() - started:.1f} s{stopped}")
     print(f"suggested lr{which}: {_fmt(result.suggested_lr)} (steepest), {_fmt(result.valley_lr)} (valley); "
           f"plot: {args.out}")
     return 0
@@ -290,13 +302,14 @@ def _outliers_args(p: argparse.ArgumentParser) -> None:
 @register_command("outliers", "Rank a split's images by how unusual their features are (mislabelled/broken).",
                   _outliers_args)
 def _outliers(args: argparse.Namespace) -> int:
+    if args.top < 0:
+        raise UsageError(f"--top must be >= 0 (0 writes every image to the CSV), got {args.top}")
+    loading("torch, timm")
     from torch.utils.data import DataLoader
 
     from cvkit.experiment import build, image_size, load_weights
     from cvkit.tools.outliers import contact_sheet, extract_features, rank_outliers
 
-    if args.top < 0:
-        raise UsageError(f"--top must be >= 0 (0 writes every image to the CSV), got {args.top}")
     config = _load(args)
     checkpoint = args.checkpoint
     beside = Path(args.config).parent / "best.pth"

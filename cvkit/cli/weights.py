@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cvkit.cli.base import UsageError, refuse_overwriting_inputs, register_command
+from cvkit.cli.base import UsageError, loading, refuse_overwriting_inputs, register_command
 
 
 def _weights_args(p: argparse.ArgumentParser) -> None:
@@ -39,6 +39,7 @@ def _weights(args: argparse.Namespace) -> int:
 def _import(args: argparse.Namespace) -> int:
     if not Path(args.file).is_file():
         raise UsageError(f"{args.file} not found; expected a checkpoint file (.pth, .pt, .bin or .safetensors)")
+    loading("torch, timm")
     from cvkit.models.pretrained import import_weights, weights_dir
 
     out = args.out or weights_dir() / f"{args.arch}.safetensors"
@@ -51,6 +52,7 @@ def _check(args: argparse.Namespace) -> int:
     missing = [f for f in args.image if not Path(f).is_file()]
     if missing:
         raise UsageError(f"--image {missing[0]} not found; expected an image file")
+    loading("torch, timm")
     from cvkit.models.pretrained import imagenet_top5, resolve_pretrained, weights_record
 
     images = {Path(f).name: f for f in args.image} or None

@@ -26,6 +26,7 @@ import pandas as pd
 from cvkit.data.io import read_mask, save_class_map
 from cvkit.data.rle import masks_to_rle_frame
 from cvkit.data.stl10 import build_demo as build_stl10
+from cvkit.status import announce
 
 PathLike = Union[str, os.PathLike]
 KEYPOINT_NAMES = ("top_left", "top_right", "bottom_right", "bottom_left", "centre")
@@ -82,7 +83,8 @@ def _build(root: PathLike, name: str, seed: int, make: Callable[[Path, np.random
     """Run ``make`` once per (root, seed, settings) and write its rows as train/test CSVs, stratified by ``label``.
 
     The marker file records the settings; a set built with other settings (e.g. a smaller
-    ``per_class`` by an older cvkit) is deleted and rebuilt rather than silently reused.
+    ``per_class`` by an older cvkit) is deleted and rebuilt rather than silently reused. A build
+    says what it builds, and how long it took, on stdout.
     """
     root = Path(root)
     marker = root / f".demo-{name}-seed-{seed}"
@@ -96,14 +98,14 @@ def _build(root: PathLike, name: str, seed: int, make: Callable[[Path, np.random
             table.unlink()
         marker.unlink()
     root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    frame = pd.DataFrame(make(root, rng))
-    test = np.zeros(len(frame), bool)
-    for _, group in frame.groupby("label", sort=True):
-        n_test = int(round(len(group) * test_fraction))
-        test[group.index[:n_test]] = True
-    frame[~test].to_csv(root / "train.csv", index=False)
-    frame[test].to_csv(root / "test.csv", index=False)
+    with announce(f"demo data: building {name!r} in {root} (once; kept for later runs)", f"demo data: {name!r} built"):
+        frame = pd.DataFrame(make(root, np.random.default_rng(seed)))
+        test = np.zeros(len(frame), bool)
+        for _, group in frame.groupby("label", sort=True):
+            n_test = int(round(len(group) * test_fraction))
+            test[group.index[:n_test]] = True
+        frame[~test].to_csv(root / "train.csv", index=False)
+        frame[test].to_csv(root / "test.csv", index=False)
     marker.write_text(stamp + "\n")
     return root
 
@@ -120,9 +122,9 @@ def _tinted_canvas(rng: np.random.Generator, img8: np.ndarray, size: int, min_si
 def build_classification(root: PathLike, seed: int = 0, per_class: int = 20, size: int = 32,
                          test_fraction: float = 0.25) -> Path:
     """Tinted digits in class folders ``images/digit_k/NNNNN.jpg``, CSVs and ``encode_classes.json``."""
-    images8, labels = _digits()
 
     def make(root: Path, rng: np.random.Generator) -> List[Dict]:
+        images8, labels = _digits()
         rows = []
         for n, i in enumerate(_pick(labels, 10, per_class, rng)):
             canvas = _tinted_canvas(rng, images8[i], size, min_side=size * 5 // 8)
@@ -209,9 +211,9 @@ def build_segmentation(root: PathLike, seed: int = 0, per_class: int = 10, canva
                        num_classes: int = 4, test_fraction: float = 0.25) -> Path:
     """Digits 0..num_classes-1, one or two per PNG; ``masks/*.png`` hold class ids (digit d -> d + 1)
     and ``train_rle.csv``/``test_rle.csv`` the same masks as Severstal RLE rows."""
-    images8, labels = _digits()
 
     def make(root: Path, rng: np.random.Generator) -> List[Dict]:
+        images8, labels = _digits()
         rows = []
         for n, i in enumerate(_pick(labels, num_classes, per_class, rng)):
             rgb = _background(rng, canvas, canvas)
@@ -263,7 +265,7 @@ def demo_pretrained(arch: str, cache_dir: PathLike, epochs: int = 8, seed: int =
     tinted canvas (a few seconds for timm's ``test_*`` models). The demo test sets are built from
     the same digit glyphs, so their labels must not be seen here. The file is cached as
     ``cache_dir/<arch>-digits-rotation.safetensors``; load it with ``pretrained=`` like any other
-    local weights (the 4-way classifier is skipped).
+    local weights (the 4-way classifier is skipped). The training says so, and how long it took, on stdout.
     """
     import timm
     import torch
@@ -275,22 +277,24 @@ def demo_pretrained(arch: str, cache_dir: PathLike, epochs: int = 8, seed: int =
     path = Path(cache_dir) / f"{arch}-digits-rotation.safetensors"
     if path.is_file():
         return path
-    images, _ = digits_canvases(size=32, seed=seed)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
-    x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    generator = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 4, (len(x),), generator=generator)
-    x = torch.stack([torch.rot90(image, int(k), dims=(1, 2)) for image, k in zip(x, y)])
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = timm.create_model(arch, num_classes=4)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
-    model.train()
-    for _ in range(epochs):
-        for batch in torch.randperm(len(y), generator=generator).split(64):
-            optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
-            optimizer.step()
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    atomic_write_bytes(path, to_safetensors(state))
+    with announce(f"demo backbone: training {arch} on digit rotations, {epochs} epochs (once; cached as {path})",
+                  f"demo backbone: {arch} trained"):
+        images, _ = digits_canvases(size=32, seed=seed)
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+        x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        generator = torch.Generator().manual_seed(seed)
+        y = torch.randint(0, 4, (len(x),), generator=generator)
+        x = torch.stack([torch.rot90(image, int(k), dims=(1, 2)) for image, k in zip(x, y)])
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = timm.create_model(arch, num_classes=4)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+        model.train()
+        for _ in range(epochs):
+            for batch in torch.randperm(len(y), generator=generator).split(64):
+                optimizer.zero_grad()
+                torch.nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+                optimizer.step()
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        atomic_write_bytes(path, to_safetensors(state))
     return path

@@ -15,6 +15,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import numpy as np
 
 from cvkit.io import atomic_write_bytes
+from cvkit.status import announce
 
 SIZE = 96
 IMAGE_BYTES = SIZE * SIZE * 3
@@ -180,26 +181,28 @@ def build_demo(root: PathLike, seed: int = 0, test_fraction: float = 0.3, unlabe
     """Write a demo set in the STL-10 binary layout under ``root/stl10_binary`` and return it.
 
     Built from scikit-learn's digits (train/test split stratified and seeded), plus an
-    ``unlabeled_X.bin`` rendered with another seed for pseudo-labelling. Rebuilt only when missing.
+    ``unlabeled_X.bin`` rendered with another seed for pseudo-labelling. Rebuilt only when missing; a
+    build says what it builds, and how long it took, on stdout.
     """
-    from sklearn.model_selection import train_test_split
-
     out = Path(root) / "stl10_binary"
     marker = out / f".demo-seed-{seed}"
     if marker.is_file():
         return out
     out.mkdir(parents=True, exist_ok=True)
-    images, labels = render_digits(seed)
-    train_idx, test_idx = train_test_split(
-        np.arange(len(labels)), test_size=test_fraction, stratify=labels, random_state=seed
-    )
-    write_images(out / "train_X.bin", images[train_idx])
-    write_labels(out / "train_y.bin", labels[train_idx])
-    write_images(out / "test_X.bin", images[test_idx])
-    write_labels(out / "test_y.bin", labels[test_idx])
-    extra, _ = render_digits(seed + 1)
-    write_images(out / "unlabeled_X.bin", extra[np.random.default_rng(seed).permutation(len(extra))[:unlabeled]])
-    (out / "class_names.txt").write_text("\n".join(DIGIT_NAMES) + "\n")
+    with announce(f"demo data: building 'stl10' in {out} (once; kept for later runs)", "demo data: 'stl10' built"):
+        from sklearn.model_selection import train_test_split
+
+        images, labels = render_digits(seed)
+        train_idx, test_idx = train_test_split(
+            np.arange(len(labels)), test_size=test_fraction, stratify=labels, random_state=seed
+        )
+        write_images(out / "train_X.bin", images[train_idx])
+        write_labels(out / "train_y.bin", labels[train_idx])
+        write_images(out / "test_X.bin", images[test_idx])
+        write_labels(out / "test_y.bin", labels[test_idx])
+        extra, _ = render_digits(seed + 1)
+        write_images(out / "unlabeled_X.bin", extra[np.random.default_rng(seed).permutation(len(extra))[:unlabeled]])
+        (out / "class_names.txt").write_text("\n".join(DIGIT_NAMES) + "\n")
     marker.write_text("complete\n")
     return out
 

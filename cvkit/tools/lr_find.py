@@ -259,11 +259,12 @@ def _to(value: Any, device: Union[str, torch.device]) -> Any:
 
 
 def _steepest(lrs: Sequence[float], smoothed: Sequence[float]) -> Optional[float]:
-    """LR where the smoothed loss falls fastest per unit of log-LR."""
+    """LR where the smoothed loss falls fastest per unit of log-LR, at or before its minimum (a fall
+    after a spike past the minimum is the run recovering from a too-high LR, not a usable one)."""
     if len(lrs) < 3:
         return None
     slope = np.gradient(np.asarray(smoothed), np.log10(np.asarray(lrs)))
-    return float(lrs[int(np.argmin(slope))])
+    return float(lrs[int(np.argmin(slope[: int(np.argmin(smoothed)) + 1]))])
 
 
 def _valley(lrs: Sequence[float], smoothed: Sequence[float]) -> Optional[float]:
