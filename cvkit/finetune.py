@@ -17,10 +17,9 @@ from cvkit.stages import Stage
 
 _STAGE_KEYS = {f.name for f in dataclasses.fields(Stage)} - {"name", "epochs", "trainable", "lr", "layer_decay",
                                                               "scheduler", "init"}
-HEAD_LR_FACTOR = 3.0  # the head stage's LR, times base_lr
 BACKBONE_LR_FACTOR = 0.3  # the top backbone level's LR in the unfreeze stage, times base_lr
 LAYER_DECAY = 0.8  # each backbone level further down: times this
-HEAD_PATIENCE = 3  # head-stage epochs without a better valid score before it ends
+HEAD_PATIENCE = 4  # head-stage epochs without a lower valid loss before it ends
 
 
 def fine_tune(
@@ -29,17 +28,18 @@ def fine_tune(
     criterion: nn.Module,
     epochs: int,
     base_lr: float = 1e-3,
-    freeze_epochs: int = 20,
+    freeze_epochs: int = 40,
     logdir: Union[str, Path] = "runs/fine_tune",
     **fit_options: Any,
 ) -> StagedRunner:
     """Two stages and the runner that ran them.
 
     ``freeze`` (at most ``freeze_epochs`` epochs, skipped when 0): only the head trains (AdamW at
-    ``3 * base_lr``), on the frozen backbone's features cached for two augmented copies of the train
-    set (``cache_features=2``; pass ``cache_features=None`` for a model whose head cannot be split
-    off, such as a ViT's class token), until valid has not improved for 3 epochs; its best epoch is
-    handed on. ``unfreeze`` (``epochs`` epochs): everything trains with a fresh AdamW (weight decay
+    ``base_lr``), on the frozen backbone's features cached for two augmented copies of the train set
+    (``cache_features=2``; pass ``cache_features=None`` for a model whose head cannot be split off,
+    such as a ViT's class token), until the valid loss has not fallen for 4 epochs (the loss, not the
+    valid metric: on a few valid images accuracy moves in steps and ties); its last epoch is handed
+    on. ``unfreeze`` (``epochs`` epochs): everything trains with a fresh AdamW (weight decay
     0.01), the head at ``base_lr``, the backbone's top level at ``0.3 * base_lr`` and each level below
     at 0.8 times the one above, BatchNorm statistics frozen (``train_bn=False``: a few hundred images
     move them away from what the backbone learnt), cosine to zero.
@@ -56,13 +56,13 @@ def fine_tune(
     cache = stage_options.pop("cache_features", 2)
     stages = []
     if freeze_epochs:
-        head = {"early_stopping": {"patience": HEAD_PATIENCE}, **stage_options}
-        stages.append(Stage("freeze", freeze_epochs, trainable="head", lr=HEAD_LR_FACTOR * base_lr,
+        head = {"early_stopping": {"patience": HEAD_PATIENCE, "metric": "loss"}, **stage_options}
+        stages.append(Stage("freeze", freeze_epochs, trainable="head", lr=base_lr,
                             cache_features=cache, **head))
     tune = {"train_bn": False, "weight_decay": 0.01, **stage_options}
     stages.append(Stage(
         "unfreeze", epochs, trainable="all", lr={"head": base_lr, "backbone": BACKBONE_LR_FACTOR * base_lr},
-        layer_decay=LAYER_DECAY, scheduler="cosine", init="best" if freeze_epochs else "current", **tune,
+        layer_decay=LAYER_DECAY, scheduler="cosine", init="last" if freeze_epochs else "current", **tune,
     ))
     return StagedRunner().fit(model, stages, loaders, criterion, logdir, **run_options)
 

@@ -19,7 +19,6 @@ held from the first fold to ``cv.json``; each fold's run holds its own folder's.
 from __future__ import annotations
 
 import copy
-import json
 import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional

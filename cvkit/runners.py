@@ -228,8 +228,9 @@ class StagedRunner(dl.SupervisedRunner):
                 from its last completed epoch; on CPU with a fixed seed the result equals an
                 uninterrupted run. When the interrupted stage's :data:`~cvkit.stages.SCHEDULE_KEYS`
                 settings changed since (a new LR, more epochs...), it continues on the new settings'
-                schedule: its optimizer's moments are kept, its LRs and scheduler are rebuilt and advanced
-                to the epoch it resumes at; a stage that had run all its epochs continues when it has more now.
+                schedule: its optimizer's moments are kept (same optimizer kind), its LRs and scheduler are
+                rebuilt and advanced to the epoch it resumes at; a stage that had run all its epochs
+                continues when it has more now.
             fast: GPU speed switches (channels_last, compile, cudnn_benchmark); see cvkit.perf.
             profile: profile 10 train batches of the first epoch into logdir/profile.txt.
             loggers: where metrics go besides log.csv: ``"tensorboard"`` (logdir/tensorboard, the
@@ -471,7 +472,8 @@ class StagedRunner(dl.SupervisedRunner):
                 patience=es["patience"],
                 loader_key=es.get("loader", self.valid_loader_key),
                 metric_key=es.get("metric", self.valid_metric_key),
-                minimize=es.get("minimize", self.minimize),
+                minimize=es.get("minimize", plateau_mode(es.get("metric", self.valid_metric_key), self.minimize,
+                                                         self._loss_key) == "min"),
                 min_delta=es.get("min_delta", 1e-6),
             )
         if verbose:
@@ -601,8 +603,10 @@ class StagedRunner(dl.SupervisedRunner):
                 scheduler.load_state_dict(state["scheduler"])
             return
         if saved["optimizer"] == stage.optimizer:
-            fresh = optimizer.state_dict()["param_groups"]  # the new settings, set by the new scheduler too
-            optimizer.load_state_dict({"state": state["optimizer"]["state"], "param_groups": fresh})
+            fresh = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+            optimizer.load_state_dict(state["optimizer"])  # the moments (torch checks the groups' sizes)
+            for group, settings in zip(optimizer.param_groups, fresh):
+                group.update(settings)  # the new settings' values, the new scheduler's included
         if scheduler is None or isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             return
         done = min(int(state["epoch"]) - int(state["stage_start_epoch"]), stage.epochs)

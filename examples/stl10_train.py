@@ -36,7 +36,7 @@ from cvkit.tools.pseudo import PseudoLabelled, pseudo_label
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = common_args(__doc__, "stl10", "efficientnet_lite0", 3, 32, devices=DEVICES + ("ddp", "ddp_amp"))
-    p.add_argument("--head-epochs", type=int, default=20, help="most epochs of the head stage (early stopping ends it)")
+    p.add_argument("--head-epochs", type=int, default=40, help="most epochs of the head stage (early stopping ends it)")
     p.add_argument("--image-size", type=int, default=64, help="training size of every stage")
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convs on GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model in place")
@@ -96,9 +96,9 @@ def main(argv=None) -> dict:
     # cvkit's default transfer recipe (bench/transfer.py): BN statistics frozen, lower layer-decayed backbone LRs
     size = dict(batch_size=args.batch_size, image_size=args.image_size)
     tune = dict(trainable="all", train_bn=False, layer_decay=0.8, weight_decay=0.01, scheduler="cosine", **size)
-    stages = [Stage("head", epochs=args.head_epochs, trainable="head", lr={"head": 3e-3}, optimizer="adamw",
-                    cache_features=2, early_stopping=dict(patience=3), **size),
-              Stage("full", epochs=args.epochs, lr={"head": 1e-3, "backbone": 3e-4}, **tune)]
+    stages = [Stage("head", epochs=args.head_epochs, trainable="head", lr={"head": 1e-3}, cache_features=2,
+                    early_stopping=dict(patience=4, metric="loss"), **size),
+              Stage("full", epochs=args.epochs, init="last", lr={"head": 1e-3, "backbone": 3e-4}, **tune)]
     stages += [Stage("pseudo", args.pseudo_epochs, lr=dict(head=3e-4, backbone=1e-4), **tune)] * args.pseudo_label
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1) if args.loss == "ce" else create_criterion("bce_one_hot")
     torch.manual_seed(args.seed)  # the same seed gives the same initial weights

@@ -40,7 +40,7 @@ def test_fine_tune_is_the_default_recipe_head_on_cached_features_then_everything
     frozen = load_checkpoint(tmp_path / "checkpoints" / "freeze" / "last.pth")["model"]
     assert torch.equal(frozen["conv1.0.weight"], before["conv1.0.weight"])
     assert not torch.equal(frozen["fc.weight"], before["fc.weight"])
-    assert groups["freeze"][0] == {"head": pytest.approx(0.03)}
+    assert groups["freeze"][0] == {"head": pytest.approx(0.01)}
     lrs, state_size = groups["unfreeze"]
     assert state_size == 0, "the unfreeze stage must start with a fresh optimizer"
     assert lrs["head"] == pytest.approx(0.01)
@@ -49,9 +49,10 @@ def test_fine_tune_is_the_default_recipe_head_on_cached_features_then_everything
     assert backbone[1] == pytest.approx(0.003 * 0.8)
     config = json.loads((tmp_path / "config.json").read_text())
     freeze, unfreeze = config["stages"]
-    assert (freeze["cache_features"], freeze["early_stopping"], freeze["optimizer"]) == (2, {"patience": 3}, "adamw")
+    assert (freeze["cache_features"], freeze["optimizer"]) == (2, "adamw")
+    assert freeze["early_stopping"] == {"patience": 4, "metric": "loss"}
     assert (unfreeze["cache_features"], unfreeze["train_bn"], unfreeze["scheduler"]) == (None, False, "cosine")
-    assert (unfreeze["weight_decay"], unfreeze["init"]) == (0.01, "best")
+    assert (unfreeze["weight_decay"], unfreeze["init"]) == (0.01, "last")
     without = cvkit.fine_tune(create_model("test_resnet", 3), tiny_loaders(), nn.CrossEntropyLoss(), epochs=1,
                               freeze_epochs=1, logdir=tmp_path / "b", verbose=False, engine="cpu",
                               cache_features=None, train_bn=True)

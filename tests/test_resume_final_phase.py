@@ -36,7 +36,8 @@ def results(logdir: Path) -> tuple:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The uninterrupted run, and the same run killed just after its last epoch's checkpoint (before the root best.pth)."""
+    """The uninterrupted run, and the same run killed just after its last epoch's checkpoint (before the
+    root best.pth)."""
     folder = tmp_path_factory.mktemp("final_phase")
     run(config(folder, folder / "full"), verbose=False)
     save = cvkit.runners.save_checkpoint

@@ -273,3 +273,25 @@ def test_stage_loss_range_keeps_the_band_and_validation_sees_all(tmp_path):
     assert runner.history[-1]["valid/loss"] > 0
     with pytest.raises(ValueError, match="stage 'bad': loss_range"):
         Stage("bad", 1, loss_range=(0.5, 0.3))
+
+
+def test_early_stopping_on_another_metric_takes_that_metrics_direction(tmp_path):
+    # the run maximises accuracy; early stopping watching the valid loss must still minimise it
+    torch.manual_seed(0)
+    model = create_model("test_resnet", 3)
+    stage = Stage("head", 4, trainable="head", lr=0.05, optimizer="sgd", early_stopping={"patience": 4, "metric": "loss"})
+    runner = StagedRunner().fit(model, [stage], tiny_loaders(), nn.CrossEntropyLoss(), tmp_path, verbose=False,
+                                metrics=lambda: [ClassificationMetrics(3)], valid_metric="accuracy")
+    assert runner.run_state.minimize is False
+    watched = load_checkpoint(tmp_path / "checkpoints" / "resume.pth")["early_stopping"]["best_score"]
+    losses = [row["valid/loss"] for row in runner.history]
+    assert watched == pytest.approx(min(losses)) and min(losses) < max(losses)
+
+
+def test_the_valid_metrics_direction_comes_from_the_metric(tmp_path):
+    from cvkit.runners import _minimized
+
+    assert _minimized("accuracy", lambda: [ClassificationMetrics(3)]) is False
+    assert _minimized("loss", None) is True
+    with pytest.raises(ValueError, match="no metrics= produce it"):
+        _minimized("accuracy", None)
