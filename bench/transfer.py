@@ -53,7 +53,7 @@ SPLITS = ("train", "valid", "test")
 PATCH = 128  # side of the saved patches, whatever --size the models see
 PATCH_SIDE = (0.3, 0.6)  # patch side as a fraction of its band's shorter side
 C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
-BATCH = 32  # fastai's batch size; cvkit's comes from the recipe (the demo's 32)
+BATCH = 32  # fastai's batch size (at most the train set: fastai drops a last partial batch); cvkit's is the recipe's 32
 
 
 # --- data sets ---------------------------------------------------------------------------------
@@ -303,7 +303,7 @@ def arm_fastai_fine_tune(spec: Mapping[str, Any]) -> Dict[str, Any]:
                                    item_tfms=Resize(spec["size"]),
                                    batch_tfms=[*aug_transforms(do_flip=not folder.name.startswith("digits")),
                                                Normalize.from_stats(*imagenet_stats)],
-                                   bs=BATCH, num_workers=0, seed=spec["seed"])
+                                   bs=min(BATCH, len(frames["train"])), num_workers=0, seed=spec["seed"])
     learn = vision_learner(dls, ARCH, pretrained=False)
     body = learn.model[0].model  # fastai's TimmBody keeps the timm network (num_classes=0) as .model
     state = {k: v for k, v in load_file(spec["weights"]).items() if not k.startswith("classifier.")}
@@ -483,8 +483,9 @@ def main() -> None:
         lines += [f"| {arm} | " + " | ".join(_cell(outcomes[set_name][arm])) + " |" for arm in arms]
         tables.append("\n".join(lines))
     heads = sum(int(s["epochs"]) for s in recipe["stages"]) - unfrozen_epochs(recipe)
-    epochs_line = (f"E = {epochs} unfrozen epochs for cvkit_fine_tune and fastai_fine_tune (after fine_tune's 1 "
-                   f"frozen epoch; the demo recipe runs {heads} head + {unfrozen_epochs(recipe)} full epochs)")
+    epochs_line = (f"E = {epochs} unfrozen epochs for cvkit_fine_tune and fastai_fine_tune (fastai's after its 1 "
+                   f"frozen epoch, cvkit's after its head stage; the demo recipe runs at most {heads} head epochs on "
+                   f"cached features, ended by early stopping, then {unfrozen_epochs(recipe)} full epochs)")
     print("\n" + epochs_line + "\n\n" + "\n\n".join(tables))
     if args.write:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -501,11 +502,12 @@ def main() -> None:
                 f"tinted digits, upscaled). "
                 f"Arms: `probe` = logistic regression on the frozen features, C in {list(C_GRID)} chosen on valid "
                 f"(deterministic, so no spread over seeds); `cvkit_default` = {DEMO.relative_to(ROOT)} (its "
-                f"stages, optimizer, scheduler, augmentation, criterion) with data, model, size, logdir, seed "
-                f"replaced, run as `cvkit train` runs it; `cvkit_fine_tune` = `cvkit.fine_tune` defaults on "
+                f"stages, optimizer, scheduler, criterion; augmentation: its plain resize on digits, the `light` "
+                f"preset on the photo sets) with data, model, size, logdir, seed replaced, run as `cvkit train` "
+                f"runs it; `cvkit_fine_tune` = `cvkit.fine_tune` defaults on "
                 f"that experiment's loaders and criterion; `fastai_fine_tune` = `vision_learner` + "
-                f"`fine_tune` defaults (fastai's head, Adam, `aug_transforms()` with flips, also on digits, plain "
-                f"cross-entropy, last epoch's weights; cvkit's arms test the best-valid checkpoint); "
+                f"`fine_tune` defaults (fastai's head, Adam, `aug_transforms()` (no flips on digits), batch "
+                f"size 32 or the train set if smaller, plain cross-entropy, last epoch's weights; cvkit's arms test the best-valid checkpoint); "
                 f"`scratch` = `cvkit_default` from random weights. {epochs_line}. Wall seconds: the run "
                 f"without interpreter start and imports.\n\n" + "\n\n".join(tables) + "\n")
         if not _has_reading(HEADING, RESULTS):
