@@ -3,7 +3,7 @@ the head on cached features, then the whole network. Real data (``--data DIR``):
 (``DIR/stl10_binary/`` or ``DIR`` with ``train_X.bin``, ``train_y.bin``, ``test_X.bin``, ``test_y.bin``, optionally
 ``class_names.txt``); without it a demo set in that layout is built from scikit-learn's digits (the same reader runs).
 
-    python examples/stl10_train.py                       # demo, ~2-3 min on 2 CPU cores
+    python examples/stl10_train.py                       # demo, ~2 min on 2 CPU cores
     python examples/stl10_train.py --data ~/stl10 --arch resnet50 --pretrained weights/resnet50.pth
     python examples/stl10_train.py --arch test_resnet --pretrained none   # random init, no weights needed
     python examples/stl10_train.py --pseudo-label      # + a stage on confident predictions for unlabeled_X.bin
@@ -35,7 +35,7 @@ from cvkit.tools.pseudo import PseudoLabelled, pseudo_label
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = common_args(__doc__, "stl10", "efficientnet_lite0", 3, 32, devices=DEVICES + ("ddp", "ddp_amp"))
+    p = common_args(__doc__, "stl10", "efficientnet_lite0", 8, 32, devices=DEVICES + ("ddp", "ddp_amp"))
     p.add_argument("--head-epochs", type=int, default=40, help="most epochs of the head stage (early stopping ends it)")
     p.add_argument("--image-size", type=int, default=64, help="training size of every stage")
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convs on GPU)")
