@@ -170,7 +170,7 @@ def test_a_run_without_logdir_gets_a_time_stamped_folder_and_a_latest_link(tmp_p
     assert main(["train", str(path), "--quiet", *FAST]) == 0
     runs = [p for p in (tmp_path / "runs" / "classification_demo").iterdir() if p.name not in ("latest", "demo_data")]
     assert len(runs) == 1
-    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}_efficientnet_lite0_bs16_lr0\.003", runs[0].name)
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}_efficientnet_lite0_bs16_lr0\.001", runs[0].name)
     latest = tmp_path / "runs" / "classification_demo" / "latest"
     assert latest.is_symlink() and latest.resolve() == runs[0].resolve()
     assert (latest / "metrics.json").is_file()
