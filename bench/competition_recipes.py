@@ -63,7 +63,7 @@ def with_recipe(config: Dict[str, Any], recipe: Dict[str, Any]) -> Dict[str, Any
 
 
 def test_accuracy_of_ensemble(folder: Path, test_csv: Path) -> float:
-    from cvkit.inference.predict import load_run, predict
+    from cvkit.inference import load_run, predict
 
     runs = [load_run(p) for p in sorted(folder.glob("fold_*"))]
     predictions = predict([r.model for r in runs], test_csv, "classification", transform=runs[0].transform(),

@@ -1,7 +1,7 @@
 """cvkit: staged fine-tuning and competition tooling for image models on Catalyst, timm, smp and albumentations."""
 from typing import Any
 
-__version__ = "0.1.0"
+from cvkit._version import __version__
 
 
 def __getattr__(name: str) -> Any:

@@ -16,6 +16,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 
 import yaml
 
+from cvkit.errors import ConfigError
 from cvkit.loggers import DEFAULT_LOGGERS, logger_specs, require_packages
 from cvkit.versions import get_version
 from cvkit.stages import Stage, list_optimizers, list_schedulers
@@ -49,10 +50,6 @@ AUGMENTATION_KEYS = {"preset", "size", "normalize"}
 STAGE_KEYS = [f.name for f in dataclasses.fields(Stage)]
 OPTIMIZER_KEYS = {"name", "weight_decay"}
 SCHEDULER_KEYS = {"name", "interval", "monitor"}
-
-
-class ConfigError(ValueError):
-    """An experiment file or override is wrong; the message names the key and what was expected."""
 
 
 def _near(key: str, valid: Iterable[str]) -> str:

@@ -34,11 +34,11 @@ from torch.utils.data import DataLoader
 
 import cvkit.versions  # noqa: F401  (the named versions experiments may use)
 from cvkit.config import ConfigError, check_loggers_installed, claim_logdir, complete, load_experiment, stages_from
+from cvkit.run_folder import CONFIG_FILE, finished_metrics, read_json, update_config, write_classes, write_tuning
 from cvkit.stages import Stage
 from cvkit.tasks import Task, get_task
 
 PathLike = Union[str, Path]
-CLASSES_FILE = "classes.json"
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -435,22 +435,10 @@ def changed_keys(saved: Mapping[str, Any], current: Mapping[str, Any]) -> List[s
     return sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
 
 
-def _finished(logdir: Path) -> Optional[Dict[str, Any]]:
-    """The metrics of a run that already finished in ``logdir`` (``metrics.json`` is its last write), else None."""
-    path = logdir / "metrics.json"
-    if not path.is_file():
-        return None
-    try:
-        metrics = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
-    return metrics if isinstance(metrics, dict) and "best" in metrics else None
-
-
 def _check_resume(full: Mapping[str, Any], allow_changes: bool) -> Dict[str, Any]:
     """Refuse to resume a run whose experiment changed since it started, naming the keys; with
     ``allow_changes``, the changed dotted keys with their values before (None: the key was absent)."""
-    saved_path = Path(full["logdir"]) / "config.json"
+    saved_path = Path(full["logdir"]) / CONFIG_FILE
     if not saved_path.is_file():
         return {}
     saved = complete(load_experiment(saved_path))
@@ -467,17 +455,14 @@ def _record_changes(experiment: Experiment, before: Dict[str, Any]) -> None:
     """Write a resumed run's new experiment into its config.json, and append to ``resumed_with_changes``
     the changed keys, their values before and the epoch the run resumes after (the new values apply from
     the next one; see :meth:`cvkit.runners.StagedRunner.fit`'s ``resume`` for the interrupted stage)."""
-    from cvkit.io import atomic_write_json
     from cvkit.runners import StagedRunner
 
     full = experiment.config
-    path = Path(full["logdir"]) / "config.json"
-    saved = json.loads(path.read_text())
-    saved.update(json.loads(json.dumps(full, default=str)))
+    saved = read_json(Path(full["logdir"]) / CONFIG_FILE)
     entry = {"keys": sorted(before), "before": before,
              "resumed_after": StagedRunner().resume_point(experiment.logdir, experiment.stages)}
-    saved["resumed_with_changes"] = saved.get("resumed_with_changes", []) + [entry]
-    atomic_write_json(path, saved)
+    update_config(full["logdir"], **json.loads(json.dumps(full, default=str)),
+                  resumed_with_changes=saved.get("resumed_with_changes", []) + [entry])
 
 
 def _link_latest(logdir: Path) -> None:
@@ -518,7 +503,6 @@ def run(config: Mapping[str, Any], resume: bool = False, verbose: bool = True,
 
 def _run_locked(experiment: Experiment, resume: bool, verbose: bool, allow_changes: bool) -> Dict[str, Any]:
     """:func:`run` once the run folder is held."""
-    from cvkit.io import atomic_write_json
     from cvkit.perf import FastPaths
     from cvkit.runners import StagedRunner
 
@@ -526,7 +510,7 @@ def _run_locked(experiment: Experiment, resume: bool, verbose: bool, allow_chang
     before: Dict[str, Any] = {}
     if resume:
         before = _check_resume(full, allow_changes)
-        done = _finished(experiment.logdir)
+        done = finished_metrics(experiment.logdir)
         if done is not None:
             if verbose:
                 print(f"{experiment.logdir} is a finished run (metrics.json); nothing to resume")
@@ -537,7 +521,7 @@ def _run_locked(experiment: Experiment, resume: bool, verbose: bool, allow_chang
     if before:
         _record_changes(experiment, before)
     if experiment.classes:
-        atomic_write_json(experiment.logdir / CLASSES_FILE, experiment.classes)
+        write_classes(experiment.logdir, experiment.classes)
     runner = StagedRunner().fit(
         experiment.model, experiment.stages, experiment.loaders, experiment.criterion, experiment.logdir,
         metrics=experiment.metrics, valid_metric=full["valid_metric"],
@@ -553,16 +537,18 @@ def _tune(experiment: Experiment, model: nn.Module) -> Dict[str, Any]:
     """The task's post-processing chosen on the valid split (never the test split) with the best weights
     (``model``), saved beside the run; ``{"postprocess": ...}`` (its valid score before and after) for
     ``metrics.json``, or {} for a task without post-processing."""
-    from cvkit.io import atomic_write_json
+    from cvkit.inference.predict import predict_splits
 
     task, config = experiment.task, experiment.config
+    if not task.tuning_file:
+        return {}
     last = experiment.stages[-1]
     transform = eval_transform(config, image_size(config, config["stages"][-1]), last.name)
     device = next(model.parameters()).device.type
-    tuning = task.tune([(model, experiment.datasets["valid"], transform)], device)
+    tuning = task.tune(predict_splits([(model, experiment.datasets["valid"], transform)], task, device))
     if tuning is None:
         return {}
-    atomic_write_json(experiment.logdir / task.tuning_file, tuning.to_json())
+    write_tuning(experiment.logdir, task.tuning_file, tuning)
     return {"postprocess": {"file": task.tuning_file, "split": "valid", "before": tuning.before,
                             "after": tuning.after}}
 

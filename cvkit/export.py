@@ -291,7 +291,7 @@ def _export(folder: Path, path: Path, format: str, image_size: Optional[int], dy
             opset: int, atol: Optional[float], rtol: float) -> ExportReport:
     """:func:`export_run` of ``folder`` into ``path``, its arguments checked."""
     from cvkit.data.augment import transform_to_dict
-    from cvkit.inference.predict import load_run
+    from cvkit.inference.runs import load_run
     from cvkit.io import atomic_write_bytes, atomic_write_json
 
     run = load_run(folder)

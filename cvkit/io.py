@@ -24,6 +24,8 @@ import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
+from cvkit.errors import CheckpointError
+
 if TYPE_CHECKING:
     import torch
 
@@ -37,13 +39,6 @@ _TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-
 # mkstemp names written before the pattern above existed: ".<target name>.<8 random chars>.tmp"
 _OLD_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 _DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
-
-
-class CheckpointError(ValueError, RuntimeError):
-    """A checkpoint file is missing, cut off, tampered with, or not what was expected.
-
-    A ValueError, so command layers report it as bad input; still a RuntimeError, as before.
-    """
 
 
 class DiskFullError(OSError):

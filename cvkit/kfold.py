@@ -53,7 +53,7 @@ def _kfold_locked(config: Dict[str, Any], folds: int, group_col: Optional[str], 
                   allow_changes: bool) -> Dict[str, Any]:
     """:func:`kfold` of a completed experiment once its folder is held."""
     from cvkit.experiment import run
-    from cvkit.io import atomic_write_bytes, atomic_write_json
+    from cvkit.run_folder import write_out_of_fold, write_tuning
 
     base = Path(config["logdir"])
     scores: List[float] = []
@@ -64,23 +64,22 @@ def _kfold_locked(config: Dict[str, Any], folds: int, group_col: Optional[str], 
                      allow_changes=allow_changes)
         scores.append(float(result["best"]["score"]))
     frame, oof_metrics = out_of_fold(config, folds)
-    atomic_write_bytes(base / "oof.csv", frame.to_csv(index=False).encode())
     summary = {"folds": folds, "valid_metric": config["valid_metric"], "per_fold": scores,
                "mean": statistics.fmean(scores), "std": statistics.pstdev(scores), "oof": oof_metrics}
     tuning = tune_out_of_fold(config, folds)
     if tuning is not None:
         task_file = tuning[0]
-        atomic_write_json(base / task_file, tuning[1].to_json())
+        write_tuning(base, task_file, tuning[1])
         summary["postprocess"] = {"file": task_file, "split": "out-of-fold", "before": tuning[1].before,
                                   "after": tuning[1].after}
-    atomic_write_json(base / "cv.json", summary)
+    write_out_of_fold(base, frame, summary)
     return summary
 
 
 def _fold_runs(config: Mapping[str, Any], folds: int) -> List[Any]:
     """Each fold's trained run (:func:`cvkit.inference.predict.load_run`) and its held-out rows."""
     from cvkit.experiment import build_datasets
-    from cvkit.inference.predict import load_run
+    from cvkit.inference.runs import load_run
 
     out = []
     for fold in range(folds):
@@ -100,7 +99,10 @@ def tune_out_of_fold(config: Mapping[str, Any], folds: int) -> "Optional[tuple[s
     task = runs[0][0].task
     if not task.tuning_file:
         return None
-    tuning = task.tune([(trained.model.eval(), valid, trained.transform()) for trained, valid in runs], device="cpu")
+    from cvkit.inference.predict import predict_splits
+
+    tuning = task.tune(predict_splits([(trained.model.eval(), valid, trained.transform()) for trained, valid in runs],
+                                      task))
     return None if tuning is None else (task.tuning_file, tuning)
 
 

@@ -113,14 +113,3 @@ class Registry(Generic[T]):
 
 __all__ = ["Registry", "RegistryError"]
 
-
-def __getattr__(name: str) -> Any:
-    """``register_version``/``get_version``/``list_versions`` moved to :mod:`cvkit.versions`."""
-    if name in ("register_version", "get_version", "list_versions"):
-        import warnings
-
-        from cvkit import versions
-
-        warnings.warn(f"cvkit.registry.{name} moved to cvkit.versions.{name}", FutureWarning, stacklevel=2)
-        return getattr(versions, name)
-    raise AttributeError(f"module 'cvkit.registry' has no attribute {name!r}")

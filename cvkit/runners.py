@@ -8,7 +8,6 @@ weights of a stage start the next one unless the stage says otherwise.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import platform
 import time
@@ -51,11 +50,12 @@ from cvkit.callbacks import (
     stage_suffix,
 )
 from cvkit.feature_cache import CachedFeatures, cached_loaders, features_as_input
-from cvkit.io import CheckpointError, atomic_write_json, clean_stale_temporaries, load_checkpoint, save_checkpoint, state_dict_of
+from cvkit.io import CheckpointError, clean_stale_temporaries, load_checkpoint, save_checkpoint, state_dict_of
 from cvkit.lock import RunLock
 from cvkit.loggers import DEFAULT_LOGGERS, LoggerSpec, default_tracking_uri, logger_specs, require_packages
 from cvkit.metrics import Metric, metric_minimized
 from cvkit.perf import FastPaths, ProfileCallback
+from cvkit.run_folder import read_config, record_pipelines, write_config, write_metrics
 from cvkit.models.groups import apply_trainable, count_params, param_groups, resolve_lr, trainable_param_names
 from cvkit.stages import SmoothedLossPlateau, Stage, ema_options
 
@@ -366,12 +366,8 @@ class StagedRunner(dl.SupervisedRunner):
     def _record_pipelines(self, logdir: Path, stage: Stage, loaders: Loaders) -> None:
         """Add the stage's loaders' exact augmentation pipelines to config.json (albumentations' own format)."""
         recorded = {key: spec for key, loader in loaders.items() if (spec := _pipeline_of(loader)) is not None}
-        if not recorded:
-            return
-        path = logdir / "config.json"
-        config = json.loads(path.read_text()) if path.is_file() else {}
-        config.setdefault("pipelines", {})[stage.name] = recorded
-        atomic_write_json(path, config)
+        if recorded:
+            record_pipelines(logdir, stage.name, recorded)
 
     def _check_stages(self, model: nn.Module, stages: List[Stage]) -> None:
         if not stages:
@@ -734,7 +730,7 @@ class StagedRunner(dl.SupervisedRunner):
         import catalyst
         import timm
 
-        import cvkit
+        from cvkit._version import __version__
 
         config = {
             "stages": [s.to_dict() for s in stages],
@@ -748,7 +744,7 @@ class StagedRunner(dl.SupervisedRunner):
             "profile": self._profile,
             "loggers": [spec["name"] if len(spec) == 1 else dict(spec) for spec in self._logger_specs],
             "versions": {
-                "cvkit": cvkit.__version__,
+                "cvkit": __version__,
                 "torch": torch.__version__,
                 "catalyst": catalyst.__version__,
                 "timm": timm.__version__,
@@ -760,7 +756,7 @@ class StagedRunner(dl.SupervisedRunner):
         if weights:
             config["pretrained_weights"] = weights[0]  # the file the backbone started from, with its sha256
         config.update(extra or {})
-        atomic_write_json(logdir / "config.json", config)
+        write_config(logdir, config)
 
     def _finish(
         self, model: nn.Module, logdir: Path, test_loader: Optional[DataLoader], metrics: Optional[MetricsFactory],
@@ -803,7 +799,7 @@ class StagedRunner(dl.SupervisedRunner):
 
         plot_progress(run.history, logdir / "progress.png", self.valid_metric_key)
         self.final_metrics = result
-        atomic_write_json(logdir / "metrics.json", result)
+        write_metrics(logdir, result)
 
 
 def _has_more_epochs(state: Mapping[str, Any], stage: Stage) -> bool:
@@ -823,8 +819,7 @@ def _minimized(key: str, metrics: Optional[MetricsFactory]) -> bool:
 
 def _facts(logdir: Path) -> Dict[str, Any]:
     """The run's config.json (what the HParams tab and MLflow params describe), or {} before it exists."""
-    path = logdir / "config.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_config(logdir)
 
 
 def _pipeline_of(loader: Any) -> Optional[Dict[str, Any]]:

@@ -81,7 +81,7 @@ def test_the_command_trains_folds_and_refuses_bad_values(tmp_path, capsys):
 def test_an_ensemble_is_the_mean_of_its_members(trained):
     import torch
 
-    from cvkit.inference.predict import load_run, predict
+    from cvkit.inference import load_run, predict
 
     folder, config, _ = trained
     runs = [load_run(folder / "run" / f"fold_{k}") for k in range(FOLDS)]
@@ -94,7 +94,7 @@ def test_an_ensemble_is_the_mean_of_its_members(trained):
 
 
 def test_predict_on_a_kfold_folder_averages_its_folds(trained, tmp_path):
-    from cvkit.inference.predict import load_run, predict, write_submission
+    from cvkit.inference import load_run, predict, write_submission
 
     folder, config, _ = trained
     test_csv = next((folder / "demo").rglob("test.csv"))

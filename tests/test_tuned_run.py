@@ -10,7 +10,7 @@ import pytest
 
 from cvkit.cli import main
 from cvkit.experiment import build, load_experiment, run
-from cvkit.inference.predict import load_run, predict, write_submission
+from cvkit.inference import load_run, predict, write_submission
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "configs" / "segmentation_demo.yaml"
 

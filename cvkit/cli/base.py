@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, List, Optional, Sequence, Union
 
+from cvkit.errors import UsageError
 from cvkit.registry import Registry
 from cvkit.status import say
 
@@ -38,10 +39,6 @@ class Command:
 
 COMMANDS: Registry[Command] = Registry("command")
 COMMAND_MODULES = ("cvkit.cli.data", "cvkit.cli.experiment", "cvkit.cli.deploy", "cvkit.cli.weights")
-
-
-class UsageError(Exception):
-    """Options that do not fit together; reported like an argparse error (exit 2)."""
 
 
 def refuse_overwriting_inputs(outputs: Iterable[PathLike], inputs: Iterable[PathLike], instead: str) -> None:

@@ -159,7 +159,7 @@ def _predict(args: argparse.Namespace) -> int:
         if not args.checkpoint:
             raise UsageError("give --checkpoint (a run folder or its best.pth), or --model (an exported model)")
         loading("torch, timm")
-        from cvkit.inference.predict import predict_run
+        from cvkit.inference.runs import predict_run
 
         frame = predict_run(args.checkpoint, args.config or _run_folder(args.checkpoint[0]), args.images, args.out,
                             tta=tta, probs=args.probs, batch_size=args.batch_size, device=args.device,
@@ -177,7 +177,7 @@ def _predict(args: argparse.Namespace) -> int:
 def _run_folder(checkpoint: str) -> str:
     """The run folder ``--checkpoint`` names (itself, or a checkpoint file's folder) when it holds the
     run's config.json (a k-fold run folder: its folds' own), for a prediction without --config."""
-    from cvkit.inference.predict import kfold_members
+    from cvkit.run_folder import kfold_members
 
     path = Path(checkpoint)
     folder = path if path.is_dir() else path.parent
@@ -190,7 +190,7 @@ def _run_folder(checkpoint: str) -> str:
 
 def _without_folds(checkpoints: List[str]) -> str:
     """``; without ...`` naming the folds a k-fold ensemble left out (--allow-missing-folds), else ``''``."""
-    from cvkit.inference.predict import kfold_members
+    from cvkit.run_folder import kfold_members
 
     missing = [f"{c}/{m}" for c in checkpoints for m in kfold_members(c)[1]]
     return f"; the folds' ensemble without {', '.join(missing)}, as --allow-missing-folds allows" if missing else ""

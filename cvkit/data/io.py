@@ -43,6 +43,7 @@ from typing import BinaryIO, Dict, Iterable, Iterator, Mapping, Optional, Tuple,
 import cv2
 import numpy as np
 
+from cvkit.errors import DataError
 from cvkit.io import atomic_write_json
 
 PathLike = Union[str, os.PathLike]
@@ -51,10 +52,6 @@ _RGB_FLAG = getattr(cv2, "IMREAD_COLOR_RGB", None)
 # The most pixels (height x width, from the header) any reader decodes: 8000 x 8000, 192 MB as RGB uint8.
 MAX_IMAGE_PIXELS = 64_000_000
 PIXELS_ENV = "CVKIT_MAX_IMAGE_PIXELS"
-
-
-class DataError(ValueError):
-    """A dataset, file or table does not hold what cvkit expected; the message says where and what."""
 
 
 class ImageReadError(DataError):

@@ -5,14 +5,14 @@
   output at network size plus the original size; :meth:`Prediction.decode` maps it back).
 - :func:`write_submission`: the task's submission table (:meth:`cvkit.tasks.Task.rows`), written
   atomically; it streams, so large masks never pile up in memory.
-- :func:`load_run` / :func:`predict_run`: the same from a run folder (its ``config.json``,
-  ``best.pth`` and ``classes.json``); ``cvkit predict`` is a thin wrapper on :func:`predict_run`.
+- :func:`predict_splits`: held-out datasets predicted at their images' own size (for a task's tuning).
+
+A run folder's model and :func:`~cvkit.inference.runs.predict_run` are in :mod:`cvkit.inference.runs`.
 
 Predictions run in eval mode without shuffling, so the same inputs give the same file.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,6 +208,19 @@ def iter_predict(
             yield Prediction(names[index], int(index), out[k], int(height), int(width))
 
 
+def predict_splits(splits: Iterable[Tuple[nn.Module, Any, Any]], task: Union[str, Task],
+                   device: str = "cpu") -> Iterator[Tuple[Prediction, Any]]:
+    """``(Prediction, dataset)`` for each image of held-out ``splits`` (``(model, dataset, eval transform)``
+    triples; datasets without image files are skipped), predicted one at a time at the image's own size:
+    what :meth:`cvkit.tasks.Task.tune` chooses its post-processing on."""
+    for model, dataset, transform in splits:
+        if not hasattr(dataset, "path") or not len(dataset):
+            continue
+        files = [dataset.path(i) for i in range(len(dataset))]
+        for p in iter_predict(model, files, task, transform=transform, image_size=None, batch_size=1, device=device):
+            yield p, dataset
+
+
 def predict(model: Union[nn.Module, Sequence[nn.Module]], images: Images, task: Union[str, Task], **kwargs: Any) -> List[Prediction]:
     """Predict every image with ``model`` (TTA-averaged) and return one :class:`Prediction` each.
 
@@ -253,180 +266,5 @@ def write_submission(predictions: Iterable[Prediction], task: Union[str, Task], 
     return frame
 
 
-@dataclass
-class RunModel:
-    """What a finished run predicts with: its completed experiment, the model with its weights, class names."""
-
-    config: Dict[str, Any]
-    model: nn.Module
-    classes: List[str]
-    folder: Optional[Path] = None
-
-    @property
-    def tuning(self) -> Any:
-        """The run's post-processing chosen on validation (``postprocess.json``...), or None."""
-        return self.task.load_tuning(self.folder) if self.folder is not None else None
-
-    @property
-    def task(self) -> Task:
-        return get_task(self.config["task"])
-
-    def transform(self, image_size: Optional[int] = None) -> Any:
-        """The run's evaluation pipeline of its last stage (at ``image_size`` when given)."""
-        from cvkit.experiment import eval_transform
-        from cvkit.experiment import image_size as run_image_size
-
-        last = self.config["stages"][-1]
-        if image_size:
-            return eval_transform(self.config, image_size)
-        return eval_transform(self.config, run_image_size(self.config, last), last["name"])
-
-
-def _classes_file(checkpoint: Path, config: Path) -> Optional[Path]:
-    from cvkit.experiment import CLASSES_FILE
-
-    for folder in (checkpoint.parent, config.parent):
-        if (folder / CLASSES_FILE).is_file():
-            return folder / CLASSES_FILE
-    return None
-
-
-def load_run(config: PathLike, checkpoint: Optional[PathLike] = None) -> RunModel:
-    """The run's completed experiment, its model holding ``checkpoint`` (default: ``best.pth`` beside
-    ``config``, or in ``checkpoint`` when that is a folder) and its class names."""
-    from cvkit.config import complete, load_experiment
-    from cvkit.experiment import build_model
-    from cvkit.models.weights import load_weights
-
-    config = Path(config)
-    if config.is_dir():
-        folds = kfold_members(config)[0]
-        config = (folds[0] if folds and not (config / "config.json").is_file() else config) / "config.json"
-    experiment = complete(load_experiment(config))
-    checkpoint = Path(checkpoint) if checkpoint is not None else config.parent
-    if checkpoint.is_dir():
-        checkpoint = checkpoint / "best.pth"
-    task = get_task(experiment["task"])
-    classes: List[str] = []
-    names = _classes_file(checkpoint, config)
-    if names is not None:
-        classes = [str(c) for c in json.loads(names.read_text())]
-    spec = experiment["model"]
-    if task.has_classes:
-        given = spec.get("num_classes")
-        if classes and given is not None and given != len(classes):
-            raise ValueError(f"{names} names {len(classes)} classes but the model of {config} has {given} outputs; "
-                             "expected one name per output")
-        if classes:
-            spec.setdefault("num_classes", len(classes))
-        elif given is not None:
-            classes = [str(i) for i in range(int(given))]
-    model = build_model(experiment)
-    load_weights(model, checkpoint)
-    return RunModel(experiment, model, classes, config.parent)
-
-
-def predict_run(
-    checkpoint: Union[None, PathLike, Sequence[PathLike]],
-    config: PathLike,
-    images: PathLike,
-    out: Optional[PathLike] = None,
-    tta: Sequence[str] = (),
-    probs: bool = False,
-    batch_size: int = 32,
-    device: str = "auto",
-    image_size: Optional[int] = None,
-    root: Optional[PathLike] = None,
-    path_col: str = "path",
-    threshold: Optional[float] = None,
-    workers: int = 0,
-    progress: bool = True,
-    flip_pairs: FlipPairs = None,
-    tile: Optional[int] = None,
-    overlap: int = 64,
-    allow_missing_folds: bool = False,
-) -> pd.DataFrame:
-    """A run's submission for ``images``: :func:`load_run` + :func:`iter_predict` + :func:`write_submission`.
-
-    ``checkpoint`` may be several files or a k-fold run folder: their models are averaged
-    (:func:`run_checkpoints`; a k-fold folder missing a fold is refused unless ``allow_missing_folds``).
-    The run's tuned post-processing (``postprocess.json``) applies unless ``threshold`` is given: a k-fold
-    folder's own, tuned out-of-fold (:func:`cvkit.kfold.kfold`), else the first model's run's.
-    """
-    runs = [load_run(config, c) for c in run_checkpoints(checkpoint, allow_missing_folds)]
-    run = runs[0]
-    size = image_size or _run_size(run.config)
-    predictions = iter_predict([r.model for r in runs], images, run.task, tta=tta, batch_size=batch_size, device=device,
-                               transform=run.transform(image_size), image_size=size, classes=run.classes,
-                               flip_pairs=flip_pairs, root=root, path_col=path_col, workers=workers,
-                               progress=progress, tile=tile, overlap=overlap)
-    tuning = None
-    if threshold is None:
-        given = list(checkpoint) if isinstance(checkpoint, (list, tuple)) else [checkpoint]
-        kfold_folder = given[0] if len(given) == 1 and kfold_members(given[0])[0] else None
-        tuning = (run.task.load_tuning(kfold_folder) if kfold_folder is not None else None) or run.tuning
-    return write_submission(predictions, run.task, run.classes, out, probs=probs,
-                            threshold=0.5 if threshold is None else threshold, tuning=tuning)
-
-
-def run_checkpoints(checkpoint: Union[None, PathLike, Sequence[PathLike]],
-                    allow_missing_folds: bool = False) -> List[Optional[PathLike]]:
-    """The checkpoints an ensemble prediction averages: each given file or run folder, a k-fold run
-    folder standing for its ``fold_*/best.pth`` (None alone: the run's own best.pth).
-
-    A k-fold folder lacking a fold that ``cv.json`` counts (a removed ``fold_k/`` or ``fold_k/best.pth``)
-    is a :class:`~cvkit.data.io.DataError` naming it, unless ``allow_missing_folds``: then the others average.
-    """
-    from cvkit.data.io import DataError
-
-    given = list(checkpoint) if isinstance(checkpoint, (list, tuple)) else [checkpoint]
-    out: List[Optional[PathLike]] = []
-    for item in given:
-        folds, missing = kfold_members(item)
-        if missing and (not allow_missing_folds or not folds):
-            listed = "cv.json lists" if (Path(item) / "cv.json").is_file() else "expected"
-            hint = ("; restore it, or average the others (allow_missing_folds=True; CLI: --allow-missing-folds)"
-                    if folds else "")
-            raise DataError(f"{item}: k-fold run without {', '.join(missing)} ({listed} {len(folds) + len(missing)} "
-                            f"folds){hint}")
-        out += [f / "best.pth" for f in folds] if folds else [item]
-    return out or [None]
-
-
-def kfold_members(folder: Optional[PathLike]) -> Tuple[List[Path], List[str]]:
-    """A k-fold run folder's ``fold_k`` folders holding ``best.pth``, and the folds it lacks (``fold_1``,
-    ``fold_2/best.pth``): the folds are those ``cv.json`` counts, else ``fold_0`` to the highest present.
-    ``([], [])`` for an ordinary run folder or a file."""
-    from cvkit.data.io import DataError
-
-    if folder is None or not Path(folder).is_dir() or (Path(folder) / "best.pth").is_file():
-        return [], []
-    folder = Path(folder)
-    present = [int(p.name[5:]) for p in folder.glob("fold_*") if p.name[5:].isdigit() and p.is_dir()]
-    count = max(present) + 1 if present else 0
-    summary = folder / "cv.json"
-    if summary.is_file():
-        try:
-            count = json.loads(summary.read_text())["folds"]
-        except (ValueError, KeyError, TypeError):
-            count = None
-        if not isinstance(count, int) or isinstance(count, bool) or count < 2:
-            raise DataError(f"{summary}: expected a JSON mapping whose 'folds' is the number of folds (>= 2)")
-    folds, missing = [], []
-    for k in range(count):
-        fold = folder / f"fold_{k}"
-        if (fold / "best.pth").is_file():
-            folds.append(fold)
-        else:
-            missing.append(f"fold_{k}/best.pth" if fold.is_dir() else f"fold_{k}")
-    return folds, missing
-
-
-def _run_size(config: Dict[str, Any]) -> Optional[int]:
-    from cvkit.experiment import image_size
-
-    return image_size(config, config["stages"][-1])
-
-
-__all__ = ["ImageFiles", "Prediction", "RunModel", "check_flip_pairs", "iter_predict", "kfold_members", "list_images",
-           "load_run", "predict", "predict_run", "run_checkpoints", "write_submission"]
+__all__ = ["ImageFiles", "Prediction", "check_flip_pairs", "iter_predict", "list_images", "predict",
+           "predict_splits", "write_submission"]

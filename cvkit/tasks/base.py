@@ -15,10 +15,11 @@ import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, ClassVar, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from cvkit.errors import ConfigError
 from cvkit.registry import Registry
 
 PathLike = Union[str, os.PathLike]
@@ -116,8 +117,6 @@ class Task:
 
     def datasets(self, spec: Dict[str, Any], demo_root: Path) -> Dict[str, Any]:
         """``{"train", "valid"?, "test"?}`` from a ``data:`` spec (kinds ``csv`` and ``demo``)."""
-        from cvkit.config import ConfigError
-
         if spec["kind"] == "demo":
             root = Path(spec.pop("root")) if spec.get("root") else demo_root
             spec.update(self.demo(root, int(spec.get("seed", 0)), spec.get("per_class")))
@@ -175,8 +174,6 @@ class Task:
 
     def check_model(self, spec: Mapping[str, Any], train: Any, classes: Sequence[str]) -> None:
         """Refuse a model spec whose sizes contradict the data (one line naming the key)."""
-        from cvkit.config import ConfigError
-
         for key, value in self.model_sizes(train, classes).items():
             given = spec.get(key)
             if given is not None and given != value:
@@ -206,12 +203,13 @@ class Task:
         """The submission rows of one image (``tuning``: what :meth:`tune` chose, applied when given)."""
         raise NotImplementedError
 
-    def tune(self, splits: Sequence[Tuple[Any, Any, Any]], device: str = "cpu") -> Any:
+    def tune(self, predicted: Iterable[Tuple[Any, Any]]) -> Any:
         """Post-processing chosen on held-out data after training (an object with ``to_json()``,
         ``before`` and ``after`` scores, saved as :attr:`tuning_file`), or None when the task has none.
 
-        ``splits``: ``(model, dataset, eval transform)`` triples whose predictions are pooled: one
-        run's valid split, or every fold's model on the rows it did not train on (out-of-fold).
+        ``predicted``: ``(Prediction, dataset)`` pairs, each image of a held-out dataset predicted at its
+        original size (:func:`cvkit.inference.predict.predict_splits`): one run's valid split, or every
+        fold's model on the rows it did not train on (out-of-fold). Called only when :attr:`tuning_file` is set.
         """
         return None
 

@@ -6,6 +6,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
+from cvkit.errors import ConfigError
 from cvkit.tasks.base import CLASS_OPTIONS, COMMON_OPTIONS, SPLIT_KEYS, Row, Task, register_task
 
 FOLDER_KEYS = SPLIT_KEYS | {"kind", "train", "valid", "test", "class_map"}
@@ -53,7 +54,6 @@ class Classification(Task):
                    label_col=spec.get("label_col") or "label", class_map=class_map, **kwargs)
 
     def datasets(self, spec: Dict[str, Any], demo_root: Path) -> Dict[str, Any]:
-        from cvkit.config import ConfigError
         from cvkit.data.datasets import STL10Dataset
 
         if spec["kind"] == "stl10":

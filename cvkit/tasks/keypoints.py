@@ -6,6 +6,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
+from cvkit.errors import ConfigError
 from cvkit.tasks.base import COMMON_OPTIONS, DataOption, Row, Task, register_task
 
 
@@ -38,8 +39,6 @@ class Keypoints(Task):
     def _build(self, cls: type, table: Any, spec: Mapping[str, Any], **kwargs: Any) -> Any:
         """``cls`` (the torch dataset or its torch-free rows; ``kwargs`` go to it) on a CSV."""
         if not spec.get("keypoint_cols"):
-            from cvkit.config import ConfigError  # here: cvkit.config loads torch
-
             raise ConfigError("keypoint_cols (--keypoint-cols) is required for task keypoints: x0,y0,x1,y1... columns, "
                               "or one column of space-separated numbers plus num_keypoints (--num-keypoints)")
         return cls(table, keypoint_cols=spec["keypoint_cols"], root=spec.get("root"),

@@ -9,13 +9,14 @@ column-major 1-based runs at the image's original size.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 if TYPE_CHECKING:
     import pandas as pd
 
+from cvkit.errors import ConfigError
 from cvkit.tasks.base import COMMON_OPTIONS, DataOption, Row, Task, register_task
 
 DEMO_CLASSES = 4
@@ -83,8 +84,6 @@ class Segmentation(Task):
         num_classes = int(spec.get("num_classes") or 1)
         if spec.get("rle"):
             if not spec.get("root"):
-                from cvkit.config import ConfigError  # here: cvkit.config loads torch
-
                 raise ConfigError("rle (--rle) needs root (--root), the folder of the images named in ImageId")
             dataset = cls.from_rle(read_rle_table(table), spec["root"], num_classes=num_classes, **kwargs)
             if isinstance(table, (str, Path)):
@@ -131,26 +130,20 @@ class Segmentation(Task):
             return tuning.apply(prediction["probs"])
         return (prediction["probs"] > threshold).astype(np.uint8)
 
-    def tune(self, splits: Sequence[Any], device: str = "cpu") -> Any:
+    def tune(self, predicted: Iterable[Tuple[Any, Any]]) -> Any:
         """Per-class threshold, minimum component area and minimum mask size that maximise
-        ``dice_image`` (the Severstal rule) over ``splits`` pooled, at the images' original size."""
+        ``dice_image`` (the Severstal rule) over the predicted images pooled, at their original size."""
         import itertools
 
-        from cvkit.inference.predict import iter_predict
         from cvkit.postprocess import tune_segmentation
 
-        splits = [(m, d, t) for m, d, t in splits if hasattr(d, "path") and len(d)]
-        if not splits:
+        predicted = iter(predicted)
+        first = next(predicted, None)
+        if first is None:
             return None
-
-        def pairs() -> Any:
-            for model, dataset, transform in splits:
-                files = [dataset.path(i) for i in range(len(dataset))]
-                for p in iter_predict(model, files, self, transform=transform, image_size=None, batch_size=1,
-                                      device=device):
-                    yield p.decode(self)["probs"], dataset.mask(p.index, p.height, p.width).transpose(2, 0, 1)
-
-        probs, truths = itertools.tee(pairs())
+        pairs = ((p.decode(self)["probs"], dataset.mask(p.index, p.height, p.width).transpose(2, 0, 1))
+                 for p, dataset in itertools.chain([first], predicted))
+        probs, truths = itertools.tee(pairs)
         return tune_segmentation((p for p, _ in probs), (t for _, t in truths))
 
     def load_tuning(self, folder: Any) -> Any:
