@@ -2,7 +2,7 @@
 ensemble, on the classification demo (digits) with clean and with noisy training labels.
 
 Every arm is the same YAML experiment (`examples/configs/classification_demo.yaml`'s model and
-stages) run through `cvkit.experiment.run` / `cvkit.kfold`, changed only by the recipe; test labels
+stages) run through `cvkit.training.run` / `cvkit.kfold`, changed only by the recipe; test labels
 are always clean. Several seeds; the table gives the mean and spread of test accuracy.
 
     python bench/competition_recipes.py --seeds 3 --write
@@ -82,7 +82,7 @@ def main() -> None:
     args = parser.parse_args()
     from cvkit.config import load_config
     from cvkit.data.demo import build_classification
-    from cvkit.experiment import run
+    from cvkit.training import run
     from cvkit.kfold import kfold
 
     start = time.perf_counter()

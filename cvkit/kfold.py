@@ -52,7 +52,7 @@ def kfold(config: Mapping[str, Any], folds: int = 5, group_col: Optional[str] = 
 def _kfold_locked(config: Dict[str, Any], folds: int, group_col: Optional[str], resume: bool, verbose: bool,
                   allow_changes: bool) -> Dict[str, Any]:
     """:func:`kfold` of a completed experiment once its folder is held."""
-    from cvkit.experiment import run
+    from cvkit.training import run
     from cvkit.run_folder import write_out_of_fold, write_tuning
 
     base = Path(config["logdir"])

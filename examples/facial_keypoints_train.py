@@ -25,7 +25,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from _common import common_args, predict_device, run_script, starting_weights
-from cvkit.callbacks.worst import WorstPredictionsCallback, draw_keypoints
+from cvkit.callbacks.worst import WorstPredictionsCallback
+from cvkit.data.draw import draw_keypoints
 from cvkit.data import FastAffine, KeypointDataset, compose, create_preset, split_train_valid
 from cvkit.data.demo import KEYPOINT_NAMES, build_keypoints
 from cvkit.data.io import read_image

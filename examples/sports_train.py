@@ -28,7 +28,8 @@ import pandas as pd
 
 from _common import common_args, predict_device, run_script
 from cvkit.config import load_config
-from cvkit.experiment import build_datasets, run, with_transform
+from cvkit.experiment import build_datasets, with_transform
+from cvkit.training import run
 from cvkit.inference.export import export_by_class
 from cvkit.inference import load_run, predict
 from cvkit.io import atomic_write_bytes

@@ -24,7 +24,8 @@ from _common import common_args, predict_device, run_script
 from cvkit.config import load_config
 from cvkit.data.augment import compose, create_preset, transform_to_dict
 from cvkit.data.io import read_image
-from cvkit.experiment import build_datasets, run, with_transform
+from cvkit.experiment import build_datasets, with_transform
+from cvkit.training import run
 from cvkit.inference import list_images, load_run, predict, write_submission
 from cvkit.io import atomic_write_bytes, atomic_write_json
 from cvkit.metrics import SegmentationMetrics

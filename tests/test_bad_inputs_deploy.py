@@ -34,7 +34,7 @@ from cvkit.data.io import (  # noqa: E402
     read_image_info,
     read_mask,
 )
-from cvkit.experiment import run as run_experiment  # noqa: E402
+from cvkit.training import run as run_experiment  # noqa: E402
 from cvkit.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE  # noqa: E402
 from cvkit.export import export_run  # noqa: E402
 from cvkit.inference.runtime import contract_path  # noqa: E402

@@ -12,7 +12,8 @@ import yaml
 
 from cvkit.config import ConfigError, load_config, stages_from
 from cvkit.data.io import DatasetCheckError
-from cvkit.experiment import build, complete, load_experiment, pipelines, run, train_transform
+from cvkit.experiment import build, complete, load_experiment, pipelines, train_transform
+from cvkit.training import run
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "configs"
 

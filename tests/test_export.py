@@ -16,7 +16,7 @@ import torch
 from cvkit.cli import main
 from cvkit.config import load_experiment
 from cvkit.data.rle import rle_decode
-from cvkit.experiment import run as run_experiment
+from cvkit.training import run as run_experiment
 
 pytest.importorskip("onnx", reason="export tests need the 'export' extra: pip install onnx onnxruntime")
 pytest.importorskip("onnxruntime", reason="export tests need the 'export' extra: pip install onnx onnxruntime")

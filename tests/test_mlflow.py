@@ -14,7 +14,7 @@ from test_experiment import tiny
 
 from cvkit.callbacks.tensorboard import run_hparams
 from cvkit.config import ConfigError, load_config, stages_from
-from cvkit.experiment import run
+from cvkit.training import run
 from cvkit.runners import StagedRunner
 from cvkit.stages import Stage
 

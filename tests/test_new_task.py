@@ -18,7 +18,7 @@ from torch import nn
 from cvkit.cli import main
 from cvkit.data.datasets import TableDataset, require_columns
 from cvkit.data.demo import build_classification
-from cvkit.experiment import run
+from cvkit.training import run
 from cvkit.inference import load_run, predict, write_submission
 from cvkit.losses import CRITERIA, register_criterion
 from cvkit.metrics import METRICS, Metric, register_metric

@@ -15,7 +15,7 @@ from conftest import Interrupt, StopAtEpoch, tiny_loaders
 
 import cvkit.runners
 from cvkit.config import load_config
-from cvkit.experiment import run
+from cvkit.training import run
 from cvkit.io import load_checkpoint
 from cvkit.models import create_model
 from cvkit.runners import StagedRunner

@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 
 import cvkit.runners
-from cvkit.experiment import load_experiment, run
+from cvkit.experiment import load_experiment
+from cvkit.training import run
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "configs" / "segmentation_demo.yaml"
 

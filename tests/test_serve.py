@@ -22,7 +22,7 @@ for _module in ("onnx", "onnxruntime", "fastapi", "uvicorn", "multipart"):
                                         "python-multipart)")
 
 from cvkit.config import load_experiment  # noqa: E402
-from cvkit.experiment import run as run_experiment  # noqa: E402
+from cvkit.training import run as run_experiment  # noqa: E402
 from cvkit.export import export_run  # noqa: E402
 from cvkit.inference.runtime import predict_exported  # noqa: E402
 

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from cvkit.cli import main
-from cvkit.experiment import build, load_experiment, run
+from cvkit.experiment import build, load_experiment
+from cvkit.training import run
 from cvkit.inference import load_run, predict, write_submission
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "configs" / "segmentation_demo.yaml"

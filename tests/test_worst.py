@@ -6,7 +6,8 @@ import torch
 from conftest import tiny_loaders
 from torch import nn
 
-from cvkit.callbacks.worst import WorstPredictionsCallback, draw_keypoints, to_uint8
+from cvkit.callbacks.worst import WorstPredictionsCallback
+from cvkit.data.draw import draw_keypoints, to_uint8
 from cvkit.models import create_model
 from cvkit.runners import StagedRunner
 from cvkit.stages import Stage

@@ -37,7 +37,8 @@ from cvkit.callbacks.mixup import MixupCallback, mix_batch
 from cvkit.callbacks.scheduler import BatchPlateauCallback, plateau_mode
 from cvkit.callbacks.state import RunState
 from cvkit.callbacks.tensorboard import StageTensorboardLogger, stage_suffix
-from cvkit.callbacks.worst import WorstPredictionsCallback, draw_keypoints, draw_label, to_uint8
+from cvkit.callbacks.worst import WorstPredictionsCallback
+from cvkit.data.draw import draw_keypoints, draw_label, to_uint8
 
 __all__ = [
     "ConsoleTableCallback",

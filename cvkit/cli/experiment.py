@@ -55,7 +55,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.folds is not None and args.folds < 2:
         raise UsageError(f"--folds must be at least 2, got {args.folds}")
     loading("torch, timm, catalyst")
-    from cvkit.experiment import run
+    from cvkit.training import run
 
     config = _load(args)
     claimed = _new_logdir(args, config)

@@ -229,7 +229,7 @@ class Task:
 
     def draw(self, image: np.ndarray, output: Any, target: Any) -> np.ndarray:
         """A worst-prediction picture: ``image`` (RGB uint8) with the output and target drawn on it."""
-        from cvkit.callbacks.worst import draw_label
+        from cvkit.data.draw import draw_label
 
         return draw_label(image, output, target)
 

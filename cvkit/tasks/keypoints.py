@@ -81,7 +81,7 @@ class Keypoints(Task):
         return torch.rand(10, generator=generator)
 
     def draw(self, image: np.ndarray, output: Any, target: Any) -> np.ndarray:
-        from cvkit.callbacks.worst import draw_keypoints
+        from cvkit.data.draw import draw_keypoints
 
         return draw_keypoints(image, output, target)
 
