@@ -186,9 +186,6 @@ def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
     return torch.where(denominator > 0, numerator / denominator.clamp(min=1e-12), torch.zeros_like(numerator))
 
 
-MetricFactory = Callable[[], Metric]
-
-
 def box_iou(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
     """IoU of matching rows of two ``(B, 4)`` xyxy box tensors (corners sorted first); 0 for empty unions."""
     pred = torch.cat([torch.minimum(pred[:, :2], pred[:, 2:]), torch.maximum(pred[:, :2], pred[:, 2:])], dim=1)

@@ -13,9 +13,6 @@ truth. Memory is one image plus a ``(classes, thresholds, min_areas, min_totals)
 the number of images. ``min_area``/``min_total`` are pixels at the resolution of the masks given:
 tune on probabilities at the size :meth:`SegmentationPostprocess.apply` will see (for submissions,
 the original image size that :meth:`cvkit.tasks.segmentation.Segmentation.decode` returns).
-
-Classification (:func:`tune_class_bias`): additive log-prior biases per class, chosen by
-coordinate ascent for a key of :class:`cvkit.metrics.ClassificationMetrics` (``f1_macro``...).
 """
 from __future__ import annotations
 
@@ -27,10 +24,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
-import torch
 
-from cvkit.io import PathLike, atomic_write_json
-from cvkit.metrics import ClassificationMetrics
+from cvkit.io import PathLike
 
 POSTPROCESS_FILE = "postprocess.json"
 DEFAULT_THRESHOLDS: Tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -149,17 +144,8 @@ class SegmentationPostprocess:
         )
 
 
-def save_postprocess(post: SegmentationPostprocess, path: PathLike) -> Path:
-    """Write ``post`` as JSON to ``path`` atomically (a folder gets ``postprocess.json`` inside); returns the file."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / POSTPROCESS_FILE
-    atomic_write_json(path, post.to_json())
-    return path
-
-
 def load_postprocess(path: PathLike) -> SegmentationPostprocess:
-    """Read what :func:`save_postprocess` wrote (``path`` is the file or its folder)."""
+    """Read what :func:`cvkit.run_folder.write_tuning` wrote (``path`` is the file or its folder)."""
     path = Path(path)
     if path.is_dir():
         path = path / POSTPROCESS_FILE
@@ -171,7 +157,7 @@ def load_postprocess(path: PathLike) -> SegmentationPostprocess:
 
 
 def _numpy(value: ArrayLike) -> np.ndarray:
-    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+    return value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)  # a torch tensor
 
 
 def _image(value: ArrayLike, num_classes: Optional[int], what: str, index: Optional[int] = None) -> np.ndarray:
@@ -295,63 +281,5 @@ def _choose(mean: np.ndarray, grids: Tuple[np.ndarray, ...], class_names: Option
     )
 
 
-def _log_probs(probs: ArrayLike) -> np.ndarray:
-    """``log`` of ``(N, K)`` probabilities (clipped at 1e-12) as float64."""
-    scores = _numpy(probs).astype(np.float64)
-    if scores.ndim != 2:
-        raise ValueError(f"probs has shape {scores.shape}; expected (N, K) class probabilities")
-    return np.log(np.clip(scores, 1e-12, None))
-
-
-def apply_class_bias(probs: ArrayLike, bias: ArrayLike) -> np.ndarray:
-    """Predicted classes ``argmax(log probs + bias)`` of ``(N, K)`` probabilities."""
-    return (_log_probs(probs) + np.asarray(bias, dtype=np.float64)).argmax(axis=1)
-
-
-def tune_class_bias(
-    probs: ArrayLike,
-    labels: ArrayLike,
-    metric: str = "f1_macro",
-    grid: Sequence[float] = tuple(np.round(np.linspace(-3, 3, 61), 2)),
-    sweeps: int = 4,
-) -> np.ndarray:
-    """Additive log-prior biases ``(K,)`` that maximise ``metric`` of ``argmax(log probs + bias)``.
-
-    Coordinate ascent from zero: each sweep tries every ``grid`` value for one class's bias at a
-    time and keeps a change only if it strictly improves the score, until a sweep changes nothing
-    or ``sweeps`` are done. ``metric`` is a key of :class:`cvkit.metrics.ClassificationMetrics`
-    (``accuracy``, ``f1_macro``...), scored by that metric so the number means what it does in training.
-    """
-    scores, truth = _log_probs(probs), _numpy(labels).astype(np.int64)
-    if truth.shape != (len(scores),):
-        raise ValueError(f"labels has shape {truth.shape}; expected ({len(scores)},), one class index per row of probs")
-    keys = ClassificationMetrics(scores.shape[1]).keys()
-    if metric not in keys:
-        raise ValueError(f"tune_class_bias: metric {metric!r} is not a classification key; expected one of {keys}")
-    sign = -1.0 if metric in ClassificationMetrics.lower_is_better else 1.0
-    target = torch.from_numpy(truth)
-
-    def score(bias: np.ndarray) -> float:
-        m = ClassificationMetrics(scores.shape[1])
-        m.update(torch.from_numpy(scores + bias), target)
-        return sign * m.compute()[metric]
-
-    bias = np.zeros(scores.shape[1])
-    best = score(bias)
-    for _ in range(sweeps):
-        changed = False
-        for k in range(len(bias)):
-            for value in grid:
-                trial = bias.copy()
-                trial[k] = value
-                result = score(trial)
-                if result > best + _TIE:
-                    best, bias, changed = result, trial, True
-        if not changed:
-            break
-    return bias
-
-
 __all__ = ["DEFAULT_MIN_AREAS", "DEFAULT_MIN_TOTALS", "DEFAULT_THRESHOLDS", "POSTPROCESS_FILE",
-           "SegmentationPostprocess", "apply_class_bias", "load_postprocess", "save_postprocess", "tune_class_bias",
-           "tune_segmentation"]
+           "SegmentationPostprocess", "load_postprocess", "tune_segmentation"]

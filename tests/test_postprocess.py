@@ -13,12 +13,10 @@ from cvkit.metrics import SegmentationMetrics
 from cvkit.postprocess import (
     POSTPROCESS_FILE,
     SegmentationPostprocess,
-    apply_class_bias,
     load_postprocess,
-    save_postprocess,
-    tune_class_bias,
     tune_segmentation,
 )
+from cvkit.run_folder import write_tuning
 
 
 def _dice_image(masks: List[np.ndarray], truths: List[np.ndarray]) -> List[float]:
@@ -155,8 +153,8 @@ def test_json_round_trip_through_an_atomic_file(tmp_path):
     probs, truths = _speckled_blobs(4, images=6)
     post = tune_segmentation(probs, truths, thresholds=[0.5], min_areas=[0, 2], min_totals=[0],
                              class_names=["scratch"])
-    path = save_postprocess(post, tmp_path)
-    assert path == tmp_path / POSTPROCESS_FILE
+    write_tuning(tmp_path, POSTPROCESS_FILE, post)
+    path = tmp_path / POSTPROCESS_FILE
     assert [p.name for p in tmp_path.iterdir()] == [POSTPROCESS_FILE]  # no temporary left behind
     loaded = load_postprocess(path)
     assert loaded == post
@@ -187,38 +185,3 @@ def test_bad_files_and_inputs_name_what_is_wrong(tmp_path):
         tune_segmentation([np.zeros((4, 4))], [np.zeros((4, 4))] * 2)
     with pytest.raises(ValueError, match="thresholds must be"):
         tune_segmentation([np.zeros((4, 4))], [np.zeros((4, 4))], thresholds=[1.5])
-
-
-def _prior_shifted(seed: int, shift: float, samples: int = 300) -> Tuple[np.ndarray, np.ndarray]:
-    """Softmax probabilities of a 3-class model whose log-prior for class 2 is ``shift`` too low."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 3, samples)
-    logits = 1.5 * np.eye(3)[labels] + rng.normal(size=(samples, 3)) - np.array([0.0, 0.0, shift])
-    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return probs / probs.sum(axis=1, keepdims=True), labels
-
-
-@pytest.mark.parametrize("metric", ["f1_macro", "f1_weighted", "accuracy"])
-def test_class_bias_undoes_a_prior_shift_scored_by_sklearn(metric: str):
-    from sklearn.metrics import accuracy_score, f1_score
-
-    def sk(labels: np.ndarray, pred: np.ndarray) -> float:
-        if metric == "accuracy":
-            return accuracy_score(labels, pred)
-        return f1_score(labels, pred, labels=[0, 1, 2], average=metric.split("_")[1])
-
-    probs, labels = _prior_shifted(5, shift=1.5)
-    bias = tune_class_bias(probs, labels, metric=metric)
-    tuned = sk(labels, apply_class_bias(probs, bias))
-    assert tuned > sk(labels, probs.argmax(axis=1)) + 0.05  # the shift costs a lot; the bias wins it back
-    assert tuned >= sk(labels, apply_class_bias(probs, [0.0, 0.0, 1.5])) - 1e-12  # at least the true correction
-    assert 0.5 < bias[2] - bias[:2].mean() < 2.5  # class 2 is raised by about the shift
-
-
-def test_class_bias_stays_zero_without_a_gain_and_rejects_unknown_metrics():
-    probs = np.eye(3)[[0, 1, 2, 0]] * 0.8 + 0.1  # already perfect
-    assert tune_class_bias(probs, np.array([0, 1, 2, 0])).tolist() == [0.0, 0.0, 0.0]
-    with pytest.raises(ValueError, match="'f1' is not a classification key"):
-        tune_class_bias(probs, np.array([0, 1, 2, 0]), metric="f1")
-    with pytest.raises(ValueError, match=r"labels has shape \(3,\); expected \(4,\)"):
-        tune_class_bias(probs, np.array([0, 1, 2]))

@@ -33,7 +33,7 @@ KEYPOINT_NAMES = ("top_left", "top_right", "bottom_right", "bottom_left", "centr
 KEYPOINT_COLS = tuple(c for i in range(len(KEYPOINT_NAMES)) for c in (f"x{i}", f"y{i}"))
 
 __all__ = ["build_classification", "build_boxes", "build_keypoints", "build_segmentation", "build_stl10",
-           "build_all", "demo_pretrained", "digits_canvases", "KEYPOINT_NAMES", "KEYPOINT_COLS"]
+           "demo_pretrained", "digits_canvases", "KEYPOINT_NAMES", "KEYPOINT_COLS"]
 
 
 def _digits() -> Tuple[np.ndarray, np.ndarray]:
@@ -241,18 +241,6 @@ def build_segmentation(root: PathLike, seed: int = 0, per_class: int = 10, canva
                      for name in names}
             masks_to_rle_frame(masks).to_csv(out / f"{split}_rle.csv", index=False)
     return out
-
-
-def build_all(root: PathLike, seed: int = 0) -> Dict[str, Path]:
-    """Every demo dataset under ``root/<task>``; returns ``{task: folder}``."""
-    root = Path(root)
-    return {
-        "classification": build_classification(root / "classification", seed),
-        "boxes": build_boxes(root / "boxes", seed),
-        "keypoints": build_keypoints(root / "keypoints", seed),
-        "segmentation": build_segmentation(root / "segmentation", seed),
-        "stl10": build_stl10(root / "stl10", seed),
-    }
 
 
 def demo_pretrained(arch: str, cache_dir: PathLike, epochs: int = 8, seed: int = 0) -> Path:

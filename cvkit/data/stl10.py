@@ -207,15 +207,6 @@ def build_demo(root: PathLike, seed: int = 0, test_fraction: float = 0.3, unlabe
     return out
 
 
-def load_all(root: PathLike) -> Dict[str, Tuple[np.ndarray, Optional[np.ndarray]]]:
-    """Every split present under ``root`` (train and test required)."""
-    out = {split: load_split(root, split) for split in ("train", "test")}
-    base = Path(root) / "stl10_binary" if (Path(root) / "stl10_binary").is_dir() else Path(root)
-    if (base / "unlabeled_X.bin").is_file():
-        out["unlabeled"] = load_split(root, "unlabeled")
-    return out
-
-
 class ArrayDataset:
     """Images (N, H, W, 3) uint8, in memory or memory-mapped, with optional labels, through an
     albumentations pipeline; each item copies its image, so a read-only map is never written.

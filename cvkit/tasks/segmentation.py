@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 from cvkit.errors import ConfigError
+from cvkit.postprocess import POSTPROCESS_FILE
 from cvkit.tasks.base import COMMON_OPTIONS, DataOption, Row, Task, register_task
 
 DEMO_CLASSES = 4
@@ -67,7 +68,7 @@ class Segmentation(Task):
                           "ImageId_ClassId, EncodedPixels); root is the image folder", kind="flag"),
     )
     submission_columns = SUBMISSION_COLUMNS
-    tuning_file = "postprocess.json"
+    tuning_file = POSTPROCESS_FILE
 
     def dataset(self, table: Any, spec: Mapping[str, Any], class_map: Any = None, transform: Any = None) -> Any:
         from cvkit.data.datasets import SegmentationDataset
