@@ -23,6 +23,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from cvkit.data.batch import as_batch
+
 Batch = Dict[str, Any]
 
 
@@ -85,14 +87,6 @@ class CachedFeatures(Dataset):
         return {key: values[index] for key, values in self.copies[self.copy].items()}
 
 
-def _as_dict(batch: Any, input_key: str, target_key: str) -> Batch:
-    if isinstance(batch, Mapping):
-        return dict(batch)
-    if isinstance(batch, (list, tuple)) and len(batch) == 2:
-        return {input_key: batch[0], target_key: batch[1]}
-    raise ValueError(f"cache_features: a batch must be a dict or (images, targets), got {type(batch).__name__}")
-
-
 def _check_split(model: nn.Module, net: nn.Module, images: Tensor, where: str) -> None:
     """Refuse a model whose head is not exact on pooled features or whose trainable part runs in
     ``forward_features`` (one batch, eval mode)."""
@@ -120,7 +114,7 @@ def _extract(model: nn.Module, net: nn.Module, loader: DataLoader, device: torch
     """One pass over ``loader``'s dataset in index order: pooled features plus every other batch key."""
     parts: Dict[str, List[Any]] = {}
     for batch in loader:
-        batch = _as_dict(batch, input_key, target_key)
+        batch = as_batch(batch, input_key, target_key)
         images = batch.pop(input_key).to(device)
         parts.setdefault(input_key, []).append(_pooled(net.forward_features(images)).cpu())
         for key, value in batch.items():
@@ -155,7 +149,7 @@ def cached_loaders(model: nn.Module, loaders: Mapping[str, DataLoader], copies: 
             sequential = DataLoader(loader.dataset, batch_size=loader.batch_size or 1, shuffle=False,
                                     num_workers=loader.num_workers, collate_fn=loader.collate_fn)
             if not checked:
-                first = _as_dict(next(iter(sequential)), input_key, target_key)[input_key].to(device)
+                first = as_batch(next(iter(sequential)), input_key, target_key)[input_key].to(device)
                 with torch.no_grad():
                     _check_split(model, net, first, where)
                 checked = True

@@ -305,8 +305,7 @@ def _outliers(args: argparse.Namespace) -> int:
     if args.top < 0:
         raise UsageError(f"--top must be >= 0 (0 writes every image to the CSV), got {args.top}")
     loading("torch, timm")
-    from torch.utils.data import DataLoader
-
+    from cvkit.data.loaders import make_loader
     from cvkit.experiment import build, image_size, load_weights
     from cvkit.tools.outliers import contact_sheet, extract_features, rank_outliers
 
@@ -322,7 +321,7 @@ def _outliers(args: argparse.Namespace) -> int:
         raise UsageError(f"--split {args.split}: the data has no {args.split} split; it has {sorted(experiment.datasets)}")
     base = experiment.datasets[args.split]
     dataset = experiment.dataset(args.split, image_size(experiment.config, experiment.config["stages"][-1]))
-    loader = DataLoader(dataset, args.batch_size, shuffle=False)
+    loader = make_loader(dataset, args.batch_size, train=False, workers=0)
     features, labels, indices = extract_features(experiment.model, loader,
                                                  feature_fn=experiment.task.features(experiment.model))
     if not experiment.task.label_targets:

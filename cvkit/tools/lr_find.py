@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from cvkit.data.batch import INPUT_KEY, TARGET_KEY, as_batch
 from cvkit.io import atomic_write_bytes
 from cvkit.models.groups import LR, apply_trainable, param_groups, set_bn_eval, trainable_param_names
 
@@ -197,7 +198,8 @@ def _sweep(
         for step, step_lr in enumerate(plan.tolist()):
             for g in swept:
                 g["lr"] = step_lr
-            x, y = _unpack(next(batches), device)
+            batch = as_batch(next(batches))
+            x, y = _to(batch[INPUT_KEY], device), _to(batch[TARGET_KEY], device)
             opt.zero_grad(set_to_none=True)
             loss = criterion(model(x), y)
             loss = loss.mean() if loss.ndim else loss
@@ -239,19 +241,6 @@ def _cycle(loader: Any) -> Iterator[Any]:
             yield batch
         if empty:
             raise ValueError("the loader yields no batches")
-
-
-def _unpack(batch: Any, device: Union[str, torch.device]) -> Tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(batch, dict):
-        missing = [k for k in ("features", "targets") if k not in batch]
-        if missing:
-            raise KeyError(f"batch dict lacks {missing}; it has keys {sorted(batch)}")
-        x, y = batch["features"], batch["targets"]
-    elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        x, y = batch[0], batch[1]
-    else:
-        raise TypeError(f"a batch must be a dict with 'features'/'targets' or an (x, y) pair, got {type(batch).__name__}")
-    return _to(x, device), _to(y, device)
 
 
 def _to(value: Any, device: Union[str, torch.device]) -> Any:
