@@ -5,13 +5,18 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
-    """``cvkit.fine_tune`` and ``cvkit.kfold`` on first use, so ``import cvkit`` stays light (no torch)."""
+    """``cvkit.fine_tune`` and ``cvkit.kfold`` on first use, so ``import cvkit`` stays light (no torch).
+
+    ``cvkit.kfold`` is the module :mod:`cvkit.kfold`, which calls :func:`cvkit.kfold.kfold` when called:
+    importing the submodule rebinds the package's attribute to it, so a function here would turn into
+    the module after the first ``import cvkit.kfold``.
+    """
     if name == "fine_tune":
         from cvkit.finetune import fine_tune
 
         return fine_tune
     if name == "kfold":
-        from cvkit.kfold import kfold
+        import importlib
 
-        return kfold
+        return importlib.import_module("cvkit.kfold")
     raise AttributeError(f"module 'cvkit' has no attribute {name!r}")
