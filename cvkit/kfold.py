@@ -12,19 +12,41 @@ training row with the one fold model that did not train on it:
   pooled out-of-fold predictions, its score before and after in ``cv.json``; an ensemble prediction
   from the k-fold folder applies it.
 
+``kfold.json`` in the k-fold folder records its setup (``folds``, ``group_col``, the completed
+experiment) once; every later job on the folder must bring the same setup.
+
+Folds as independent jobs: ``kfold(config, folds, fold=k)`` trains fold ``k`` alone (a Slurm array
+task, one per fold, on machines sharing the folder; the experiment must name its logdir so every job
+finds the same folder). The job that finds every fold finished after its own writes ``oof.csv`` and
+``cv.json``; :func:`collect` (``cvkit kfold collect``) writes them on demand. A fold job holds only its
+fold's folder while it trains, so folds train at once, and takes the k-fold folder's lock
+(:class:`cvkit.lock.RunLock`) for the collect step alone, waiting while another job collects.
+
 A killed k-fold run continues with ``resume=True``: finished folds are kept, the unfinished one
-resumes from its last epoch, later ones start. The k-fold folder's lock (:class:`cvkit.lock.RunLock`) is
-held from the first fold to ``cv.json``; each fold's run holds its own folder's.
+resumes from its last epoch, later ones start. All folds in one call hold the k-fold folder's lock
+from the first fold to ``cv.json``; each fold's run holds its own folder's.
+
+``cvkit.kfold`` is this module, and calling it calls :func:`kfold` (``cvkit.kfold(config, folds=5)``),
+whether or not ``import cvkit.kfold`` ran before.
 """
 from __future__ import annotations
 
 import copy
+import json
 import statistics
+import sys
+import time
+import types
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Union
 
 import pandas as pd
 import torch
+
+from cvkit.run_folder import CV_FILE, KFOLD_FILE, METRICS_FILE, write_kfold_setup
+
+COLLECT_WAIT_S = 600.0  # how long a fold job waits for the k-fold folder while another job collects
 
 
 def fold_config(config: Mapping[str, Any], folds: int, fold: int, group_col: Optional[str] = None) -> Dict[str, Any]:
@@ -36,33 +58,178 @@ def fold_config(config: Mapping[str, Any], folds: int, fold: int, group_col: Opt
 
 
 def kfold(config: Mapping[str, Any], folds: int = 5, group_col: Optional[str] = None, resume: bool = False,
-          verbose: bool = True, allow_changes: bool = False) -> Dict[str, Any]:
-    """Train every fold, write ``oof.csv`` and ``cv.json`` into the logdir; returns what cv.json holds."""
-    from cvkit.config import claim_logdir, complete
+          verbose: bool = True, allow_changes: bool = False, fold: Optional[int] = None) -> Optional[Dict[str, Any]]:
+    """Train every fold (or only ``fold``), write ``oof.csv`` and ``cv.json`` into the logdir once every
+    fold has finished; returns what cv.json holds, or None while a fold job leaves folds unfinished.
+
+    With ``fold``, the experiment must name its logdir: the jobs of one k-fold meet there.
+    """
+    from cvkit.config import ConfigError, claim_logdir, complete
     from cvkit.lock import RunLock
 
     named = bool(config.get("logdir"))
+    if fold is not None:
+        if not named:
+            raise ConfigError("kfold: a single fold (fold=K) trains into a k-fold folder every fold's job shares; "
+                              "name it in the experiment (logdir: runs/x)")
+        if not 0 <= fold < folds:
+            raise ConfigError(f"kfold: fold {fold} is not a fold of {folds} (0 to {folds - 1})")
     config = complete(config)
     if not named:  # the time-stamped folder, claimed once the experiment checks out
         config["logdir"] = claim_logdir(config)
-    with RunLock(config["logdir"]):
-        return _kfold_locked(config, folds, group_col, resume, verbose, allow_changes)
+    if fold is None:
+        with RunLock(config["logdir"]):
+            _record_setup(config, folds, group_col, replace=not resume, allow_changes=allow_changes)
+            for k in range(folds):
+                _train_fold(config, folds, k, group_col, resume, verbose, allow_changes)
+            return _collect_locked(config, folds, verbose)
+    _record_setup(config, folds, group_col, replace=False, allow_changes=allow_changes)
+    _train_fold(config, folds, fold, group_col, resume, verbose, allow_changes)
+    return _collect_if_last(config, folds, fold, verbose)
 
 
-def _kfold_locked(config: Dict[str, Any], folds: int, group_col: Optional[str], resume: bool, verbose: bool,
-                  allow_changes: bool) -> Dict[str, Any]:
-    """:func:`kfold` of a completed experiment once its folder is held."""
+def _train_fold(config: Dict[str, Any], folds: int, fold: int, group_col: Optional[str], resume: bool,
+                verbose: bool, allow_changes: bool) -> None:
+    """One fold's ordinary run in ``<logdir>/fold_<fold>/`` (holding that folder's lock only)."""
     from cvkit.training import run
+
+    if verbose:
+        print(f"[cvkit] fold {fold + 1}/{folds} -> {Path(config['logdir']) / f'fold_{fold}'}")
+    run(fold_config(config, folds, fold, group_col), resume=resume, verbose=verbose, allow_changes=allow_changes)
+
+
+def _record_setup(config: Mapping[str, Any], folds: int, group_col: Optional[str], replace: bool,
+                  allow_changes: bool) -> None:
+    """Write ``kfold.json`` (the k-fold's setup) into the k-fold folder: created only when absent, so jobs
+    started at once never clash, or replaced (``replace``: all folds retrain in this call). An existing one
+    with another setup is refused naming the key; ``allow_changes`` lets the experiment change (a resume)."""
+    from cvkit.config import ConfigError
+    from cvkit.training import changed_keys
+
+    folder = Path(config["logdir"])
+    path = folder / KFOLD_FILE
+    setup = {"folds": folds, "group_col": group_col, "experiment": json.loads(json.dumps(config, default=str))}
+    if write_kfold_setup(folder, setup, replace):
+        return
+    saved = _read_setup(folder)
+    start_over = f"give the same setup, another logdir, or remove {folder} to start over"
+    for key in ("folds", "group_col"):
+        if saved.get(key) != setup[key]:
+            raise ConfigError(f"{path}: this k-fold folder was set up with {key}={saved.get(key)!r}, this job has "
+                              f"{key}={setup[key]!r}; {start_over}")
+    changed = changed_keys(saved["experiment"], setup["experiment"])
+    if changed and not allow_changes:
+        raise ConfigError(f"{path}: this k-fold folder was set up with another experiment (it differs in "
+                          f"{', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}); {start_over}")
+    if changed:
+        write_kfold_setup(folder, setup, replace=True)
+
+
+def _read_setup(folder: Path) -> Dict[str, Any]:
+    """The k-fold folder's ``kfold.json``, or one line saying it is not a k-fold folder."""
+    from cvkit.config import ConfigError, read_mapping
+
+    path = folder / KFOLD_FILE
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: {folder} is not a k-fold folder (cvkit train --folds K writes it)")
+    setup = read_mapping(path, "k-fold setup (kfold.json)")
+    if not isinstance(setup.get("folds"), int) or not isinstance(setup.get("experiment"), dict):
+        raise ConfigError(f"{path}: expected 'folds' (an integer) and 'experiment' (a mapping), as cvkit writes it")
+    return setup
+
+
+def collect(logdir: Union[str, Path], verbose: bool = True) -> Dict[str, Any]:
+    """Write a k-fold folder's ``oof.csv``, ``cv.json`` and tuned post-processing from its finished folds
+    (after fold jobs, or to redo them); returns what cv.json holds. A fold that is missing or has no
+    ``metrics.json`` (an unfinished run) is refused in one line naming it."""
+    from cvkit.lock import RunLock
+
+    folder = Path(logdir)
+    setup = _read_setup(folder)
+    config = {**setup["experiment"], "logdir": str(folder)}
+    with RunLock(folder):
+        return _collect_locked(config, setup["folds"], verbose)
+
+
+def _collect_if_last(config: Mapping[str, Any], folds: int, fold: int, verbose: bool) -> Optional[Dict[str, Any]]:
+    """After fold job ``fold``: None while some fold is unfinished; else collect, unless another job did
+    since the last fold finished (its cv.json is returned then)."""
+    from cvkit.lock import RunLockedError
+
+    folder = Path(config["logdir"])
+    if _unfinished(folder, folds):
+        return None
+    try:
+        with _held_when_free(folder, COLLECT_WAIT_S):
+            if (folder / CV_FILE).is_file() and _summary_is_current(folder, folds):
+                return json.loads((folder / CV_FILE).read_text())
+            return _collect_locked(config, folds, verbose)
+    except RunLockedError as exc:
+        raise RunLockedError(f"fold {fold} of {folds} finished, but {exc} (waited {COLLECT_WAIT_S:.0f} s); "
+                             f"collect later: cvkit kfold collect {folder}") from None
+
+
+@contextmanager
+def _held_when_free(folder: Path, wait_s: float) -> Iterator[None]:
+    """Hold ``folder``'s :class:`~cvkit.lock.RunLock`, waiting up to ``wait_s`` seconds while another
+    process holds it (a job collecting); :class:`~cvkit.lock.RunLockedError` after that."""
+    from cvkit.lock import RunLock, RunLockedError
+
+    lock = RunLock(folder)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            lock.acquire()
+            break
+        except RunLockedError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.5)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _metrics_file(folder: Path, fold: int) -> Path:
+    return folder / f"fold_{fold}" / METRICS_FILE
+
+
+def _unfinished(folder: Path, folds: int) -> List[int]:
+    """The folds without ``metrics.json`` (a run folder holding it is a finished run)."""
+    return [k for k in range(folds) if not _metrics_file(folder, k).is_file()]
+
+
+def _summary_is_current(folder: Path, folds: int) -> bool:
+    """Whether ``cv.json`` was written after every fold's ``metrics.json`` (no fold retrained since)."""
+    written = (folder / CV_FILE).stat().st_mtime_ns
+    return all(_metrics_file(folder, k).stat().st_mtime_ns <= written for k in range(folds))
+
+
+def _fold_score(folder: Path, folds: int, fold: int) -> float:
+    """Fold ``fold``'s best valid score from its ``metrics.json``; one line naming it when it is missing."""
+    from cvkit.config import ConfigError, read_mapping
+
+    path = _metrics_file(folder, fold)
+    if not path.parent.is_dir():
+        raise ConfigError(f"fold {fold} of {folds} is missing: {path.parent} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"fold {fold} of {folds} is not finished: {path.parent} has no metrics.json")
+    best = read_mapping(path, "a finished run's metrics.json").get("best")
+    if not isinstance(best, dict) or "score" not in best:
+        raise ConfigError(f"{path}: expected 'best' with a 'score', as a finished run writes it")
+    return float(best["score"])
+
+
+def _collect_locked(config: Mapping[str, Any], folds: int, verbose: bool) -> Dict[str, Any]:
+    """:func:`collect` once the k-fold folder is held: every fold must be finished."""
     from cvkit.run_folder import write_out_of_fold, write_tuning
+    from cvkit.status import say
 
     base = Path(config["logdir"])
-    scores: List[float] = []
-    for fold in range(folds):
-        if verbose:
-            print(f"[cvkit] fold {fold + 1}/{folds} -> {base / f'fold_{fold}'}")
-        result = run(fold_config(config, folds, fold, group_col), resume=resume, verbose=verbose,
-                     allow_changes=allow_changes)
-        scores.append(float(result["best"]["score"]))
+    scores = [_fold_score(base, folds, k) for k in range(folds)]
+    if verbose:
+        say(f"all {folds} folds finished: writing oof.csv and cv.json into {base}")
     frame, oof_metrics = out_of_fold(config, folds)
     summary = {"folds": folds, "valid_metric": config["valid_metric"], "per_fold": scores,
                "mean": statistics.fmean(scores), "std": statistics.pstdev(scores), "oof": oof_metrics}
@@ -143,4 +310,14 @@ def out_of_fold(config: Mapping[str, Any], folds: int) -> "tuple[pd.DataFrame, D
     return frame, (metric.compute() if metric is not None else {})
 
 
-__all__ = ["fold_config", "kfold", "out_of_fold", "tune_out_of_fold"]
+class _CallableModule(types.ModuleType):
+    """This module, callable as :func:`kfold`: ``import cvkit.kfold`` binds the module to ``cvkit.kfold``,
+    the package's attribute that the README calls as the function."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Optional[Dict[str, Any]]:
+        return kfold(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
+__all__ = ["COLLECT_WAIT_S", "collect", "fold_config", "kfold", "out_of_fold", "tune_out_of_fold"]

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from cvkit.errors import DataError
-from cvkit.io import atomic_write_bytes, atomic_write_json
+from cvkit.io import atomic_write_bytes, atomic_write_json, create_whole
 
 PathLike = Union[str, os.PathLike]
 
@@ -25,6 +25,7 @@ METRICS_FILE = "metrics.json"
 BEST_FILE = "best.pth"
 CV_FILE = "cv.json"
 OOF_FILE = "oof.csv"
+KFOLD_FILE = "kfold.json"
 
 
 def read_json(path: PathLike) -> Any:
@@ -104,6 +105,21 @@ def write_out_of_fold(logdir: PathLike, frame: Any, summary: Mapping[str, Any]) 
     atomic_write_json(Path(logdir) / CV_FILE, dict(summary))
 
 
+def write_kfold_setup(folder: PathLike, setup: Mapping[str, Any], replace: bool) -> bool:
+    """A k-fold folder's ``kfold.json`` (its folds, group column and experiment): replaced when ``replace``,
+    else created only when absent, in one step, so fold jobs started at once never clash. Whether it was written."""
+    path = Path(folder) / KFOLD_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if replace:
+        atomic_write_json(path, dict(setup))
+        return True
+    try:
+        create_whole(path, (json.dumps(dict(setup), indent=2) + "\n").encode())
+    except FileExistsError:
+        return False
+    return True
+
+
 def kfold_members(folder: Optional[PathLike]) -> Tuple[List[Path], List[str]]:
     """A k-fold run folder's ``fold_k`` folders holding ``best.pth``, and the folds it lacks (``fold_1``,
     ``fold_2/best.pth``): the folds are those ``cv.json`` counts, else ``fold_0`` to the highest present.
@@ -153,6 +169,6 @@ def run_checkpoints(checkpoint: Union[None, PathLike, Sequence[PathLike]],
     return out or [None]
 
 
-__all__ = ["BEST_FILE", "CLASSES_FILE", "CONFIG_FILE", "CV_FILE", "METRICS_FILE", "OOF_FILE", "classes_file",
+__all__ = ["BEST_FILE", "CLASSES_FILE", "CONFIG_FILE", "CV_FILE", "KFOLD_FILE", "METRICS_FILE", "OOF_FILE", "classes_file",
            "finished_metrics", "kfold_members", "read_config", "read_json", "record_pipelines", "run_checkpoints", "update_config", "write_classes",
-           "write_config", "write_metrics", "write_out_of_fold", "write_tuning"]
+           "write_config", "write_kfold_setup", "write_metrics", "write_out_of_fold", "write_tuning"]

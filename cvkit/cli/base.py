@@ -38,7 +38,8 @@ class Command:
 
 
 COMMANDS: Registry[Command] = Registry("command")
-COMMAND_MODULES = ("cvkit.cli.data", "cvkit.cli.experiment", "cvkit.cli.deploy", "cvkit.cli.weights")
+COMMAND_MODULES = ("cvkit.cli.data", "cvkit.cli.experiment", "cvkit.cli.kfold", "cvkit.cli.deploy",
+                   "cvkit.cli.weights")
 
 
 def refuse_overwriting_inputs(outputs: Iterable[PathLike], inputs: Iterable[PathLike], instead: str) -> None:

@@ -42,6 +42,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                         "(the new values are recorded in config.json)")
     p.add_argument("--folds", type=int, help="k-fold: train fold k of K into LOGDIR/fold_k/ (the table's 'fold' column, "
                                             "else a seeded stratified split) and write oof.csv and cv.json")
+    p.add_argument("--fold", type=int, metavar="K",
+                   help="with --folds: train only fold K (0-based) into LOGDIR/fold_K/, as one job of a Slurm array; "
+                        "the job that finishes the last fold writes oof.csv and cv.json (needs a named logdir)")
     p.add_argument("--group-col", help="with --folds: rows sharing this column's value stay in one fold")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
 
@@ -54,10 +57,16 @@ def _train(args: argparse.Namespace) -> int:
         raise UsageError("--group-col only applies with --folds")
     if args.folds is not None and args.folds < 2:
         raise UsageError(f"--folds must be at least 2, got {args.folds}")
+    if args.fold is not None and args.folds is None:
+        raise UsageError("--fold only applies with --folds (the number of folds every fold's job shares)")
+    if args.fold is not None and not 0 <= args.fold < args.folds:
+        raise UsageError(f"--fold must be a fold of --folds {args.folds}: 0 to {args.folds - 1}, got {args.fold}")
     loading("torch, timm, catalyst")
     from cvkit.training import run
 
     config = _load(args)
+    if args.fold is not None:
+        return _train_fold(args, config)
     claimed = _new_logdir(args, config)
     try:
         if args.folds is not None:
@@ -78,6 +87,29 @@ def _train(args: argparse.Namespace) -> int:
     summary = {"best": result["best"], "valid": result.get("valid"), "test": result.get("test")}
     print(json.dumps(summary, indent=2, default=str))
     print(f"run written to {config['logdir']} (repeat it with: cvkit train {Path(config['logdir']) / 'config.json'})")
+    return 0
+
+
+def _train_fold(args: argparse.Namespace, config: Dict[str, Any]) -> int:
+    """``--folds K --fold k``: one fold's job of a k-fold whose folder every job names (the experiment's logdir)."""
+    from cvkit.config import saved_run_folder
+    from cvkit.kfold import kfold
+
+    own_logdir = any(o.partition("=")[0].strip() == "logdir" for o in args.overrides)
+    if not config.get("logdir") or (saved_run_folder(args.config) is not None and not own_logdir):
+        raise UsageError("--fold trains into the k-fold folder every fold's job shares: name it in the experiment "
+                         "(logdir: runs/x) or with --set logdir=runs/x")
+    summary = kfold(config, args.folds, args.group_col, resume=args.resume, verbose=not args.quiet,
+                    allow_changes=args.resume_changed, fold=args.fold)
+    base = Path(config["logdir"])
+    print(f"fold {args.fold} of {args.folds} written to {base / f'fold_{args.fold}'}")
+    if summary is None:
+        print(f"other folds are unfinished; the job that finishes the last one writes {base / 'oof.csv'} and "
+              f"cv.json (or, once all are finished: cvkit kfold collect {base})")
+    else:
+        print(json.dumps(summary, indent=2, default=str))
+        print(f"all {args.folds} folds finished: out-of-fold predictions in {base / 'oof.csv'}, summary in "
+              f"{base / 'cv.json'}")
     return 0
 
 
