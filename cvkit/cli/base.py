@@ -37,7 +37,8 @@ class Command:
 
 
 COMMANDS: Registry[Command] = Registry("command")
-COMMAND_MODULES = ("cvkit.cli.data", "cvkit.cli.experiment", "cvkit.cli.deploy", "cvkit.cli.weights")
+COMMAND_MODULES = ("cvkit.cli.data", "cvkit.cli.experiment", "cvkit.cli.deploy", "cvkit.cli.weights",
+                   "cvkit.cli.tune")
 
 
 class UsageError(Exception):
