@@ -33,7 +33,7 @@ import math
 import numbers
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple, Union
 
 if TYPE_CHECKING:
     import optuna
@@ -277,7 +277,7 @@ def tune(config: Mapping[str, Any], space: Union[PathLike, Mapping[str, Any]], t
         pruner: ``"median"`` (Optuna's MedianPruner), None (no pruning) or an Optuna pruner.
         sampler_seed: seeds Optuna's TPE sampler (one process; processes sharing a study should not
             share a seed, or they sample alike).
-        verbose: each trial's epoch table, and a line per finished trial.
+        verbose: each trial's epoch table (a line per finished trial is said either way).
     """
     from cvkit.config import complete
     from cvkit.io import atomic_write_json
@@ -325,23 +325,38 @@ def _optimize(optuna: Any, base: Mapping[str, Any], params: Mapping[str, Param],
         study = optuna.create_study(storage=storage_for(url), study_name=study_name, direction=direction,
                                     pruner=pruner, sampler=optuna.samplers.TPESampler(seed=sampler_seed),
                                     load_if_exists=True)
-    except ValueError as exc:  # e.g. an existing study of the other direction
+    except ValueError as exc:
         raise ConfigError(f"study {study_name!r} in {_hide_password(url)}: {' '.join(str(exc).split())}") from None
+    _check_objective(study, base["valid_metric"], direction, url)
 
     def objective(trial: "optuna.Trial") -> float:
         return _run_trial(trial, base, params, folder, verbose)
 
     def report(study: "optuna.Study", trial: "optuna.trial.FrozenTrial") -> None:
-        if verbose:
-            value = "" if trial.value is None else f" {base['valid_metric']} {trial.value:.6g}"
-            error = f": {trial.user_attrs['error']}" if trial.user_attrs.get("error") else ""
-            say(f"trial {trial.number} {trial.state.name.lower()}{value}{error} ({trial.user_attrs.get('folder')})")
+        value = "" if trial.value is None else f" {base['valid_metric']} {trial.value:.6g}"
+        error = f": {trial.user_attrs['error']}" if trial.user_attrs.get("error") else ""
+        say(f"trial {trial.number} {trial.state.name.lower()}{value}{error} ({trial.user_attrs.get('folder')})")
 
     study.optimize(objective, n_trials=trials, timeout=timeout, catch=(Exception,), callbacks=[report])
     summary = _summary(study, base, url, folder)
     if summary["best"] is not None:
         _write_best(study.best_trial, base, folder / BEST_FILE, summary)
     return summary
+
+
+def _check_objective(study: "optuna.Study", valid_metric: str, direction: str, url: str) -> None:
+    """A joined study must optimise the same valid metric the same way (Optuna loads an existing study
+    whatever direction is asked); a new one records its metric."""
+    from cvkit.config import ConfigError
+
+    recorded = study.user_attrs.get("valid_metric")
+    if recorded is None and not study.trials:
+        study.set_user_attr("valid_metric", valid_metric)
+        recorded = valid_metric
+    have = study.direction.name.lower()
+    if (recorded is not None and recorded != valid_metric) or have != direction:
+        raise ConfigError(f"study {study.study_name!r} in {_hide_password(url)} {have}s {recorded or 'another metric'}; "
+                          f"this experiment {direction}s {valid_metric}; give another --study or storage")
 
 
 def _check_logdir_study(folder: Path, study_name: str) -> None:

@@ -201,3 +201,12 @@ def test_a_bad_space_is_refused_before_torch_loads(tmp_path):
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 2 and done.stdout.strip() == "no torch", done.stdout + done.stderr
     assert done.stderr.strip() == "cvkit tune: error: space.yaml: stages.0.lr: low must be below high, got low 0.01 and high 0.0001"
+
+
+def test_a_study_of_another_metric_or_direction_is_not_joined(demo_root, tmp_path):
+    logdir = tmp_path / "study"
+    storage = f"sqlite:///{tmp_path / 'other.db'}"
+    optuna.create_study(study_name="tiny", storage=storage, direction="maximize").set_user_attr("valid_metric", "accuracy")
+    with pytest.raises(ValueError, match="'tiny' in .*other.db maximizes accuracy; this experiment minimizes loss"):
+        tune(load_config(tiny(demo_root, logdir, valid_metric="loss")), {"stages.1.lr": {"low": 1e-4, "high": 1e-2}},
+             trials=1, storage=storage)
