@@ -16,7 +16,7 @@ optuna = pytest.importorskip("optuna")
 
 from cvkit.cli import main  # noqa: E402
 from cvkit.config import complete, load_config, load_experiment  # noqa: E402
-from cvkit.experiment import build_datasets  # noqa: E402
+from cvkit.experiment import build_datasets, run  # noqa: E402
 from cvkit.tune import SpaceError, pruning_callback, read_space, require_optuna, tune  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,6 +81,8 @@ def test_trials_are_runs_with_the_sampled_keys_failures_go_on_and_best_yaml_repe
     run_config = load_experiment(Path(best["folder"]) / "config.json")
     assert "logdir" not in repeated, "a repeat gets its own new run folder"
     assert repeated == {k: v for k, v in run_config.items() if k not in ("logdir", "pipelines")}
+    again = run({**repeated, "logdir": str(tmp_path / "repeat")}, verbose=False)
+    assert again["valid"]["loss"] == json.loads((Path(best["folder"]) / "metrics.json").read_text())["valid"]["loss"]
 
 
 def test_the_pruning_callback_prunes_a_trial_far_worse_than_the_median():
