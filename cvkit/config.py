@@ -80,33 +80,42 @@ def apply_override(config: Dict[str, Any], item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like key.sub=value")
     dotted, _, text = item.partition("=")
-    parts = dotted.strip().split(".")
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or "not a YAML value"
         raise ConfigError(f"override {item!r}: the value {text!r} is not valid YAML ({problem}); "
                           "quote strings, close brackets") from None
+    set_key(config, dotted.strip(), value)
+
+
+def set_key(config: Dict[str, Any], dotted: str, value: Any, existing: bool = False, what: str = "override") -> None:
+    """Set the value at the dotted path ``a.b.0.c`` in place (list items by index).
+
+    A mapping's last key may be new unless ``existing`` (then every key of the path must be there);
+    errors name ``what`` and the part of the path at fault.
+    """
+    parts = dotted.split(".")
     node: Any = config
     for depth, part in enumerate(parts):
         last = depth == len(parts) - 1
         where = ".".join(parts[: depth + 1])
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"override {dotted!r}: {where} is not an index of a list of {len(node)}")
+                raise ConfigError(f"{what} {dotted!r}: {where} is not an index of a list of {len(node)}")
             if last:
                 node[int(part)] = value
             else:
                 node = node[int(part)]
         elif isinstance(node, dict):
+            if part not in node and (existing or not last):
+                raise ConfigError(f"{what} {dotted!r}: no key {where!r}{_near(part, node)}")
             if last:
                 node[part] = value
             else:
-                if part not in node:
-                    raise ConfigError(f"override {dotted!r}: no key {where!r}{_near(part, node)}")
                 node = node[part]
         else:
-            raise ConfigError(f"override {dotted!r}: {'.'.join(parts[:depth])} is a value, not a mapping or list")
+            raise ConfigError(f"{what} {dotted!r}: {'.'.join(parts[:depth])} is a value, not a mapping or list")
 
 
 def resolve(raw: Mapping[str, Any]) -> Dict[str, Any]:

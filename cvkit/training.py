@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
 
 from torch import nn
 
 from cvkit.config import ConfigError, check_loggers_installed, claim_logdir, complete, load_experiment
 from cvkit.experiment import Experiment, build, eval_transform, image_size, pipelines
+from cvkit.stages import Stage
 from cvkit.run_folder import CONFIG_FILE, finished_metrics, read_json, update_config, write_classes, write_tuning
 
 
@@ -84,14 +85,17 @@ def _link_latest(logdir: Path) -> None:
 
 
 def run(config: Mapping[str, Any], resume: bool = False, verbose: bool = True,
-        allow_changes: bool = False, datasets: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        allow_changes: bool = False, datasets: Optional[Dict[str, Any]] = None,
+        callbacks: Optional[Callable[[Stage], Iterable[Any]]] = None) -> Dict[str, Any]:
     """Build, check the data, train every stage; returns what ``metrics.json`` holds.
 
     ``config.json`` in the logdir is the completed experiment (plus the runner's facts) and
     re-runs as it is; ``classes.json`` keeps the class names for :mod:`cvkit.inference.predict`.
     With ``resume``, a run that already finished is left as it is (its metrics are returned), and a
     run whose experiment changed since is refused unless ``allow_changes``. The run folder's lock
-    (:class:`cvkit.lock.RunLock`) is held from the first write into it to the last.
+    (:class:`cvkit.lock.RunLock`) is held from the first write into it to the last. ``callbacks``
+    (``f(stage) -> Catalyst callbacks``) adds callbacks to every stage, as
+    :meth:`cvkit.runners.StagedRunner.fit`'s do (the pruning of :func:`cvkit.tune.tune`).
     """
     from cvkit.lock import RunLock
 
@@ -100,10 +104,11 @@ def run(config: Mapping[str, Any], resume: bool = False, verbose: bool = True,
     if not config.get("logdir"):  # the time-stamped folder, claimed once the experiment builds
         experiment.config["logdir"] = claim_logdir(experiment.config)
     with RunLock(experiment.logdir):
-        return _run_locked(experiment, resume, verbose, allow_changes)
+        return _run_locked(experiment, resume, verbose, allow_changes, callbacks)
 
 
-def _run_locked(experiment: Experiment, resume: bool, verbose: bool, allow_changes: bool) -> Dict[str, Any]:
+def _run_locked(experiment: Experiment, resume: bool, verbose: bool, allow_changes: bool,
+                callbacks: Optional[Callable[[Stage], Iterable[Any]]] = None) -> Dict[str, Any]:
     """:func:`run` once the run folder is held."""
     from cvkit.perf import FastPaths
     from cvkit.runners import StagedRunner
@@ -126,7 +131,7 @@ def _run_locked(experiment: Experiment, resume: bool, verbose: bool, allow_chang
         write_classes(experiment.logdir, experiment.classes)
     runner = StagedRunner().fit(
         experiment.model, experiment.stages, experiment.loaders, experiment.criterion, experiment.logdir,
-        metrics=experiment.metrics, valid_metric=full["valid_metric"],
+        metrics=experiment.metrics, callbacks=callbacks, valid_metric=full["valid_metric"],
         minimize_valid_metric=full["minimize_valid_metric"], engine=full["engine"], seed=int(full["seed"]),
         verbose=verbose, config=json.loads(json.dumps(full)), test_loader=experiment.test_loader(),
         resume=resume or None, fast=FastPaths(**full["fast"]), profile=bool(full["profile"]),

@@ -39,7 +39,7 @@ class Command:
 
 COMMANDS: Registry[Command] = Registry("command")
 COMMAND_MODULES = ("cvkit.cli.data", "cvkit.cli.experiment", "cvkit.cli.kfold", "cvkit.cli.deploy",
-                   "cvkit.cli.weights")
+                   "cvkit.cli.weights", "cvkit.cli.tune")
 
 
 def refuse_overwriting_inputs(outputs: Iterable[PathLike], inputs: Iterable[PathLike], instead: str) -> None:
