@@ -2,7 +2,7 @@
 
 :func:`export_run` writes the model file and its contract (``<file>.json``, see
 :mod:`cvkit.inference.runtime`): input size, resize interpolation and mean/std taken from the run's
-recorded eval pipeline, class names, task, output layout (the task's ``tta_target``) and the
+recorded eval pipeline, class names, task, output layout (the name of the task's ``layout``) and the
 parity measured here. The check runs the exported file (ONNX Runtime, or ``torch.jit.load``) and
 the PyTorch model on the same images of the run's valid split and compares what the task reads:
 probabilities for class scores, coordinates for boxes and keypoints, logits for masks, raw values
@@ -168,25 +168,11 @@ def check_onnx(data: bytes) -> None:
 
 
 def compared_values(task: Task, output: Tensor, num_classes: int) -> Tuple[str, Tensor]:
-    """What parity compares for the task's output layout, as prediction reads it: class probabilities
-    (plus the box), coordinates, mask logits, or the raw outputs of an unactivated or one-column
-    output (a softmax over one column is always 1, which no difference could change)."""
-    target = task.tta_target
-    if target == "logits":
-        activation = task.tta_activation or "softmax"
-        if activation == "sigmoid":
-            return "probabilities", output.float().sigmoid()
-        if activation == "softmax" and output.shape[1] > 1:
-            return "probabilities", output.float().softmax(dim=1)
-        return "outputs", output.float()
-    if target == "class_box":
-        return "probabilities", torch.cat([output[:, :num_classes].float().softmax(dim=1),
-                                           output[:, num_classes:].float()], dim=1)
-    if target in ("keypoints", "boxes"):
-        return "coordinates", output.float()
-    if target == "mask":
-        return "mask logits", output.float()
-    return "outputs", output.float()
+    """What parity compares for the task's output layout (:meth:`cvkit.tasks.layouts.OutputLayout.compare`),
+    as prediction reads it: class probabilities (plus the box), coordinates, mask logits, or the raw
+    values of an output that is not activated or whose activation would hide a difference (a softmax
+    over one column is always 1)."""
+    return task.layout.compare(output, num_classes or None)
 
 
 def parity(task: Task, reference: nn.Module, exported: nn.Module, images: Tensor, num_classes: int,
@@ -322,7 +308,7 @@ def _export(folder: Path, path: Path, format: str, image_size: Optional[int], dy
         "file": path.name,
         "opset": opset if format == "onnx" else None,
         "task": task.name,
-        "output": task.tta_target,
+        "output": task.layout.name,
         "output_shape": ["batch" if dynamic_batch else 1, *output_shape],
         "input": {"name": "images", "layout": "NCHW", "dtype": "float32", "color": "RGB", "channels": int(x.shape[1]),
                   "height": int(x.shape[2]), "width": int(x.shape[3]), "batch": None if dynamic_batch else 1},

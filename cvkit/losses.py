@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cvkit.registry import Registry
+from cvkit.tasks.layouts import CLASS_BOX
 
 Outputs = Union[torch.Tensor, Mapping[str, torch.Tensor], Sequence[torch.Tensor]]
 Example = Callable[[int], Tuple[Any, Any]]
@@ -146,22 +147,6 @@ def per_sample_loss(criterion: Callable[..., torch.Tensor], outputs: Outputs, ta
     if mask is None and ignore is not None and isinstance(targets, torch.Tensor) and targets.shape == loss.shape:
         mask = targets != ignore
     return per_sample(loss, mask)
-
-
-def _pair(value: Outputs, first: str, second: str, what: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(value, Mapping):
-        missing = {first, second} - set(value)
-        if missing:
-            raise KeyError(f"{what} dict needs keys {first!r} and {second!r}; missing {sorted(missing)}")
-        return value[first], value[second]
-    if isinstance(value, (tuple, list)) and len(value) == 2:
-        return value[0], value[1]
-    if isinstance(value, torch.Tensor) and value.ndim == 2 and value.shape[1] > 4:
-        return value[:, :-4], value[:, -4:]  # ClassBoxModel's single (B, C+4) output
-    raise TypeError(
-        f"{what} must be a dict with {first!r}/{second!r}, a 2-tuple, or a (B, C+4) tensor; "
-        f"got {type(value).__name__} {tuple(getattr(value, 'shape', ()))}"
-    )
 
 
 # Criteria -----------------------------------------------------------------------------------
@@ -316,8 +301,8 @@ class ClassBoxLoss(nn.Module):
         self._bce = BCEOneHotLoss(reduction="none", label_smoothing=label_smoothing)
 
     def forward(self, outputs: Outputs, targets: Any) -> torch.Tensor:
-        class_logits, box = _pair(outputs, "class", "box", "outputs")
-        class_target, box_target = _pair(targets, "class", "box", "targets")
+        class_logits, box = CLASS_BOX.parts(outputs)
+        class_target, box_target = CLASS_BOX.parts(targets, targets=True)
         if self.class_loss == "ce":
             cls = F.cross_entropy(class_logits, class_target.long(), reduction="none", label_smoothing=self.label_smoothing)
         else:
@@ -436,8 +421,8 @@ class ClassBoxCriterion(nn.Module):
         self.loss.box_weight = float(value)
 
     def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        c = self.num_classes
-        return self.loss((outputs[:, :c], outputs[:, c:]), (targets[:, 0].long(), targets[:, 1:]))
+        label, box = CLASS_BOX.split_targets(targets)
+        return self.loss(CLASS_BOX.split(outputs, self.num_classes), {"class": label.long(), "box": box})
 
 
 __all__ = [

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from cvkit.registry import Registry
+from cvkit.tasks.layouts import CLASS_BOX
 
 MetricExample = Callable[[int], Tuple[Dict[str, Any], Any, Any]]
 METRICS: Registry[Type["Metric"]] = Registry("metric")
@@ -233,8 +234,8 @@ class BoxMetrics(Metric):
         self.iou = torch.zeros(3, dtype=torch.float64)  # sum of IoU, number of boxes, boxes located
 
     def update(self, outputs: object, targets: object) -> None:
-        logits, box = _split_class_box(outputs, self.num_classes, "outputs")
-        label, true_box = _split_class_box(targets, self.num_classes, "targets")
+        logits, box = CLASS_BOX.parts(outputs, self.num_classes)
+        label, true_box = CLASS_BOX.parts(targets, targets=True)
         label = label.detach().cpu()
         label = label.argmax(dim=1) if label.ndim == 2 else label.long()
         self.classes.update(logits, label)
@@ -257,20 +258,6 @@ class BoxMetrics(Metric):
         out["box_iou"] = total / count if count else 0.0
         out[self.loc_key] = located / count if count else 0.0
         return out
-
-
-def _split_class_box(value: object, num_classes: int, what: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(value, dict):
-        return value["class"], value["box"]
-    if isinstance(value, (tuple, list)) and len(value) == 2:
-        return value[0], value[1]
-    if isinstance(value, torch.Tensor) and value.ndim == 2:
-        width = num_classes + 4 if what == "outputs" else 5
-        if value.shape[1] == width:
-            return (value[:, :-4], value[:, -4:]) if what == "outputs" else (value[:, 0], value[:, 1:])
-    expected = f"(B, {num_classes + 4}) logits + box" if what == "outputs" else "(B, 5) class index + box"
-    raise ValueError(f"{what} must be a {expected} tensor, a dict with 'class'/'box' or a 2-tuple; "
-                     f"got {type(value).__name__} {tuple(getattr(value, 'shape', ()))}")
 
 
 Size = Union[int, Tuple[int, int]]

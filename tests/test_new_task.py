@@ -1,6 +1,6 @@
-"""Adding a task is one file: a regression task (one number per image) defined and registered here,
-trained, predicted and checked through Python and through the ``cvkit`` command, with no change
-under ``cvkit/``."""
+"""Adding a task is one file: a regression task (one number per image) with its own output layout,
+defined and registered here, trained, predicted and checked through Python and through the ``cvkit``
+command, with no change under ``cvkit/``."""
 from __future__ import annotations
 
 import json
@@ -23,6 +23,7 @@ from cvkit.inference import load_run, predict, write_submission
 from cvkit.losses import CRITERIA, register_criterion
 from cvkit.metrics import METRICS, Metric, register_metric
 from cvkit.tasks import COMMON_OPTIONS, TASKS, DataOption, Task, register_task
+from cvkit.tasks.layouts import LAYOUTS, OutputLayout, register_layout
 
 
 class ValueDataset(TableDataset):
@@ -76,14 +77,29 @@ def mse(reduction: str = "mean") -> nn.Module:
     return nn.MSELoss(reduction=reduction)
 
 
+class ValueLayout(OutputLayout):
+    """One raw number per image: never activated, unmoved by TTA, compared raw at export. It counts the
+    views it averages, so the test can tell that prediction went through it."""
+
+    name = "test_value"
+    averaged = 0
+
+    def average(self, predictions):
+        predictions = list(predictions)
+        type(self).averaged += len(predictions)
+        return super().average(predictions)
+
+    def width(self, num_classes, num_keypoints=None):
+        return 1
+
+
 class Regression(Task):
     name = "test_regression"
     model = "classifier"
     criterion = "test_mse"
     metric = "test_rmse"
     valid_metric = "rmse"
-    tta_target = "logits"
-    tta_activation = "none"
+    layout = ValueLayout()
     options = COMMON_OPTIONS + (DataOption("value_col", "column holding the number", default="value"),)
     submission_columns = ("path", "value")
 
@@ -107,11 +123,13 @@ class Regression(Task):
 
 @pytest.fixture(scope="module")
 def registered():
+    register_layout(ValueLayout)  # so an export's contract can name it
     register_task(Regression)
     register_metric(RMSE)
     register_criterion(mse, name="test_mse")
     yield
     TASKS.unregister("test_regression")
+    LAYOUTS.unregister("test_value")
     METRICS.unregister("test_rmse")
     CRITERIA.unregister("test_mse")
 
@@ -143,8 +161,11 @@ def test_python_path_trains_predicts_and_writes_the_tasks_submission(registered,
     assert math.isfinite(result["test"]["rmse"])
     loaded = load_run(tmp_path / "run")
     test = pd.read_csv(data / "value_test.csv")
+    before = ValueLayout.averaged
     predictions = predict(loaded.model, data / "value_test.csv", "test_regression", image_size=32, device="cpu")
+    assert ValueLayout.averaged > before, "prediction averaged its views through the task's own layout"
     frame = write_submission(predictions, "test_regression", out=tmp_path / "sub.csv")
+    assert TASKS.get("test_regression").layout.compare(torch.zeros(2, 1))[0] == "outputs"
     assert list(frame.columns) == ["path", "value"] and frame["path"].tolist() == test["path"].tolist()
     rmse = math.sqrt(((frame["value"] - test["value"]) ** 2).mean())
     assert rmse == pytest.approx(result["test"]["rmse"], abs=1e-3), "prediction path and test metric disagree"

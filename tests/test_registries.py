@@ -14,6 +14,7 @@ from cvkit.data import augment
 from cvkit.inference import tta
 from cvkit.models import tasks
 from cvkit.registry import Registry, RegistryError
+from cvkit.tasks import layouts
 
 B = 4
 
@@ -38,6 +39,9 @@ PUBLIC: Dict[str, Tuple[Registry, Register, Callable[[str], Any]]] = {
     "tta": (tta.TTA_TRANSFORMS,
             lambda n, e, o: tta.register_tta(n, override=o)(e),
             lambda n: tta.create_tta(n)),
+    "layout": (layouts.LAYOUTS,
+               lambda n, e, o: layouts.register_layout(e, name=n, override=o),
+               lambda n: layouts.get_layout(n)),
     "task_model": (tasks.TASK_MODELS,
                    lambda n, e, o: tasks.register_task_model(e, name=n, override=o),
                    lambda n: tasks.create_task_model(n)),

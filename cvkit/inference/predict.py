@@ -117,15 +117,11 @@ def _dataset(images: Images, transform: Any, root: Optional[PathLike], path_col:
 
 
 def check_flip_pairs(task: Task, tta: Sequence[str], flip_pairs: FlipPairs) -> None:
-    """A mirroring TTA on keypoints needs the pairs that trade places; refuse to guess."""
+    """Refuse TTA the task's output layout cannot undo with what it was given (a mirror on keypoints
+    needs the pairs that trade places)."""
     from cvkit.inference.tta import create_tta
 
-    if task.tta_target != "keypoints" or flip_pairs is not None:
-        return
-    mirrors = [t for t in tta if create_tta(t).swaps_pairs]
-    if mirrors:
-        raise ValueError(f"TTA {mirrors} mirrors the image, so keypoints such as left/right eye trade "
-                         "places: pass flip_pairs (CLI: --flip-pairs 0-1,2-3), or an empty list if none do")
+    task.layout.check_tta([create_tta(t) for t in tta], flip_pairs)
 
 
 def _device(device: str) -> str:
@@ -169,7 +165,7 @@ def iter_predict(
     if tile is not None:
         from cvkit.inference.tiled import check_tiling, normalize_only, tiled_predict
 
-        check_tiling(task.tta_target, tile, overlap)
+        check_tiling(task.layout, tile, overlap)
         transform = normalize_only(transform) if transform is not None else default_transform(normalize)
         image_size = None
     if transform is None:
@@ -194,11 +190,12 @@ def iter_predict(
             for member in members:  # an ensemble averages its members' (TTA-averaged) probabilities
                 if tile is not None:
                     outs.append(torch.stack([tiled_predict(member, image, tile, overlap, transforms, batch_size,
-                                                           device=device, **kwargs) for image in x]))
+                                                           device=device, layout=task.layout, **kwargs)
+                                             for image in x]))
                 else:
-                    outs.append(tta_predict(member, x, transforms, target=task.tta_target,
+                    outs.append(tta_predict(member, x, transforms, target=task.layout,
                                             flip_pairs=flip_pairs or None, **kwargs).float().cpu())
-            out = outs[0] if len(outs) == 1 else torch.stack(outs).mean(dim=0)
+            out = outs[0] if len(outs) == 1 else task.layout.average((o, 1.0) for o in outs)
         except RuntimeError as exc:
             raise DataError(f"the model failed on images {[names[int(i)] for i in batch['index'][:3]]}...: "
                             f"{' '.join(str(exc).split())[:200]}") from None

@@ -32,13 +32,12 @@ from torch import Tensor, nn
 
 from cvkit.inference.predict import FlipPairs, Prediction, check_flip_pairs, list_images, write_submission
 from cvkit.tasks import Task, get_task
+from cvkit.tasks.layouts import LAYOUTS, OutputLayout, get_layout
 
 PathLike = Union[str, os.PathLike]
 FORMATS = ("onnx", "torchscript")
 CONTRACT_VERSION = 1
 CONTRACT_KEYS = ("version", "format", "task", "output", "input", "preprocess", "classes")
-# Output layouts (a task's ``tta_target``): the dimensions of one image's output.
-LAYOUT_DIMS = {"logits": 1, "class_box": 1, "keypoints": 1, "boxes": 1, "mask": 3}
 _TORCHSCRIPT_MEMBERS = ("data.pkl", "constants.pkl", "version")
 
 
@@ -262,6 +261,11 @@ class Deployed:
         return get_task(self.contract["task"])
 
     @property
+    def layout(self) -> OutputLayout:
+        """The task's output layout (:func:`check_contract` made sure it is the one the contract names)."""
+        return self.task.layout
+
+    @property
     def classes(self) -> List[str]:
         return [str(c) for c in self.contract["classes"]]
 
@@ -299,7 +303,7 @@ class Deployed:
         def flush() -> Iterator[Prediction]:
             nonlocal index
             x = torch.from_numpy(np.stack([b[2] for b in batch]))
-            out = tta_predict(self.model, x, transforms, target=task.tta_target, flip_pairs=flip_pairs or None,
+            out = tta_predict(self.model, x, transforms, target=self.layout, flip_pairs=flip_pairs or None,
                               **kwargs).float()
             for k, (name, (height, width), _) in enumerate(batch):
                 yield Prediction(name, index, out[k], height, width)
@@ -338,9 +342,12 @@ def check_contract(contract: Dict[str, Any], model: ExportedModel, where: PathLi
     (``classes`` / ``num_classes``), ``num_keypoints`` and ``output_shape``.
     """
     task = _contract_task(contract, where)
-    if contract["output"] != task.tta_target:
+    if not isinstance(contract["output"], str) or contract["output"] not in LAYOUTS:
+        raise ContractError(f"{where}: output {contract['output']!r} is not a registered output layout; expected "
+                            f"{task.layout.name!r}, the layout of task {task.name!r}")
+    if contract["output"] != task.layout.name:
         raise ContractError(f"{where}: output {contract['output']!r} is not the output layout of task {task.name!r}; "
-                            f"expected {task.tta_target!r}")
+                            f"expected {task.layout.name!r}")
     channels, height, width, batch = _input_spec(contract, where)
     _check_preprocess(contract.get("preprocess"), channels, (height, width), where)
     declared = model.fixed_input_shape()
@@ -414,34 +421,33 @@ def _check_preprocess(spec: Any, channels: int, size: Tuple[int, int], where: Pa
 
 
 def _check_output(contract: Dict[str, Any], shape: Tuple[int, ...], where: PathLike) -> None:
-    """One image's output ``shape`` against the layout, the class count, ``num_keypoints`` and ``output_shape``."""
-    layout, classes, count = contract["output"], contract["classes"], contract.get("num_classes")
-    dims = LAYOUT_DIMS[layout]
-    if len(shape) != dims:
-        raise ContractError(f"{where}: output {layout!r} needs {dims} dimension(s) per image, but the model gives "
-                            f"{list(shape)}; expected the layout the model was exported with")
+    """One image's output ``shape`` against the layout the contract names (:func:`cvkit.tasks.layouts.get_layout`),
+    the class count, ``num_keypoints`` and ``output_shape``."""
+    name, classes, count = contract["output"], contract["classes"], contract.get("num_classes")
+    layout = get_layout(name)
+    if len(shape) != layout.dims:
+        raise ContractError(f"{where}: output {name!r} needs {layout.dims} dimension(s) per image, but the model "
+                            f"gives {list(shape)}; expected the layout the model was exported with")
     if not isinstance(classes, list) or (count is not None and not _positive_int(count)):
         raise ContractError(f"{where}: classes {classes!r} / num_classes {count!r}; expected a list of names and "
                             "a positive integer or null")
     if classes and count is not None and len(classes) != count:
         raise ContractError(f"{where}: classes names {len(classes)} classes but num_classes is {count}; expected "
                             "one name per class")
-    key, count = ("classes", len(classes)) if classes else ("num_classes", count)
-    width = shape[0]
-    expected = {"logits": count, "mask": count, "class_box": count + 4 if count else None, "boxes": 4}.get(layout)
-    if layout == "class_box" and not count:
-        raise ContractError(f"{where}: classes is empty; output 'class_box' needs the class names")
-    if expected is not None and width != expected:
-        given = f"{key} gives {count} classes, so " if layout != "boxes" else ""
-        unit = "channels" if dims == 3 else "values"
-        raise ContractError(f"{where}: {given}output {layout!r} expects {expected} {unit} per image, but the model "
-                            f"outputs {width} (shape {list(shape)})")
     points = contract.get("num_keypoints")
     if points is not None and not _positive_int(points):
         raise ContractError(f"{where}: num_keypoints is {points!r}; expected a positive integer or null")
-    if layout == "keypoints" and (width % 2 or (points is not None and width != 2 * points)):
-        raise ContractError(f"{where}: num_keypoints is {points!r}, but the model outputs {width} values per image; "
-                            "expected 2 (x, y) per keypoint")
+    key, count = ("classes", len(classes)) if classes else ("num_classes", count)
+    width, expected = shape[0], layout.width(count or None, points)
+    if expected is not None and width != expected:
+        given = f"{key} gives {count} classes, so " if layout.width(None, points) != expected else ""
+        unit = "channels" if layout.dims == 3 else "values"
+        raise ContractError(f"{where}: {given}output {name!r} expects {expected} {unit} per image, but the model "
+                            f"outputs {width} (shape {list(shape)})")
+    try:
+        layout.check(torch.zeros(1, *shape), count or None)
+    except ValueError as exc:
+        raise ContractError(f"{where}: output {name!r}: {exc}; expected the layout the model was exported with") from None
     recorded = contract.get("output_shape")
     if recorded is not None and (not isinstance(recorded, list) or list(recorded[1:]) != list(shape)):
         raise ContractError(f"{where}: output_shape is {recorded!r}, but the model gives {['batch', *shape]}; "

@@ -12,19 +12,23 @@ itself is bounded by one batch of windows.
 from __future__ import annotations
 
 import math
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cvkit.tasks.layouts import OutputLayout, get_layout
+
 _NORMALIZE_STEPS = ("NormalizeToTensor", "Normalize", "ToTensorV2")
 
 
-def check_tiling(target: str, tile: int, overlap: int, multiple: int = 1) -> None:
-    """Refuse a tiling that cannot work: mask outputs only, ``0 <= overlap < tile``, ``tile`` a multiple of ``multiple``."""
-    if target != "mask":
-        raise ValueError(f"tiled inference needs mask outputs (segmentation); this task's output is {target!r}")
+def check_tiling(layout: Union[str, OutputLayout], tile: int, overlap: int, multiple: int = 1) -> None:
+    """Refuse a tiling that cannot work: a tileable output layout (masks), ``0 <= overlap < tile``, ``tile`` a
+    multiple of ``multiple``."""
+    layout = get_layout(layout)
+    if not layout.tileable:
+        raise ValueError(f"tiled inference needs mask outputs (segmentation); this task's output is {layout.name!r}")
     if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
         raise ValueError(f"tile must be a positive number of pixels, got {tile!r}")
     if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap < tile:
@@ -80,16 +84,18 @@ def tiled_predict(
     batch_size: int = 8,
     multiple: int = 32,
     device: Optional[str] = None,
+    layout: Union[str, OutputLayout] = "mask",
     **tta_kwargs: Any,
 ) -> Tensor:
     """The de-augmented mask probabilities ``(K, H, W)`` of one normalised ``(C, H, W)`` image, window by window.
 
     ``transforms`` and ``tta_kwargs`` (``activation``...) are :func:`~cvkit.inference.tta.tta_predict`'s;
-    ``multiple``: the image is padded to a multiple of it (32 for the usual U-Net/FPN encoders).
+    ``multiple``: the image is padded to a multiple of it (32 for the usual U-Net/FPN encoders);
+    ``layout``: the task's output layout (a tileable one: masks).
     """
     from cvkit.inference.tta import tta_predict
 
-    check_tiling("mask", tile, overlap, multiple)
+    check_tiling(layout, tile, overlap, multiple)
     if image.ndim != 3:
         raise ValueError(f"image must be (C, H, W), got {tuple(image.shape)}")
     if batch_size < 1:
@@ -105,7 +111,7 @@ def tiled_predict(
     for first in range(0, len(boxes), batch_size):
         chunk = boxes[first:first + batch_size]
         x = torch.stack([padded[:, y:y + th, x:x + tw] for y, x in chunk]).to(device)
-        out = tta_predict(model, x, list(transforms), target="mask", **tta_kwargs).float().cpu()
+        out = tta_predict(model, x, list(transforms), target=layout, **tta_kwargs).float().cpu()
         if out.shape[-2:] != (th, tw):
             out = F.interpolate(out, size=(th, tw), mode="bilinear", align_corners=False)
         if total is None:

@@ -15,17 +15,17 @@ Transforms are named, so a config can list them::
 from __future__ import annotations
 
 import ast
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cvkit.registry import Registry
+from cvkit.tasks.layouts import ACTIVATIONS, LAYOUTS, OutputLayout, get_layout, list_layouts
 
 TARGETS: Tuple[str, ...] = ("logits", "mask", "keypoints", "boxes")
-PREDICT_TARGETS: Tuple[str, ...] = TARGETS + ("class_box",)
-ACTIVATIONS: Tuple[str, ...] = ("softmax", "sigmoid", "none")
+PREDICT_TARGETS: Tuple[str, ...] = TARGETS + ("class_box", "values")
 Size = Tuple[int, int]
 FlipPairs = Optional[Sequence[Tuple[int, int]]]
 
@@ -74,13 +74,13 @@ class TTATransform:
         corners = self.points(b.reshape(-1, 2, 2), size)
         return torch.cat([corners.min(dim=1).values, corners.max(dim=1).values], dim=1)
 
-    def invert(self, target: str, y: Tensor, size: Optional[Size] = None, flip_pairs: FlipPairs = None) -> Tensor:
-        """Map a prediction of type ``target`` (one of :data:`TARGETS`) back to the original image."""
-        if target == "keypoints":
-            return self.keypoints(y, size, flip_pairs)
-        if target not in TARGETS:
-            raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
-        return getattr(self, target)(y, size)
+    def invert(self, target: Union[str, OutputLayout], y: Tensor, size: Optional[Size] = None,
+               flip_pairs: FlipPairs = None) -> Tensor:
+        """Map a prediction of layout ``target`` (an output layout or its name, e.g. one of :data:`TARGETS`)
+        back to the original image: the layout asks this transform for the geometry it needs."""
+        if not isinstance(target, OutputLayout) and target not in LAYOUTS:
+            raise ValueError(f"target must be one of {list_layouts()} or an OutputLayout, got {target!r}")
+        return get_layout(target).deaugment(self, y, size, flip_pairs)[0]
 
     def __repr__(self) -> str:
         return self.name
@@ -313,7 +313,7 @@ def tta_predict(
     model: nn.Module,
     images: Tensor,
     transforms: Sequence[TransformSpec] = (("identity", 1.0), ("hflip", 1.0)),
-    target: str = "logits",
+    target: Union[str, OutputLayout] = "logits",
     flip_pairs: FlipPairs = None,
     num_classes: Optional[int] = None,
     activation: Optional[str] = None,
@@ -324,49 +324,50 @@ def tta_predict(
         model: called as ``model(images)``; run in eval mode, without gradients.
         images: ``(B, C, H, W)`` batch, already normalised.
         transforms: specs or ``(spec, weight)`` pairs (see :func:`create_tta`).
-        target: ``logits`` (B, C), ``mask`` (B, C, H, W), ``keypoints`` (B, 2N) normalised,
-            ``boxes`` (B, 4) normalised xyxy, or ``class_box`` (B, C + 4) from ClassBoxModel.
+        target: the output layout (a task's ``layout``, see :mod:`cvkit.tasks.layouts`) or a registered
+            layout's name: ``logits`` (B, C), ``mask`` (B, C, H, W), ``keypoints`` (B, 2N) normalised,
+            ``boxes`` (B, 4) normalised xyxy, ``class_box`` (B, C + 4) from ClassBoxModel, ``values``
+            (B, N) raw numbers.
         flip_pairs: keypoint index pairs that swap under a mirror (left eye, right eye).
-        num_classes: the number of class columns of a ``class_box`` output.
-        activation: applied before averaging, to logits/masks/the class part: ``softmax``,
-            ``sigmoid`` or ``none``. Default: ``softmax`` for logits and class_box (averaging
-            probabilities, not logits), ``sigmoid`` for masks (cvkit's masks are multi-label,
-            one channel per class; pass ``softmax`` for exclusive classes).
+        num_classes: the number of class columns of a ``class_box`` output (checked when given).
+        activation: overrides the layout's, applied before averaging to logits/masks/the class part:
+            ``softmax``, ``sigmoid`` or ``none``. The layouts' defaults: ``softmax`` for logits and
+            class_box (averaging probabilities, not logits), ``sigmoid`` for masks (cvkit's masks are
+            multi-label, one channel per class; pass ``softmax`` for exclusive classes), none for
+            coordinates and values.
 
     Returns probabilities (or raw averages with ``activation="none"``) in the original frame.
     Mask pixels are averaged only over the transforms that saw them (a shift or zoom loses a
     border); keep ``identity`` in the list so every pixel is covered. Boxes are clipped to [0, 1].
     """
-    if target not in PREDICT_TARGETS:
-        raise ValueError(f"target must be one of {PREDICT_TARGETS}, got {target!r}")
+    layout = _layout(target, activation)
     if images.ndim != 4:
         raise ValueError(f"images must be (B, C, H, W), got {tuple(images.shape)}")
-    if target == "class_box" and (not isinstance(num_classes, int) or num_classes < 1):
-        raise ValueError(f"target='class_box' needs num_classes (the class columns), got {num_classes!r}")
-    activation = activation or {"mask": "sigmoid", "keypoints": "none", "boxes": "none"}.get(target, "softmax")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     weighted = _weighted(transforms)
     size = (int(images.shape[-2]), int(images.shape[-1]))
+
+    def views() -> Iterator[Tuple[Tensor, Union[Tensor, float]]]:
+        for transform, weight in weighted:
+            out = layout.check(model(transform.image(images)), num_classes)
+            prediction, seen = layout.deaugment(transform, layout.activate(out), size, flip_pairs)
+            yield prediction, seen * weight
+
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            total, norm = None, None
-            for transform, weight in weighted:
-                out = model(transform.image(images))
-                pred, w = _deaugment(transform, out, target, size, flip_pairs, num_classes, activation)
-                w = w * weight
-                total = pred * w if total is None else total + pred * w
-                norm = w if norm is None else norm + w
+            return layout.average(views())
     finally:
         model.train(was_training)
-    mean = total / norm.clamp_min(1e-12) if target == "mask" else total / norm
-    if target == "boxes":
-        mean = mean.clamp(0, 1)
-    elif target == "class_box":
-        mean = torch.cat([mean[:, :num_classes], mean[:, num_classes:].clamp(0, 1)], dim=1)
-    return mean
+
+
+def _layout(target: Union[str, OutputLayout], activation: Optional[str]) -> OutputLayout:
+    """The layout ``target`` names, with ``activation`` when given; one-line errors for either."""
+    if not isinstance(target, OutputLayout) and target not in LAYOUTS:
+        raise ValueError(f"target must be one of {list_layouts()} or an OutputLayout, got {target!r}")
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return get_layout(target, activation)
 
 
 def _weighted(transforms: Sequence[TransformSpec]) -> List[Tuple[TTATransform, float]]:
@@ -379,42 +380,6 @@ def _weighted(transforms: Sequence[TransformSpec]) -> List[Tuple[TTATransform, f
             raise ValueError(f"TTA weight of {spec!r} must be a positive number, got {weight!r}")
         out.append((create_tta(spec), float(weight)))
     return out
-
-
-def _activate(y: Tensor, activation: str) -> Tensor:
-    if activation == "softmax":
-        return y.softmax(dim=1)
-    if activation == "sigmoid":
-        return y.sigmoid()
-    return y
-
-
-def _deaugment(
-    transform: TTATransform,
-    out: Tensor,
-    target: str,
-    size: Size,
-    flip_pairs: FlipPairs,
-    num_classes: Optional[int],
-    activation: str,
-) -> Tuple[Tensor, Union[Tensor, float]]:
-    """The prediction in the original frame, and its weight (a coverage map for masks)."""
-    if target == "class_box":
-        logits, boxes = out[:, :num_classes], out[:, num_classes:]
-        if boxes.shape[1] != 4:
-            raise ValueError(f"class_box output must be (B, num_classes + 4), got {tuple(out.shape)} for num_classes={num_classes}")
-        return torch.cat([_activate(logits, activation), transform.boxes(boxes, size)], dim=1), 1.0
-    if target == "mask":
-        if out.ndim != 4:
-            raise ValueError(f"target='mask' needs (B, C, H, W) outputs, got {tuple(out.shape)}")
-        pred = transform.mask(_activate(out, activation), size)
-        seen = transform.mask(transform.image(out.new_ones(1, 1, *size)), size)
-        if seen.shape[-2:] != pred.shape[-2:]:
-            seen = F.interpolate(seen, size=pred.shape[-2:], mode="bilinear", align_corners=False)
-        return pred, seen
-    if target == "logits":
-        return transform.logits(_activate(out, activation), size), 1.0
-    return transform.invert(target, out, size, flip_pairs), 1.0
 
 
 __all__ = [

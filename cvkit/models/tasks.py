@@ -25,10 +25,9 @@ from cvkit.io import load_checkpoint, state_dict_of
 from cvkit.models.factory import create_model, load_backbone_weights, start_small
 from cvkit.models.pretrained import resolve_pretrained, weights_record
 from cvkit.registry import Registry
+from cvkit.tasks.layouts import BOX_DIMS, CLASS_BOX
 
 Pretrained = Union[bool, str, os.PathLike, None]
-
-BOX_DIMS = 4
 
 
 def timm_backbone(arch: str, pretrained: Pretrained = None, **timm_kwargs) -> nn.Module:
@@ -76,8 +75,9 @@ class ClassBoxModel(_BackboneModel):
     """A timm backbone with a class head and a box head, returning ONE tensor ``(B, C + 4)``.
 
     Columns ``[:C]`` are class logits, ``[C:]`` the box as ``x1, y1, x2, y2`` in [0, 1] of the
-    input image (sigmoid). One tensor keeps Catalyst's callbacks, the runner's ``logits`` key and
-    cvkit's metrics unchanged; :func:`split_output` gives the two parts back. The sigmoid does
+    input image (sigmoid), packed by the layout's codec (:class:`cvkit.tasks.layouts.ClassBoxLayout`).
+    One tensor keeps Catalyst's callbacks, the runner's ``logits`` key, checkpoints and exports
+    unchanged; :func:`split_output` gives the two parts back. The sigmoid does
     not force ``x1 < x2``: the loss teaches it, and TTA's box inverse re-sorts corners.
     """
 
@@ -94,17 +94,15 @@ class ClassBoxModel(_BackboneModel):
 
     def forward(self, x: Tensor) -> Tensor:
         features = self.drop(self.backbone(x))
-        return torch.cat([self.cls_head(features), torch.sigmoid(self.box_head(features))], dim=1)
+        return CLASS_BOX.join({"class": self.cls_head(features), "box": torch.sigmoid(self.box_head(features))})
 
 
 def split_output(out: Tensor, num_classes: int) -> Tuple[Tensor, Tensor]:
     """``(logits (B, C), boxes (B, 4))`` from a :class:`ClassBoxModel` output ``(B, C + 4)``."""
-    if out.ndim != 2 or out.shape[1] != num_classes + BOX_DIMS:
-        raise ValueError(
-            f"out must be (B, num_classes + 4) = (B, {num_classes + BOX_DIMS}) for num_classes={num_classes}, "
-            f"got {tuple(out.shape)}"
-        )
-    return out[:, :num_classes], out[:, num_classes:]
+    if out.ndim != 2:
+        raise ValueError(f"out must be (B, num_classes + 4) for num_classes={num_classes}, got {tuple(out.shape)}")
+    parts = CLASS_BOX.split(out, num_classes)
+    return parts["class"], parts["box"]
 
 
 class KeypointModel(_BackboneModel):

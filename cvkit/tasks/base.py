@@ -3,8 +3,10 @@ keypoints and segmentation, in one object per task.
 
 A task builds its datasets from a data spec (the YAML ``data:`` mapping, or the command's
 dataset options, which are generated from the same :class:`DataOption` list), knows its default
-model, criterion, metric and TTA target, turns a model's de-augmented output into a prediction in
-original image coordinates, writes the submission rows, and draws a worst prediction. Nothing
+model, criterion, metric and output layout (:mod:`cvkit.tasks.layouts`: how its raw model
+output is split, activated, de-augmented, averaged and compared at export), turns a model's
+de-augmented output into a prediction in original image coordinates, writes the submission rows,
+and draws a worst prediction. Nothing
 outside ``cvkit/tasks/`` branches on a task's name: it asks the task object.
 
 A new task is one class registered with :func:`register_task`; see ARCHITECTURE.md.
@@ -21,6 +23,7 @@ import numpy as np
 
 from cvkit.errors import ConfigError
 from cvkit.registry import Registry
+from cvkit.tasks.layouts import ClassesLayout, OutputLayout, get_layout
 
 PathLike = Union[str, os.PathLike]
 Row = Dict[str, Any]
@@ -87,14 +90,33 @@ class Task:
     criterion: ClassVar[str] = "cross_entropy"
     metric: ClassVar[str] = "classification"
     valid_metric: ClassVar[str] = "accuracy"
-    tta_target: ClassVar[str] = "logits"
-    tta_activation: ClassVar[Optional[str]] = None
+    layout: ClassVar[OutputLayout] = ClassesLayout()
     options: ClassVar[Tuple[DataOption, ...]] = COMMON_OPTIONS
     data_kinds: ClassVar[Tuple[str, ...]] = ("csv", "demo")
     has_classes: ClassVar[bool] = False
     label_targets: ClassVar[bool] = False
     submission_columns: ClassVar[Tuple[str, ...]] = ("path",)
     tuning_file: ClassVar[Optional[str]] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass that still sets the former ``tta_target`` / ``tta_activation`` strings gets the
+        registered layout of that name (a FutureWarning says to set ``layout``)."""
+        super().__init_subclass__(**kwargs)
+        old = {k: cls.__dict__[k] for k in ("tta_target", "tta_activation") if k in cls.__dict__}
+        if old and "layout" not in cls.__dict__:
+            import warnings
+
+            warnings.warn(f"{cls.__name__}: {' and '.join(old)} are now layout = an OutputLayout instance "
+                          "(cvkit.tasks.layouts)", FutureWarning, stacklevel=2)
+            cls.layout = get_layout(old.get("tta_target") or cls.layout, old.get("tta_activation"))
+
+    @property
+    def tta_target(self) -> str:
+        """The former name of ``layout.name`` (a FutureWarning)."""
+        import warnings
+
+        warnings.warn("Task.tta_target is now Task.layout (its name: layout.name)", FutureWarning, stacklevel=2)
+        return self.layout.name
 
     # --- data ----------------------------------------------------------------------------------
 
@@ -191,8 +213,9 @@ class Task:
     # --- prediction ------------------------------------------------------------------------------
 
     def tta_kwargs(self, classes: Sequence[str]) -> Dict[str, Any]:
-        """Extra keyword arguments of :func:`cvkit.inference.tta.tta_predict` for this task."""
-        return {"activation": self.tta_activation} if self.tta_activation else {}
+        """Extra keyword arguments of :func:`cvkit.inference.tta.tta_predict` for this task (sizes its
+        :attr:`layout` checks the output against)."""
+        return {}
 
     def decode(self, output: Any, height: int, width: int, classes: Sequence[str]) -> Dict[str, Any]:
         """One image's de-augmented output as a prediction in pixels of the original image."""

@@ -1,8 +1,8 @@
 """Class + one box per image (classification with localisation).
 
 The model (:class:`cvkit.models.ClassBoxModel`) returns ONE tensor ``(B, C + 4)``: class logits,
-then the box as x1, y1, x2, y2 in [0, 1] of the input. This module is the one place that layout
-is packed (:class:`ClassBoxTargets`) and unpacked (:meth:`ClassBox.decode`).
+then the box as x1, y1, x2, y2 in [0, 1] of the input. That layout, and the ``(B, 5)`` targets
+(class index, box), are packed and unpacked by one codec, :class:`cvkit.tasks.layouts.ClassBoxLayout`.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import numpy as np
 from cvkit.data.boxes import BOX_FORMATS
 from cvkit.tasks.base import CLASS_OPTIONS, COMMON_OPTIONS, DataOption, Row, register_task
 from cvkit.tasks.classification import Classification, class_columns
+from cvkit.tasks.layouts import CLASS_BOX, ClassBoxLayout
 
 BOX_COLUMNS = ("x1", "y1", "x2", "y2")
 
@@ -41,16 +42,14 @@ class ClassBoxTargets:
 
         item = dict(self.dataset[index])
         box = item.pop("boxes") if float(item.pop("box_visible")) > 0 else torch.full((4,), float("nan"))
-        item["targets"] = torch.cat([item["targets"].float().reshape(1), box.float()])
+        item["targets"] = CLASS_BOX.join_targets(item["targets"], box)
         return item
 
 
 def split_class_box(output: Any, num_classes: int) -> "tuple[Any, Any]":
-    """``(class part, box part)`` of a ``(..., C + 4)`` output; refuses any other width."""
-    if output.shape[-1] != num_classes + 4:
-        raise ValueError(f"a class + box output must have num_classes + 4 = {num_classes + 4} columns, "
-                         f"got {tuple(output.shape)}")
-    return output[..., :num_classes], output[..., num_classes:]
+    """``(class part, box part)`` of a ``(..., C + 4)`` output; refuses any other width (:class:`ClassBoxLayout`)."""
+    parts = CLASS_BOX.split(output, num_classes)
+    return parts["class"], parts["box"]
 
 
 @register_task
@@ -62,7 +61,7 @@ class ClassBox(Classification):
     criterion = "class_box"
     metric = "box"
     valid_metric = "box_iou"
-    tta_target = "class_box"
+    layout = ClassBoxLayout()
     options = COMMON_OPTIONS + CLASS_OPTIONS + (
         DataOption("box_cols", "the 4 box columns, comma-separated", default=BOX_COLUMNS, kind="columns"),
         DataOption("box_format", "how the box columns are written; *_norm = fractions of width/height",
@@ -107,7 +106,8 @@ class ClassBox(Classification):
         return {"num_classes": len(classes)}
 
     def decode(self, output: Any, height: int, width: int, classes: Sequence[str]) -> Dict[str, Any]:
-        probs, box = split_class_box(np.asarray(output, dtype=np.float64).reshape(-1), len(classes))
+        parts = self.layout.split(np.asarray(output, dtype=np.float64).reshape(-1), len(classes))
+        probs, box = parts["class"], parts["box"]
         x1, y1, x2, y2 = box * (width, height, width, height)
         return {"probs": probs, "label": int(probs.argmax()),
                 "box": np.array([min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)])}
@@ -126,20 +126,21 @@ class ClassBox(Classification):
     def example_output(self, classes: Sequence[str], generator: Any) -> Any:
         import torch
 
-        return torch.cat([super().example_output(classes, generator), torch.rand(4, generator=generator)])
+        return self.layout.join({"class": super().example_output(classes, generator),
+                                 "box": torch.rand(4, generator=generator)})
 
     def draw(self, image: np.ndarray, output: Any, target: Any) -> np.ndarray:
         import cv2
 
-        c = int(output.shape[-1]) - 4
-        logits, box = split_class_box(output.detach().float().cpu(), c)
+        parts = self.layout.split(output.detach().float().cpu())
+        label, true_box = self.layout.split_targets(target.cpu())
         h, w = image.shape[:2]
         scale = np.array([w, h, w, h])
-        for values, colour in ((target[1:].cpu().numpy(), (0, 255, 0)), (box.numpy(), (255, 0, 0))):
+        for values, colour in ((true_box.numpy(), (0, 255, 0)), (parts["box"].numpy(), (255, 0, 0))):
             if np.isfinite(values).all():
                 x1, y1, x2, y2 = (values * scale).round().astype(int).tolist()
                 cv2.rectangle(image, (x1, y1), (x2, y2), colour, 1)
-        return super().draw(image, logits, target[0].long())
+        return super().draw(image, parts["class"], label.long())
 
     def features(self, model: Any) -> Any:
         return model.backbone

@@ -8,6 +8,7 @@ import numpy as np
 
 from cvkit.errors import ConfigError
 from cvkit.tasks.base import CLASS_OPTIONS, COMMON_OPTIONS, SPLIT_KEYS, Row, Task, register_task
+from cvkit.tasks.layouts import ClassesLayout
 
 FOLDER_KEYS = SPLIT_KEYS | {"kind", "train", "valid", "test", "class_map"}
 STL10_KEYS = SPLIT_KEYS | {"kind", "root"}
@@ -27,6 +28,7 @@ class Classification(Task):
     """Logits ``(B, C)`` from a timm classifier; cross-entropy; accuracy and F1; ``path,label`` rows."""
 
     name = "classification"
+    layout = ClassesLayout()
     options = COMMON_OPTIONS + CLASS_OPTIONS
     data_kinds = ("csv", "demo", "folders", "stl10")
     has_classes = True

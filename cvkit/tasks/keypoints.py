@@ -8,6 +8,7 @@ import numpy as np
 
 from cvkit.errors import ConfigError
 from cvkit.tasks.base import COMMON_OPTIONS, DataOption, Row, Task, register_task
+from cvkit.tasks.layouts import KeypointsLayout
 
 
 @register_task
@@ -19,7 +20,7 @@ class Keypoints(Task):
     criterion = "keypoint"
     metric = "keypoint"
     valid_metric = "nme"
-    tta_target = "keypoints"
+    layout = KeypointsLayout()
     options = COMMON_OPTIONS + (
         DataOption("keypoint_cols", "x,y columns alternating, comma-separated, e.g. x0,y0,x1,y1; or one "
                                     "column of space-separated numbers (with --num-keypoints)", kind="columns"),

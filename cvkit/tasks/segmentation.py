@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 from cvkit.errors import ConfigError
 from cvkit.postprocess import POSTPROCESS_FILE
 from cvkit.tasks.base import COMMON_OPTIONS, DataOption, Row, Task, register_task
+from cvkit.tasks.layouts import MasksLayout
 
 DEMO_CLASSES = 4
 SUBMISSION_COLUMNS = ("ImageId", "EncodedPixels", "ClassId")
@@ -58,7 +59,7 @@ class Segmentation(Task):
     criterion = "dice_bce"
     metric = "segmentation"
     valid_metric = "dice"
-    tta_target = "mask"
+    layout = MasksLayout()
     options = COMMON_OPTIONS + (
         DataOption("mask_col", "column holding the PNG mask path", default="mask"),
         DataOption("mask_root", "folder the mask paths are relative to (default: root)"),
