@@ -168,7 +168,7 @@ def check_onnx(data: bytes) -> None:
 
 
 def compared_values(task: Task, output: Tensor, num_classes: int) -> Tuple[str, Tensor]:
-    """What parity compares for the task's output layout (:meth:`cvkit.tasks.layouts.OutputLayout.compare`),
+    """What parity compares for the task's output layout (:meth:`cvkit.layouts.OutputLayout.compare`),
     as prediction reads it: class probabilities (plus the box), coordinates, mask logits, or the raw
     values of an output that is not activated or whose activation would hide a difference (a softmax
     over one column is always 1)."""

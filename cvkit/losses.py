@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cvkit.registry import Registry
-from cvkit.tasks.layouts import CLASS_BOX
+from cvkit.layouts import CLASS_BOX
 
 Outputs = Union[torch.Tensor, Mapping[str, torch.Tensor], Sequence[torch.Tensor]]
 Example = Callable[[int], Tuple[Any, Any]]

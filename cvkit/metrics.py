@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from cvkit.registry import Registry
-from cvkit.tasks.layouts import CLASS_BOX
+from cvkit.layouts import CLASS_BOX
 
 MetricExample = Callable[[int], Tuple[Dict[str, Any], Any, Any]]
 METRICS: Registry[Type["Metric"]] = Registry("metric")

@@ -288,7 +288,7 @@ def test_parity_is_relative_to_the_outputs_scale_and_recorded_in_the_contract(ru
 def test_parity_of_a_one_column_output_compares_the_values_not_a_softmax():
     from cvkit.export import compared_values, parity
     from cvkit.tasks import get_task
-    from cvkit.tasks.layouts import ValuesLayout
+    from cvkit.layouts import ValuesLayout
 
     class Regression(type(get_task("classification"))):
         layout = ValuesLayout()

@@ -13,7 +13,7 @@ from torch import nn
 
 from cvkit.inference import tta
 from cvkit.tasks import Task, get_task
-from cvkit.tasks.layouts import (
+from cvkit.layouts import (
     CLASS_BOX,
     ClassBoxLayout,
     ClassesLayout,

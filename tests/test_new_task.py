@@ -23,7 +23,7 @@ from cvkit.inference import load_run, predict, write_submission
 from cvkit.losses import CRITERIA, register_criterion
 from cvkit.metrics import METRICS, Metric, register_metric
 from cvkit.tasks import COMMON_OPTIONS, TASKS, DataOption, Task, register_task
-from cvkit.tasks.layouts import LAYOUTS, OutputLayout, register_layout
+from cvkit.layouts import LAYOUTS, OutputLayout, register_layout
 
 
 class ValueDataset(TableDataset):

@@ -14,7 +14,7 @@ from cvkit.data import augment
 from cvkit.inference import tta
 from cvkit.models import tasks
 from cvkit.registry import Registry, RegistryError
-from cvkit.tasks import layouts
+from cvkit import layouts
 
 B = 4
 

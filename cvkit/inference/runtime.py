@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from cvkit.inference.predict import FlipPairs, Prediction, check_flip_pairs, list_images, write_submission
 from cvkit.tasks import Task, get_task
-from cvkit.tasks.layouts import LAYOUTS, OutputLayout, get_layout
+from cvkit.layouts import LAYOUTS, OutputLayout, get_layout
 
 PathLike = Union[str, os.PathLike]
 FORMATS = ("onnx", "torchscript")
@@ -421,7 +421,7 @@ def _check_preprocess(spec: Any, channels: int, size: Tuple[int, int], where: Pa
 
 
 def _check_output(contract: Dict[str, Any], shape: Tuple[int, ...], where: PathLike) -> None:
-    """One image's output ``shape`` against the layout the contract names (:func:`cvkit.tasks.layouts.get_layout`),
+    """One image's output ``shape`` against the layout the contract names (:func:`cvkit.layouts.get_layout`),
     the class count, ``num_keypoints`` and ``output_shape``."""
     name, classes, count = contract["output"], contract["classes"], contract.get("num_classes")
     layout = get_layout(name)

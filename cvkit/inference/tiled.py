@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cvkit.tasks.layouts import OutputLayout, get_layout
+from cvkit.layouts import OutputLayout, get_layout
 
 _NORMALIZE_STEPS = ("NormalizeToTensor", "Normalize", "ToTensorV2")
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cvkit.registry import Registry
-from cvkit.tasks.layouts import ACTIVATIONS, LAYOUTS, OutputLayout, get_layout, list_layouts
+from cvkit.layouts import ACTIVATIONS, LAYOUTS, OutputLayout, get_layout, list_layouts
 
 TARGETS: Tuple[str, ...] = ("logits", "mask", "keypoints", "boxes")
 PREDICT_TARGETS: Tuple[str, ...] = TARGETS + ("class_box", "values")
@@ -324,7 +324,7 @@ def tta_predict(
         model: called as ``model(images)``; run in eval mode, without gradients.
         images: ``(B, C, H, W)`` batch, already normalised.
         transforms: specs or ``(spec, weight)`` pairs (see :func:`create_tta`).
-        target: the output layout (a task's ``layout``, see :mod:`cvkit.tasks.layouts`) or a registered
+        target: the output layout (a task's ``layout``, see :mod:`cvkit.layouts`) or a registered
             layout's name: ``logits`` (B, C), ``mask`` (B, C, H, W), ``keypoints`` (B, 2N) normalised,
             ``boxes`` (B, 4) normalised xyxy, ``class_box`` (B, C + 4) from ClassBoxModel, ``values``
             (B, N) raw numbers.

@@ -25,7 +25,7 @@ from cvkit.io import load_checkpoint, state_dict_of
 from cvkit.models.factory import create_model, load_backbone_weights, start_small
 from cvkit.models.pretrained import resolve_pretrained, weights_record
 from cvkit.registry import Registry
-from cvkit.tasks.layouts import BOX_DIMS, CLASS_BOX
+from cvkit.layouts import BOX_DIMS, CLASS_BOX
 
 Pretrained = Union[bool, str, os.PathLike, None]
 
@@ -75,7 +75,7 @@ class ClassBoxModel(_BackboneModel):
     """A timm backbone with a class head and a box head, returning ONE tensor ``(B, C + 4)``.
 
     Columns ``[:C]`` are class logits, ``[C:]`` the box as ``x1, y1, x2, y2`` in [0, 1] of the
-    input image (sigmoid), packed by the layout's codec (:class:`cvkit.tasks.layouts.ClassBoxLayout`).
+    input image (sigmoid), packed by the layout's codec (:class:`cvkit.layouts.ClassBoxLayout`).
     One tensor keeps Catalyst's callbacks, the runner's ``logits`` key, checkpoints and exports
     unchanged; :func:`split_output` gives the two parts back. The sigmoid does
     not force ``x1 < x2``: the loss teaches it, and TTA's box inverse re-sorts corners.

@@ -3,7 +3,7 @@ keypoints and segmentation, in one object per task.
 
 A task builds its datasets from a data spec (the YAML ``data:`` mapping, or the command's
 dataset options, which are generated from the same :class:`DataOption` list), knows its default
-model, criterion, metric and output layout (:mod:`cvkit.tasks.layouts`: how its raw model
+model, criterion, metric and output layout (:mod:`cvkit.layouts`: how its raw model
 output is split, activated, de-augmented, averaged and compared at export), turns a model's
 de-augmented output into a prediction in original image coordinates, writes the submission rows,
 and draws a worst prediction. Nothing
@@ -23,7 +23,7 @@ import numpy as np
 
 from cvkit.errors import ConfigError
 from cvkit.registry import Registry
-from cvkit.tasks.layouts import ClassesLayout, OutputLayout, get_layout
+from cvkit.layouts import ClassesLayout, OutputLayout, get_layout
 
 PathLike = Union[str, os.PathLike]
 Row = Dict[str, Any]
@@ -107,7 +107,7 @@ class Task:
             import warnings
 
             warnings.warn(f"{cls.__name__}: {' and '.join(old)} are now layout = an OutputLayout instance "
-                          "(cvkit.tasks.layouts)", FutureWarning, stacklevel=2)
+                          "(cvkit.layouts)", FutureWarning, stacklevel=2)
             cls.layout = get_layout(old.get("tta_target") or cls.layout, old.get("tta_activation"))
 
     @property

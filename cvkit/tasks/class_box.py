@@ -2,7 +2,7 @@
 
 The model (:class:`cvkit.models.ClassBoxModel`) returns ONE tensor ``(B, C + 4)``: class logits,
 then the box as x1, y1, x2, y2 in [0, 1] of the input. That layout, and the ``(B, 5)`` targets
-(class index, box), are packed and unpacked by one codec, :class:`cvkit.tasks.layouts.ClassBoxLayout`.
+(class index, box), are packed and unpacked by one codec, :class:`cvkit.layouts.ClassBoxLayout`.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 from cvkit.data.boxes import BOX_FORMATS
 from cvkit.tasks.base import CLASS_OPTIONS, COMMON_OPTIONS, DataOption, Row, register_task
 from cvkit.tasks.classification import Classification, class_columns
-from cvkit.tasks.layouts import CLASS_BOX, ClassBoxLayout
+from cvkit.layouts import CLASS_BOX, ClassBoxLayout
 
 BOX_COLUMNS = ("x1", "y1", "x2", "y2")
 

@@ -8,7 +8,7 @@ import numpy as np
 
 from cvkit.errors import ConfigError
 from cvkit.tasks.base import CLASS_OPTIONS, COMMON_OPTIONS, SPLIT_KEYS, Row, Task, register_task
-from cvkit.tasks.layouts import ClassesLayout
+from cvkit.layouts import ClassesLayout
 
 FOLDER_KEYS = SPLIT_KEYS | {"kind", "train", "valid", "test", "class_map"}
 STL10_KEYS = SPLIT_KEYS | {"kind", "root"}

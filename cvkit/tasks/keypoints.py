@@ -8,7 +8,7 @@ import numpy as np
 
 from cvkit.errors import ConfigError
 from cvkit.tasks.base import COMMON_OPTIONS, DataOption, Row, Task, register_task
-from cvkit.tasks.layouts import KeypointsLayout
+from cvkit.layouts import KeypointsLayout
 
 
 @register_task

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 from cvkit.errors import ConfigError
 from cvkit.postprocess import POSTPROCESS_FILE
 from cvkit.tasks.base import COMMON_OPTIONS, DataOption, Row, Task, register_task
-from cvkit.tasks.layouts import MasksLayout
+from cvkit.layouts import MasksLayout
 
 DEMO_CLASSES = 4
 SUBMISSION_COLUMNS = ("ImageId", "EncodedPixels", "ClassId")
