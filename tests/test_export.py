@@ -261,16 +261,16 @@ def test_parity_is_relative_to_the_outputs_scale_and_recorded_in_the_contract(ru
 
     from cvkit.export import RTOL
 
-    predict_module = importlib.import_module("cvkit.inference.predict")  # the package's `predict` is the function
+    runs_module = importlib.import_module("cvkit.inference.runs")  # where export_run finds load_run
 
-    load_run = predict_module.load_run
+    load_run = runs_module.load_run
 
     def scaled(folder):
         run = load_run(folder)
         run.model = _Scaled(run.model)
         return run
 
-    monkeypatch.setattr(predict_module, "load_run", scaled)
+    monkeypatch.setattr(runs_module, "load_run", scaled)
     run, out = runs["segmentation"], tmp_path / "seg.onnx"
     with pytest.raises(ExportError, match=r"max .diff. of mask logits .* > 0.001 \+ 0 x .*nothing written"):
         export_run(run, "onnx", out=out, rtol=0)  # float32 rounding at |logit| ~ 3000 is above an absolute 1e-3
