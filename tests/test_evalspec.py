@@ -83,8 +83,8 @@ def test_outputs_over_runs_in_eval_mode_without_gradients_and_restores_modes():
     assert out == [([0, 1], [0.0, 0.0]), ([2, 3], [2.0, 2.0]), ([4, 5], [4.0, 4.0])]
     assert seen == [(False, False)] * 3
     assert model.training and not model.bn.training
-    tuples = list(outputs_over(model, [(torch.ones(1, 1), 0), torch.ones(3, 1)]))
-    assert [o.shape[0] for _, o in tuples] == [1, 3]
+    pairs = list(outputs_over(model, [(torch.ones(1, 1), 0), (torch.ones(3, 1), 1)]))
+    assert [o.shape[0] for _, o in pairs] == [1, 3]
 
 
 def test_the_prediction_loop_keeps_order_index_and_size_and_names_failing_images():

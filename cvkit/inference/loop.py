@@ -2,14 +2,16 @@
 
 Prediction (:func:`cvkit.inference.predict.prediction_loop`, for checkpoints and exported models
 alike), out-of-fold scoring, outlier features and pseudo-labelling all read batches and their
-outputs from :func:`outputs_over` instead of writing the loop again. Torch only.
+outputs from :func:`outputs_over` instead of writing the loop again.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+
+from cvkit.data.batch import as_batch
 
 
 def outputs_over(
@@ -22,8 +24,8 @@ def outputs_over(
 ) -> Iterator[Tuple[Any, Tensor]]:
     """``(batch, outputs)`` for each batch of ``loader``, in its order.
 
-    The batch's inputs (``batch[inputs]`` of a dict batch, a tuple batch's first item, a tensor batch
-    itself, or ``inputs(batch)`` when it is a function) go to ``device`` (default:
+    The batch's inputs (``batch[inputs]`` as :func:`cvkit.data.batch.as_batch` reads a batch, or
+    ``inputs(batch)`` when it is a function) go to ``device`` (default:
     where ``model``'s parameters are, else the CPU) and through ``forward`` (default ``model``: a TTA, an
     ensemble or a feature extractor instead) without gradients, ``model`` in eval mode; each module's
     train/eval mode is restored when the loop ends. ``failed(batch, error)``: the exception to raise
@@ -53,9 +55,7 @@ def outputs_over(
 def _inputs(batch: Any, inputs: Union[str, Callable[[Any], Tensor]]) -> Tensor:
     if callable(inputs):
         return inputs(batch)
-    if isinstance(batch, Tensor):
-        return batch
-    return batch[inputs] if isinstance(batch, Mapping) else batch[0]
+    return as_batch(batch, inputs, need_target=False)[inputs]
 
 
 __all__ = ["outputs_over"]
