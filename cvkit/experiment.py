@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 
 import cvkit.versions  # noqa: F401  (the named versions experiments may use)
 from cvkit.config import ConfigError, complete, load_experiment, stages_from
+from cvkit.data.evalspec import EvalSpec
 from cvkit.stages import Stage
 from cvkit.tasks import Task, get_task
 
@@ -133,50 +134,44 @@ def class_names(dataset: Any, task: Union[str, Task] = "classification") -> List
 
 # --- augmentation ------------------------------------------------------------------------------
 
-def _size_in(serialised: Any) -> Optional[int]:
-    """The first output size named in an albumentations dict (Resize/RandomResizedCrop...)."""
-    if isinstance(serialised, dict):
-        for key in ("height", "size", "max_size", "min_height"):
-            value = serialised.get(key)
-            if isinstance(value, int):
-                return value
-            if isinstance(value, (list, tuple)) and value and isinstance(value[0], int):
-                return value[0]
-        values = serialised.values()
-    elif isinstance(serialised, list):
-        values = serialised
-    else:
-        return None
-    for value in values:
-        found = _size_in(value)
-        if found:
-            return found
-    return None
-
-
 def image_size(config: Mapping[str, Any], stage: Optional[Mapping[str, Any]] = None) -> Optional[int]:
     """The image size of a stage (its ``image_size``, else the augmentation's ``size``), or None."""
     if stage is not None and stage.get("image_size"):
         return int(stage["image_size"])
     augmentation = config.get("augmentation") or {}
     if "transform" in augmentation:
-        return _size_in(augmentation)
+        from cvkit.data.evalspec import pipeline_size
+
+        return pipeline_size(augmentation)
     return augmentation.get("size")
+
+
+def eval_spec(config: Mapping[str, Any], size: Optional[int], stage: Optional[str] = None) -> EvalSpec:
+    """The evaluation preprocessing as data: the one ``stage`` recorded in a run's config
+    (:func:`cvkit.data.evalspec.recorded_eval_spec`), else a resize to ``size`` (when sized) and the
+    config's ``augmentation.normalize``."""
+    from cvkit.data.augment import _mean_std
+    from cvkit.data.evalspec import recorded_eval_spec
+
+    recorded = recorded_eval_spec(config, stage) if stage else None
+    if recorded is not None:
+        return recorded
+    mean, std = _mean_std((config.get("augmentation") or {}).get("normalize", "imagenet"))
+    return EvalSpec((int(size), int(size)) if size else None, tuple(mean), tuple(std))
 
 
 def eval_transform(config: Mapping[str, Any], size: Optional[int], stage: Optional[str] = None) -> Any:
     """The deterministic pipeline for validation, test and prediction: resize (when sized) + normalise.
 
     A run's ``config.json`` records each stage's exact pipelines (``pipelines``); given ``stage``,
-    the recorded one is rebuilt as it was.
+    the recorded one is rebuilt as it was; otherwise it is :func:`eval_spec`'s.
     """
-    from cvkit.data.augment import create_preset, default_transform
+    from cvkit.data.augment import eval_pipeline
 
     recorded = _recorded(config, stage, "eval")
     if recorded is not None:
         return recorded
-    normalize = (config.get("augmentation") or {}).get("normalize", "imagenet")
-    return create_preset("resize", size, normalize) if size else default_transform(normalize)
+    return eval_pipeline(eval_spec(config, size))
 
 
 def _recorded(config: Mapping[str, Any], stage: Optional[str], which: str) -> Any:
@@ -188,14 +183,16 @@ def _recorded(config: Mapping[str, Any], stage: Optional[str], which: str) -> An
 
 
 def pipelines(config: Mapping[str, Any], stages: Sequence[Stage]) -> Dict[str, Dict[str, Any]]:
-    """Every stage's train and eval pipelines in albumentations' serialised form (for ``config.json``)."""
+    """Every stage's train and eval pipelines in albumentations' serialised form and its :func:`eval_spec`
+    (``eval_spec``, the evaluation preprocessing as data), for ``config.json``'s ``pipelines``."""
     from cvkit.data.augment import transform_to_dict
 
     out = {}
     for stage in stages:
         size = image_size(config, {"image_size": stage.image_size})
         out[stage.name] = {"train": transform_to_dict(train_transform(config, size, stage.name)),
-                           "eval": transform_to_dict(eval_transform(config, size, stage.name))}
+                           "eval": transform_to_dict(eval_transform(config, size, stage.name)),
+                           "eval_spec": eval_spec(config, size, stage.name).to_dict()}
     return out
 
 

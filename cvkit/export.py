@@ -1,9 +1,9 @@
 """Export a trained run to ONNX or TorchScript, checked against the PyTorch model before it is declared done.
 
 :func:`export_run` writes the model file and its contract (``<file>.json``, see
-:mod:`cvkit.inference.runtime`): input size, resize interpolation and mean/std taken from the run's
-recorded eval pipeline, class names, task, output layout (the name of the task's ``layout``) and the
-parity measured here. The check runs the exported file (ONNX Runtime, or ``torch.jit.load``) and
+:mod:`cvkit.inference.runtime`): input size, resize interpolation and mean/std (the run's recorded
+eval spec, :meth:`cvkit.inference.runs.RunModel.eval_spec`), class names, task, output layout (the name
+of the task's ``layout``) and the parity measured here. The check runs the exported file (ONNX Runtime, or ``torch.jit.load``) and
 the PyTorch model on the same images of the run's valid split and compares what the task reads:
 probabilities for class scores, coordinates for boxes and keypoints, logits for masks, raw values
 for a one-column or unactivated output. Each value must satisfy
@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from cvkit.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
+from cvkit.data.evalspec import derive_eval_spec
 from cvkit.inference.runtime import CONTRACT_VERSION, FORMATS, ExportedModel, contract_path
 from cvkit.tasks import Task
 
@@ -38,8 +39,6 @@ PARITY_IMAGES = 8
 # atol per compared quantity (coordinates are fractions of the input).
 TOLERANCES = {"probabilities": 1e-4, "coordinates": 1e-4, "mask logits": 1e-3, "outputs": 1e-3}
 RTOL = 1e-4
-_NORMALIZE_STEPS = ("NormalizeToTensor", "Normalize")
-_PASS_STEPS = ("ToTensorV2",)
 _EXPORT_NOISE = (r"You are using the legacy TorchScript-based ONNX export", r"The feature will be removed",
                  r".*torch\.jit.* is deprecated", r"Converting a tensor to a Python", r".*TracerWarning")
 
@@ -89,32 +88,13 @@ class Parity:
 # --- the run's preprocessing ----------------------------------------------------------------------
 
 def preprocessing(pipeline: Dict[str, Any], source: str = "eval pipeline") -> Dict[str, Any]:
-    """``{"resize": {height, width, interpolation} or None, "normalize": {mean, std, max_pixel_value}}``
-    from an albumentations pipeline in its serialised form (what a run's ``config.json`` records).
-
-    Only Resize and the normalisation have a runtime equivalent; any other step is refused.
-    """
-    steps = (pipeline.get("transform") or pipeline).get("transforms", [])
-    resize, normalize = None, None
-    for step in steps:
-        name = str(step.get("__class_fullname__", "")).rsplit(".", 1)[-1]
-        if name == "Resize":
-            resize = {"height": int(step["height"]), "width": int(step["width"]),
-                      "interpolation": int(step.get("interpolation", 1))}
-        elif name == "OneWarp" and step.get("mode") == "resize" and not step.get("hflip") and not step.get("affine"):
-            resize = {"height": int(step["size"][0]), "width": int(step["size"][1]), "interpolation": 1}  # bilinear
-        elif name in _NORMALIZE_STEPS:
-            if name == "Normalize" and step.get("normalization", "standard") != "standard":
-                raise ExportError(f"{source}: Normalize(normalization={step['normalization']!r}) has no runtime "
-                                  "equivalent; expected the standard (pixel - mean) / std")
-            normalize = {"mean": [float(v) for v in step["mean"]], "std": [float(v) for v in step["std"]],
-                         "max_pixel_value": float(step.get("max_pixel_value", 255.0))}
-        elif name not in _PASS_STEPS:
-            raise ExportError(f"{source}: step {name!r} has no runtime equivalent; an exported model's "
-                              "preprocessing is Resize + normalisation only")
-    if normalize is None:
-        raise ExportError(f"{source}: no normalisation step (NormalizeToTensor or Normalize) found")
-    return {"resize": resize, "normalize": normalize}
+    """The contract's ``preprocess`` (``{"resize": {height, width, interpolation} or None, "normalize":
+    {mean, std, max_pixel_value}}``) of an albumentations pipeline in its serialised form, through
+    :func:`cvkit.data.evalspec.derive_eval_spec`: Resize and the normalisation only, any other step refused."""
+    try:
+        return derive_eval_spec(pipeline, source).preprocess()
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
 
 
 # --- the model ------------------------------------------------------------------------------------
@@ -276,14 +256,17 @@ def export_run(run_folder: PathLike, format: str = "onnx", image_size: Optional[
 def _export(folder: Path, path: Path, format: str, image_size: Optional[int], dynamic_batch: bool, images: int,
             opset: int, atol: Optional[float], rtol: float) -> ExportReport:
     """:func:`export_run` of ``folder`` into ``path``, its arguments checked."""
-    from cvkit.data.augment import transform_to_dict
+    from cvkit.data.augment import eval_pipeline
     from cvkit.inference.runs import load_run
     from cvkit.io import atomic_write_bytes, atomic_write_json
 
     run = load_run(folder)
     task = run.task
-    transform = run.transform(image_size)
-    prep = preprocessing(transform_to_dict(transform), f"{folder / 'config.json'}: eval pipeline")
+    try:
+        spec = run.eval_spec(image_size)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
+    transform, prep = eval_pipeline(spec), spec.preprocess()
     if prep["resize"] is None:
         raise ExportError(f"{folder / 'config.json'}: the eval pipeline does not resize, so the input size is "
                           "unknown; pass image_size (CLI: --image-size N)")

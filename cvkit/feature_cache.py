@@ -108,17 +108,18 @@ def _check_split(model: nn.Module, net: nn.Module, images: Tensor, where: str) -
                          "token or attention pooling), so pooled features cannot be cached; drop cache_features")
 
 
-@torch.no_grad()
 def _extract(model: nn.Module, net: nn.Module, loader: DataLoader, device: torch.device, input_key: str,
              target_key: str) -> Dict[str, Any]:
     """One pass over ``loader``'s dataset in index order: pooled features plus every other batch key."""
+    from cvkit.inference.loop import outputs_over
+
     parts: Dict[str, List[Any]] = {}
-    for batch in loader:
-        batch = as_batch(batch, input_key, target_key)
-        images = batch.pop(input_key).to(device)
-        parts.setdefault(input_key, []).append(_pooled(net.forward_features(images)).cpu())
+    batches = (as_batch(batch, input_key, target_key) for batch in loader)
+    for batch, pooled in outputs_over(model, batches, device, lambda x: _pooled(net.forward_features(x)), input_key):
+        parts.setdefault(input_key, []).append(pooled.cpu())
         for key, value in batch.items():
-            parts.setdefault(key, []).append(value)
+            if key != input_key:
+                parts.setdefault(key, []).append(value)
     out: Dict[str, Any] = {}
     for key, values in parts.items():
         if all(isinstance(v, Tensor) for v in values):

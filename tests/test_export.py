@@ -311,3 +311,54 @@ def test_parity_of_a_one_column_output_compares_the_values_not_a_softmax():
         check = parity(task, reference, Shifted(reference, 0.5), images, 1)
         assert check.compared == "outputs" and not check.ok and abs(check.max_abs_diff - 0.5) < 1e-6
         assert parity(task, reference, Shifted(reference, 0.0), images, 1).ok
+
+
+def test_the_recorded_eval_spec_is_what_the_recorded_pipeline_derives_to(runs):
+    from cvkit.data.evalspec import EvalSpec, derive_eval_spec
+
+    for task in TASKS:
+        recorded = json.loads((runs[task] / "config.json").read_text())["pipelines"]
+        for stage, entry in recorded.items():
+            spec = EvalSpec.from_dict(entry["eval_spec"])
+            assert spec == derive_eval_spec(entry["eval"]) and spec.size is not None, (task, stage)
+
+
+def test_an_old_run_folder_without_the_spec_predicts_and_exports_the_same(runs, tmp_path):
+    """A config.json written before eval_spec was recorded: the spec derived from its pipelines gives the
+    same contract and the same submission."""
+    old = tmp_path / "old"
+    shutil.copytree(runs["keypoints"], old, ignore=shutil.ignore_patterns("tensorboard", "checkpoints", "export"))
+    config = json.loads((old / "config.json").read_text())
+    for entry in config["pipelines"].values():
+        del entry["eval_spec"]
+    (old / "config.json").write_text(json.dumps(config))
+    contracts, frames = [], []
+    for run in (runs["keypoints"], old):
+        model = export_run(run, "onnx", out=tmp_path / run.name / "model.onnx").path
+        contracts.append(json.loads(contract_path(model).read_text())["preprocess"])
+        out = tmp_path / f"{run.name}.csv"
+        assert main(["predict", "--checkpoint", str(run), "--config", str(run / "config.json"), "--images",
+                     str(_test_csv(runs["keypoints"], "keypoints")), "--out", str(out), "--device", "cpu"]) == 0
+        frames.append(pd.read_csv(out))
+    assert contracts[0] == contracts[1] and contracts[0]["resize"] is not None
+    assert frames[0].equals(frames[1])
+
+
+def test_the_checkpoint_and_the_exported_model_share_one_prediction_loop(runs, tmp_path):
+    """The same arrays through iter_predict (checkpoint) and Deployed.predict_arrays (exported): the same
+    names, indices and sizes in the same order, and the same outputs."""
+    from cvkit.inference.predict import iter_predict
+    from cvkit.inference.runs import load_run
+    from cvkit.inference.runtime import load_deployed
+
+    run = runs["classification"]
+    model = export_run(run, "torchscript", out=tmp_path / "model.pt", dynamic_batch=True).path
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((40, 40), (57, 33), (64, 90))]
+    trained = load_run(run)
+    a = list(iter_predict(trained.model, images, trained.task, tta=["hflip"], batch_size=2, device="cpu",
+                          transform=trained.eval_spec(), image_size=trained.eval_spec().size[0]))
+    b = list(load_deployed(model).predict_arrays(images, ["0", "1", "2"], tta=["hflip"], batch_size=2))
+    assert [(p.name, p.index, p.height, p.width) for p in a] == [(p.name, p.index, p.height, p.width) for p in b]
+    assert [(p.height, p.width) for p in a] == [(40, 40), (57, 33), (64, 90)]
+    assert max(float((p.output - q.output).abs().max()) for p, q in zip(a, b)) < 1e-5

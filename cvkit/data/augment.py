@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
 
+from cvkit.data.evalspec import INTER_LINEAR, EvalSpec
 from cvkit.data.warp import OneWarp
 from cvkit.io import atomic_write_bytes
 from cvkit.registry import Registry
@@ -168,6 +169,19 @@ def create_preset(name: str, size: Size, normalize: Normalize = "imagenet") -> A
 def default_transform(normalize: Normalize = "imagenet") -> A.Compose:
     """What a dataset uses when given ``transform=None``: normalise and convert to a tensor, no resizing."""
     return compose([], normalize)
+
+
+def eval_pipeline(spec: EvalSpec) -> A.Compose:
+    """The albumentations pipeline of an :class:`~cvkit.data.evalspec.EvalSpec`: a bilinear resize as
+    :class:`OneWarp` (reduced decoding included; ``A.Resize`` for another interpolation), then the normalisation."""
+    steps: List[Any] = []
+    if spec.size:
+        steps.append(OneWarp(spec.size, mode="resize") if spec.interpolation == INTER_LINEAR
+                     else A.Resize(*spec.size, interpolation=spec.interpolation))
+    if spec.max_pixel_value == 255.0:
+        return compose(steps, (spec.mean, spec.std))
+    return _declared([*steps, A.Normalize(spec.mean, spec.std, max_pixel_value=spec.max_pixel_value),
+                      ToTensorV2(transpose_mask=True)])
 
 
 def _warp(size: Tuple[int, int], scale: Tuple[float, float], affine: float = 0.0,

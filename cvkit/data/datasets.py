@@ -21,7 +21,8 @@ from torch.utils.data import Dataset
 
 from cvkit.data.augment import Normalize, default_transform, with_targets
 from cvkit.data.boxes import box_problem
-from cvkit.data.io import DataError, check_pixels, decode_scale, image_header, read_image
+from cvkit.data.io import DataError, check_pixels, image_header, read_image
+from cvkit.data.resize_plan import decode_scale, decoded_shape
 # KeypointCountError, MaskSizeError, list_image_files, load_table and require_columns are re-exported.
 from cvkit.data.rows import (  # noqa: F401
     BoxRows,
@@ -58,7 +59,7 @@ def pipeline_input(path: PathLike, transform: Any, targets: Optional[Targets] = 
         needed = needed_source_size(transform, *size) if "mask" not in data else None
         reduce = decode_scale(size, needed) if needed is not None else 1
         image = read_image(path, reduce=reduce, header=header)
-        if image.shape[:2] == (-(-size[0] // reduce), -(-size[1] // reduce)):
+        if image.shape[:2] == decoded_shape(size, reduce):
             return {**data, "image": image, SOURCE_KEY: WarpSource(*size, reduce)}, size
         if reduce > 1:
             image = read_image(path)

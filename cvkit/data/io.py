@@ -12,8 +12,8 @@ ceil(H / reduce) x ceil(W / reduce), each pixel standing for a ``reduce`` x ``re
 is decoded at that scale by libjpeg's DCT scaling (``IMREAD_REDUCED_COLOR_*``, a fraction of the
 full decode's time), anything else is decoded in full and block-averaged (``INTER_AREA``).
 :func:`image_header` / :func:`image_size` give the size :func:`read_image` will return from a
-JPEG's or PNG's header alone, and :func:`decode_scale` picks the largest ``reduce`` a crop can
-afford, so a loader can decode only the pixels it needs.
+JPEG's or PNG's header alone, and :func:`~cvkit.data.resize_plan.decode_scale` picks the largest
+``reduce`` a crop can afford, so a loader can decode only the pixels it needs.
 
 Every reader refuses, before decoding, an image whose header claims more pixels than
 :func:`max_image_pixels` (:data:`MAX_IMAGE_PIXELS`, or ``$CVKIT_MAX_IMAGE_PIXELS``), with an
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import struct
 import sys
@@ -43,6 +42,7 @@ from typing import BinaryIO, Dict, Iterable, Iterator, Mapping, Optional, Tuple,
 import cv2
 import numpy as np
 
+from cvkit.data.resize_plan import REDUCE_FACTORS, decode_scale, decoded_shape, resize_decode_scale  # noqa: F401
 from cvkit.errors import DataError
 from cvkit.io import atomic_write_json
 
@@ -175,7 +175,6 @@ def _whole_file(path: Path) -> np.ndarray:
     return data
 
 
-REDUCE_FACTORS = (1, 2, 4, 8)
 _REDUCED_FLAGS = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
 
 
@@ -223,7 +222,7 @@ def _block_mean(image: np.ndarray, reduce: int) -> np.ndarray:
     levels against libjpeg on china.jpg, below 1 with the padding).
     """
     height, width = image.shape[:2]
-    rows, cols = -(-height // reduce), -(-width // reduce)
+    rows, cols = decoded_shape((height, width), reduce)
     padded = cv2.copyMakeBorder(image, 0, rows * reduce - height, 0, cols * reduce - width, cv2.BORDER_REPLICATE)
     return cv2.resize(padded, (cols, rows), interpolation=cv2.INTER_AREA)
 
@@ -267,28 +266,10 @@ def _decode_jpeg_reduced(data: np.ndarray, reduce: int, where: str, header: Opti
     if header is None:
         return None
     image = _decode_rgb(data, _REDUCED_FLAGS[reduce], where)
-    expected = (-(-header.height // reduce), -(-header.width // reduce), 3)
+    expected = (*decoded_shape((header.height, header.width), reduce), 3)
     if image is None or image.shape != expected:
         return None
     return image
-
-
-def decode_scale(source_hw: Tuple[int, int], needed_hw: Tuple[float, float]) -> int:
-    """The largest ``reduce`` in (1, 2, 4, 8) whose decode of a ``source_hw`` image still has at
-    least ``needed_hw`` pixels (ceil(H / s) >= needed_h and ceil(W / s) >= needed_w).
-
-    No output pixel is upsampled from a reduced decode. ``needed_hw`` is the smallest source size
-    that must not be upsampled: the source region mapped onto the output, divided by how much the
-    output shrinks it. 1 when even the full image is smaller than that.
-    """
-    height, width = source_hw
-    if height < 1 or width < 1:
-        raise ValueError(f"decode_scale: source size {tuple(source_hw)}; expected positive (height, width)")
-    needed_h, needed_w = needed_hw
-    for scale in reversed(REDUCE_FACTORS):
-        if math.ceil(height / scale) >= needed_h and math.ceil(width / scale) >= needed_w:
-            return scale
-    return 1
 
 
 def read_image_for_resize(path: PathLike, size_hw: Optional[Tuple[int, int]], max_pixels: Optional[int] = None
@@ -318,10 +299,9 @@ def decode_for_resize(data: Union[bytes, np.ndarray], size_hw: Optional[Tuple[in
     header = _parse_header(_Window(memoryview(array))) if size_hw is not None and array.size else None
     if header is not None:
         full = (header.height, header.width)
-        stretch = max(size_hw[0] / full[0], size_hw[1] / full[1]) * (1 - 1e-9)
-        reduce = decode_scale(full, (full[0] * stretch, full[1] * stretch))
+        reduce = resize_decode_scale(full, size_hw)
         image = _decode(array, where, reduce, header, max_pixels)
-        if image.shape[:2] == (-(-full[0] // reduce), -(-full[1] // reduce)):
+        if image.shape[:2] == decoded_shape(full, reduce):
             return image, full
     image = _decode(array, where, 1, None, max_pixels)
     return image, (image.shape[0], image.shape[1])

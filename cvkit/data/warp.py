@@ -42,11 +42,12 @@ from albumentations.augmentations.geometric.functional import (
 )
 from albumentations.core.bbox_utils import filter_bboxes
 
+from cvkit.data.resize_plan import keep_channels as _keep_channels
+from cvkit.data.resize_plan import decoded_shape, needed_source, reduced_window, window_matrix
+from cvkit.data.resize_plan import warp as _warp
+
 SOURCE_KEY = "warp_source"
 MODES = ("crop", "resize", "letterbox")
-# Masks follow cv2.resize's nearest grid (source = floor(dst / k)); warpAffine rounds, so the
-# mask matrix sits half a pixel over, less this margin that keeps exact ties on the floor side.
-_NEAREST_MARGIN = 1.0 / 512
 
 
 class WarpSource(NamedTuple):
@@ -210,17 +211,17 @@ class OneWarp(A.DualTransform):
         nearest grid) or "keypoints" (albumentations' keypoint scaling)."""
         if self.mode == "letterbox":
             scale, new_h, new_w, top, left = self._letterbox(params)
-            kx, ky, x0, y0 = new_w / params.width, new_h / params.height, 0, 0
             if kind == "keypoints":
                 return _matrix(scale, 0.0, left, 0.0, scale, top)
-        else:
-            x0, y0, x1, y1 = params.crop
-            kx, ky, top, left = self.size[1] / (x1 - x0), self.size[0] / (y1 - y0), 0, 0
-            if kind == "keypoints":
-                return _matrix(kx, 0.0, -x0 * kx, 0.0, ky, -y0 * ky)
-        shift = 0.5 if kind == "image" else 0.5 - _NEAREST_MARGIN
-        centre = 0.5 if kind == "image" else 0.0
-        return _matrix(kx, 0.0, (shift - x0) * kx - centre + left, 0.0, ky, (shift - y0) * ky - centre + top)
+            out = window_matrix((0, 0, params.width, params.height), (new_h, new_w), nearest=kind != "image")
+            out[0, 2] += left
+            out[1, 2] += top
+            return out
+        x0, y0, x1, y1 = params.crop
+        if kind == "keypoints":
+            kx, ky = self.size[1] / (x1 - x0), self.size[0] / (y1 - y0)
+            return _matrix(kx, 0.0, -x0 * kx, 0.0, ky, -y0 * ky)
+        return window_matrix(params.crop, self.size, nearest=kind != "image")
 
     def _flip_matrix(self) -> np.ndarray:
         return _matrix(-1.0, 0.0, self.size[1] - 1.0, 0.0, 1.0, 0.0)
@@ -261,8 +262,7 @@ class OneWarp(A.DualTransform):
             r00, r01 = (cos - tan_x * sin) * draw.scale_x, (sin + tan_x * cos) * draw.scale_y
             r10, r11 = (tan_y * cos - sin) * draw.scale_x, (tan_y * sin + cos) * draw.scale_y
             a, b, c, d = r00 * a, r01 * d, r10 * a, r11 * d
-        stretch = largest_stretch(np.array([[a, b], [c, d]])) * (1 - 1e-9)
-        return params.height * stretch, params.width * stretch
+        return needed_source((params.height, params.width), largest_stretch(np.array([[a, b], [c, d]])))
 
     def _inner(self, params: WarpParams) -> Tuple[int, int, int, int]:
         """(top, left, height, width) of the output the source lands on when no affine runs."""
@@ -282,7 +282,7 @@ class OneWarp(A.DualTransform):
             source = WarpSource(shape[0], shape[1], 1)
         else:
             source = WarpSource(*source)
-            expected = (-(-source.height // source.reduce), -(-source.width // source.reduce))
+            expected = decoded_shape((source.height, source.width), source.reduce)
             if shape != expected:
                 raise ValueError(f"OneWarp: the image is {shape[1]}x{shape[0]} but {SOURCE_KEY} says a "
                                  f"{source.width}x{source.height} source at 1/{source.reduce}, which is "
@@ -298,12 +298,12 @@ class OneWarp(A.DualTransform):
         Otherwise one ``cv2.warpAffine`` (edges replicated as ``cv2.resize`` has them without an
         affine, black with one).
         """
-        x0, y0, x1, y1 = params.crop
         out_h, out_w = self.size
         flags = cv2.INTER_LINEAR if kind == "image" else cv2.INTER_NEAREST
-        if params.affine is None and not (x0 % reduce or y0 % reduce or x1 % reduce or y1 % reduce):
+        cells = reduced_window(params.crop, reduce, img.shape[:2])
+        if params.affine is None and cells.whole_blocks:
             top, left, new_h, new_w = self._inner(params)
-            out = img[y0 // reduce:y1 // reduce, x0 // reduce:x1 // reduce]
+            out = img[cells.rows, cells.cols]
             if out.shape[:2] != (new_h, new_w):
                 out = _keep_channels(cv2.resize(out, (new_w, new_h), interpolation=flags), img)
             if params.flip:
@@ -311,13 +311,8 @@ class OneWarp(A.DualTransform):
             if (new_h, new_w) != (out_h, out_w):
                 return _pad(out, top, out_h - new_h - top, left, out_w - new_w - left)
             return np.ascontiguousarray(out)
-        rows, cols = img.shape[:2]
-        rx0, ry0 = x0 // reduce, y0 // reduce
-        rx1, ry1 = min(cols, -(-x1 // reduce)), min(rows, -(-y1 // reduce))
-        roi = img[ry0:ry1, rx0:rx1]
-        # reduced pixel j covers source pixels [j r, (j + 1) r): its centre is source pixel (j + 0.5) r - 0.5
-        to_source = _matrix(reduce, 0.0, (rx0 + 0.5) * reduce - 0.5, 0.0, reduce, (ry0 + 0.5) * reduce - 0.5)
-        matrix = self.matrix(params, kind) @ to_source
+        roi = img[cells.rows, cells.cols]
+        matrix = self.matrix(params, kind) @ cells.to_source
         if params.affine is None:
             top, left, new_h, new_w = self._inner(params)
             matrix[0, 2] -= left
@@ -398,25 +393,6 @@ class OneWarp(A.DualTransform):
                 boxes = validate_bboxes(moved, (out_h, out_w))
                 boxes[:, :4] /= scale
         return boxes.astype(np.asarray(bboxes).dtype, copy=False)
-
-
-def _warp(image: np.ndarray, matrix: np.ndarray, size_wh: Tuple[int, int], flags: int, border: int) -> np.ndarray:
-    """``cv2.warpAffine`` for any channel count: uint8 RGB as RGBA (OpenCV's vectorised bilinear path),
-    more than four channels in groups of four; the channel axis kept as it came."""
-    if image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8 and flags == cv2.INTER_LINEAR:
-        rgba = cv2.warpAffine(cv2.cvtColor(image, cv2.COLOR_RGB2RGBA), matrix, size_wh, flags=flags,
-                              borderMode=border, borderValue=(0, 0, 0, 0))
-        return cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB)
-    if image.ndim == 3 and image.shape[2] > 4:
-        parts = [_warp(image[..., k:k + 4], matrix, size_wh, flags, border) for k in range(0, image.shape[2], 4)]
-        return np.concatenate([p if p.ndim == 3 else p[..., None] for p in parts], axis=2)
-    out = cv2.warpAffine(image, matrix, size_wh, flags=flags, borderMode=border, borderValue=(0, 0, 0, 0))
-    return _keep_channels(out, image)
-
-
-def _keep_channels(out: np.ndarray, like: np.ndarray) -> np.ndarray:
-    """OpenCV returns (H, W) for an (H, W, 1) input: put the channel axis back."""
-    return out[..., None] if like.ndim == 3 and out.ndim == 2 else out
 
 
 def _pad(image: np.ndarray, top: int, bottom: int, left: int, right: int) -> np.ndarray:

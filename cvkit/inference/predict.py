@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -153,8 +153,8 @@ def iter_predict(
     overlap: int = 64,
 ) -> Iterator[Prediction]:
     """Yield one :class:`Prediction` per image, in input order; see :func:`predict`."""
-    from cvkit.data.augment import create_preset, default_transform
-    from cvkit.data.io import DataError
+    from cvkit.data.augment import create_preset, default_transform, eval_pipeline
+    from cvkit.data.evalspec import EvalSpec
     from cvkit.inference.tta import tta_predict
 
     task = get_task(task)
@@ -168,40 +168,57 @@ def iter_predict(
         check_tiling(task.layout, tile, overlap)
         transform = normalize_only(transform) if transform is not None else default_transform(normalize)
         image_size = None
+    elif isinstance(transform, EvalSpec):
+        transform = eval_pipeline(transform)
     if transform is None:
         transform = create_preset("resize", image_size, normalize) if image_size else default_transform(normalize)
     transforms = ["identity", *[t for t in tta if t != "identity"]]
     check_flip_pairs(task, transforms, flip_pairs)
     dataset, names = _dataset(images, transform, root, path_col)
     device = _device(device)
-    members = [m.to(device).eval() for m in (model if isinstance(model, (list, tuple)) else [model])]
+    members = [m.to(device) for m in (model if isinstance(model, (list, tuple)) else [model])]
     whole = (image_size or isinstance(images, Dataset)) and tile is None
     loader = DataLoader(dataset, batch_size if whole else 1, shuffle=False, num_workers=workers)
+    kwargs = task.tta_kwargs(classes)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for member in members:  # an ensemble averages its members' (TTA-averaged) probabilities
+            if tile is not None:
+                outs.append(torch.stack([tiled_predict(member, image, tile, overlap, transforms, batch_size,
+                                                       device=device, layout=task.layout, **kwargs) for image in x]))
+            else:
+                outs.append(tta_predict(member, x, transforms, target=task.layout, flip_pairs=flip_pairs or None,
+                                        **kwargs).float().cpu())
+        return outs[0] if len(outs) == 1 else task.layout.average((o, 1.0) for o in outs)
+
+    yield from prediction_loop(nn.ModuleList(members), loader, names, forward, device, progress)
+
+
+def prediction_loop(model: nn.Module, loader: Iterable[Dict[str, Any]], names: Sequence[str],
+                    forward: Callable[[torch.Tensor], torch.Tensor], device: str = "cpu",
+                    progress: bool = False) -> Iterator[Prediction]:
+    """The one prediction loop, for a checkpoint and an exported model alike: each batch's ``features``
+    through ``forward`` (``model`` with TTA, an ensemble, tiles, an exported session), one
+    :class:`Prediction` per item in the loader's order with its ``index`` and original ``size``
+    (default: the input's); a model failure is one line naming the batch's first images."""
+    from cvkit.errors import DataError
+    from cvkit.inference.loop import outputs_over
+
     batches: Iterable[Dict[str, Any]] = loader
     if progress:
         from tqdm.auto import tqdm
 
         batches = tqdm(loader, desc="predict", unit="batch")
-    kwargs = task.tta_kwargs(classes)
-    for batch in batches:
-        x = batch["features"].to(device)
-        try:
-            outs = []
-            for member in members:  # an ensemble averages its members' (TTA-averaged) probabilities
-                if tile is not None:
-                    outs.append(torch.stack([tiled_predict(member, image, tile, overlap, transforms, batch_size,
-                                                           device=device, layout=task.layout, **kwargs)
-                                             for image in x]))
-                else:
-                    outs.append(tta_predict(member, x, transforms, target=task.layout,
-                                            flip_pairs=flip_pairs or None, **kwargs).float().cpu())
-            out = outs[0] if len(outs) == 1 else task.layout.average((o, 1.0) for o in outs)
-        except RuntimeError as exc:
-            raise DataError(f"the model failed on images {[names[int(i)] for i in batch['index'][:3]]}...: "
-                            f"{' '.join(str(exc).split())[:200]}") from None
+
+    def failed(batch: Dict[str, Any], exc: RuntimeError) -> Exception:
+        return DataError(f"the model failed on images {[names[int(i)] for i in batch['index'][:3]]}...: "
+                         f"{' '.join(str(exc).split())[:200]}")
+
+    for batch, out in outputs_over(model, batches, device, forward, failed=failed):
         sizes = batch.get("size")
         for k, index in enumerate(batch["index"].tolist()):
-            height, width = sizes[k].tolist() if sizes is not None else x.shape[-2:]
+            height, width = sizes[k].tolist() if sizes is not None else batch["features"].shape[-2:]
             yield Prediction(names[index], int(index), out[k], int(height), int(width))
 
 
@@ -229,8 +246,9 @@ def predict(model: Union[nn.Module, Sequence[nn.Module]], images: Images, task: 
             or a dataset whose items hold ``features`` and ``index`` (and ``size`` to map back).
         task: a registered task name or object.
         tta: extra test-time transforms averaged with the plain prediction (``hflip``, ``vflip``...).
-        transform / image_size / normalize: how files and arrays are prepared (default: resize to
-            ``image_size`` and ImageNet normalisation).
+        transform / image_size / normalize: how files and arrays are prepared: an albumentations
+            pipeline or an :class:`~cvkit.data.evalspec.EvalSpec` (default: resize to ``image_size`` and
+            ImageNet normalisation).
         classes: class names (the class + box layout needs their number).
         flip_pairs: keypoint index pairs that trade places under a mirroring TTA (required then).
         device: ``auto`` (GPU when visible), ``cpu`` or ``cuda``.
@@ -264,4 +282,4 @@ def write_submission(predictions: Iterable[Prediction], task: Union[str, Task], 
 
 
 __all__ = ["ImageFiles", "Prediction", "check_flip_pairs", "iter_predict", "list_images", "predict",
-           "predict_splits", "write_submission"]
+           "predict_splits", "prediction_loop", "write_submission"]

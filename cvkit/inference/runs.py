@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import pandas as pd
 from torch import nn
 
+from cvkit.data.evalspec import EvalSpec
 from cvkit.inference.predict import FlipPairs, iter_predict, write_submission
 from cvkit.run_folder import BEST_FILE, CONFIG_FILE, classes_file, kfold_members, run_checkpoints
 from cvkit.tasks import Task, get_task
@@ -37,15 +38,21 @@ class RunModel:
     def task(self) -> Task:
         return get_task(self.config["task"])
 
-    def transform(self, image_size: Optional[int] = None) -> Any:
-        """The run's evaluation pipeline of its last stage (at ``image_size`` when given)."""
-        from cvkit.experiment import eval_transform
+    def eval_spec(self, image_size: Optional[int] = None) -> EvalSpec:
+        """The run's evaluation preprocessing of its last stage (at ``image_size`` when given), as data:
+        the spec ``config.json`` records, or derived once from the pipeline an older run recorded."""
+        from cvkit.experiment import eval_spec
         from cvkit.experiment import image_size as run_image_size
 
         last = self.config["stages"][-1]
-        if image_size:
-            return eval_transform(self.config, image_size)
-        return eval_transform(self.config, run_image_size(self.config, last), last["name"])
+        spec = eval_spec(self.config, run_image_size(self.config, last), last["name"])
+        return spec.at(image_size) if image_size else spec
+
+    def transform(self, image_size: Optional[int] = None) -> Any:
+        """The run's evaluation pipeline of its last stage (at ``image_size`` when given), from :meth:`eval_spec`."""
+        from cvkit.data.augment import eval_pipeline
+
+        return eval_pipeline(self.eval_spec(image_size))
 
 
 def load_run(config: PathLike, checkpoint: Optional[PathLike] = None) -> RunModel:
@@ -114,7 +121,7 @@ def predict_run(
     run = runs[0]
     size = image_size or _run_size(run.config)
     predictions = iter_predict([r.model for r in runs], images, run.task, tta=tta, batch_size=batch_size, device=device,
-                               transform=run.transform(image_size), image_size=size, classes=run.classes,
+                               transform=run.eval_spec(image_size), image_size=size, classes=run.classes,
                                flip_pairs=flip_pairs, root=root, path_col=path_col, workers=workers,
                                progress=progress, tile=tile, overlap=overlap)
     tuning = None

@@ -23,14 +23,16 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-import cv2
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cvkit.inference.predict import FlipPairs, Prediction, check_flip_pairs, list_images, write_submission
+from cvkit.data.evalspec import EvalSpec
+from cvkit.data.resize_plan import resize
+from cvkit.inference.predict import (FlipPairs, Prediction, check_flip_pairs, list_images, prediction_loop,
+                                     write_submission)
 from cvkit.tasks import Task, get_task
 from cvkit.layouts import LAYOUTS, OutputLayout, get_layout
 
@@ -199,19 +201,18 @@ def _torchscript_module(source: Union[PathLike, bytes], where: str) -> nn.Module
 
 
 class Preprocess:
-    """Resize (OpenCV, the run's interpolation) and normalise an RGB uint8 image into a ``(3, H, W)`` float32 array.
+    """Resize (OpenCV, the run's interpolation) and normalise an RGB uint8 image into a ``(3, H, W)`` float32 array,
+    as the run's :class:`~cvkit.data.evalspec.EvalSpec` (or a contract's ``preprocess``, its JSON form) says.
 
     The normalisation is a per-channel lookup table computed as cvkit's ``NormalizeToTensor`` and
     albumentations' ``Normalize`` compute it, so the input equals the run's eval pipeline output.
     """
 
-    def __init__(self, spec: Dict[str, Any]) -> None:
-        resize = spec.get("resize")
-        self.size = (int(resize["height"]), int(resize["width"])) if resize else None
-        self.interpolation = int(resize.get("interpolation", cv2.INTER_LINEAR)) if resize else cv2.INTER_LINEAR
-        norm = spec["normalize"]
-        mean, std = np.asarray(norm["mean"], np.float64), np.asarray(norm["std"], np.float64)
-        top = float(norm.get("max_pixel_value", 255.0))
+    def __init__(self, spec: Union[EvalSpec, Dict[str, Any]]) -> None:
+        self.spec = spec if isinstance(spec, EvalSpec) else EvalSpec.from_preprocess(spec)
+        self.size, self.interpolation = self.spec.size, self.spec.interpolation
+        mean, std = np.asarray(self.spec.mean, np.float64), np.asarray(self.spec.std, np.float64)
+        top = self.spec.max_pixel_value
         self.luts = ((np.arange(256)[None, :] - mean[:, None] * top) * (1.0 / (std[:, None] * top))).astype(np.float32)
 
     def __call__(self, image: np.ndarray, full: Optional[Tuple[int, int]] = None) -> np.ndarray:
@@ -220,21 +221,8 @@ class Preprocess:
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != len(self.luts):
             raise ValueError(f"expected an RGB uint8 image (H, W, {len(self.luts)}), got {image.dtype} {image.shape}")
         if self.size is not None and image.shape[:2] != self.size:
-            image = self._resize(image, full or image.shape[:2])
+            image = resize(image, self.size, full or image.shape[:2], self.interpolation)
         return np.stack([lut[image[..., c]] for c, lut in enumerate(self.luts)])
-
-    def _resize(self, image: np.ndarray, full: Tuple[int, int]) -> np.ndarray:
-        """One resampling to :attr:`size`. A reduced decode whose sides do not divide by its scale has a
-        last row/column of partial blocks: only [0, full / reduce) of it is the image, as OneWarp maps it."""
-        rows, cols = image.shape[:2]
-        reduce = next((r for r in (1, 2, 4, 8) if (-(-full[0] // r), -(-full[1] // r)) == (rows, cols)), 1)
-        if full[0] % reduce == 0 and full[1] % reduce == 0:
-            return cv2.resize(image, (self.size[1], self.size[0]), interpolation=self.interpolation)
-        sx, sy = self.size[1] * reduce / full[1], self.size[0] * reduce / full[0]
-        matrix = np.array([[sx, 0.0, 0.5 * sx - 0.5], [0.0, sy, 0.5 * sy - 0.5]])
-        rgba = cv2.warpAffine(cv2.cvtColor(image, cv2.COLOR_RGB2RGBA), matrix, (self.size[1], self.size[0]),
-                              flags=self.interpolation, borderMode=cv2.BORDER_REPLICATE)
-        return cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB)
 
 
 def decode_image(data: bytes, name: str = "image", size_hw: Optional[Tuple[int, int]] = None,
@@ -276,7 +264,8 @@ class Deployed:
 
     @property
     def preprocess(self) -> Preprocess:
-        return Preprocess(self.contract["preprocess"])
+        """The contract's ``preprocess`` read as the run's :class:`~cvkit.data.evalspec.EvalSpec`."""
+        return Preprocess(EvalSpec.from_preprocess(self.contract["preprocess"]))
 
     def predict_arrays(self, images: Sequence[np.ndarray], names: Optional[Sequence[str]] = None,
                        tta: Sequence[str] = (), batch_size: int = 32, flip_pairs: FlipPairs = None,
@@ -285,38 +274,44 @@ class Deployed:
         (height, width) where it is a reduced decode (:func:`decode_image`), so outputs decode to it."""
         names = list(names) if names is not None else [str(i) for i in range(len(images))]
         sizes = list(sizes) if sizes is not None else [im.shape[:2] for im in images]
-        return self._predict(((n, (lambda im=im, hw=hw: (im, tuple(hw)))) for n, im, hw in zip(names, images, sizes)),
-                             tta, batch_size, flip_pairs)
+        loads = [(lambda im=im, hw=hw: (im, tuple(hw))) for im, hw in zip(images, sizes)]
+        return self._predict(names, loads, tta, batch_size, flip_pairs)
 
-    def _predict(self, items: Any, tta: Sequence[str], batch_size: int, flip_pairs: FlipPairs) -> Iterator[Prediction]:
+    def _predict(self, names: Sequence[str], loads: Sequence[Callable[[], Tuple[np.ndarray, Tuple[int, int]]]],
+                 tta: Sequence[str], batch_size: int, flip_pairs: FlipPairs) -> Iterator[Prediction]:
+        """Each ``loads[i]()`` (an RGB image and its full size) preprocessed and predicted through
+        :func:`~cvkit.inference.predict.prediction_loop`, the loop a checkpoint predicts with."""
+        from torch.utils.data import DataLoader
+
         from cvkit.inference.tta import tta_predict
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        task, prep = self.task, self.preprocess
+        task = self.task
         transforms = ["identity", *[t for t in tta if t != "identity"]]
         check_flip_pairs(task, transforms, flip_pairs)
         kwargs = task.tta_kwargs(self.classes)
-        batch: List[Tuple[str, Tuple[int, int], np.ndarray]] = []
-        index = 0
 
-        def flush() -> Iterator[Prediction]:
-            nonlocal index
-            x = torch.from_numpy(np.stack([b[2] for b in batch]))
-            out = tta_predict(self.model, x, transforms, target=self.layout, flip_pairs=flip_pairs or None,
-                              **kwargs).float()
-            for k, (name, (height, width), _) in enumerate(batch):
-                yield Prediction(name, index, out[k], height, width)
-                index += 1
-            batch.clear()
+        def forward(x: Tensor) -> Tensor:
+            return tta_predict(self.model, x, transforms, target=self.layout, flip_pairs=flip_pairs or None,
+                               **kwargs).float()
 
-        for name, load in items:
-            image, size = load()
-            batch.append((name, size, prep(image, size)))
-            if len(batch) == batch_size:
-                yield from flush()
-        if batch:
-            yield from flush()
+        loader = DataLoader(_Prepared(loads, self.preprocess), batch_size, shuffle=False)
+        return prediction_loop(self.model, loader, list(names), forward, "cpu")
+
+
+class _Prepared(torch.utils.data.Dataset):
+    """Images loaded on demand (``loads[i]() -> (image, full size)``) and preprocessed, as prediction batches them."""
+
+    def __init__(self, loads: Sequence[Callable[[], Tuple[np.ndarray, Tuple[int, int]]]], prep: Preprocess) -> None:
+        self.loads, self.prep = list(loads), prep
+
+    def __len__(self) -> int:
+        return len(self.loads)
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        image, size = self.loads[index]()
+        return {"features": torch.from_numpy(self.prep(image, size)), "index": index, "size": torch.tensor(size)}
 
 
 def load_deployed(model_path: PathLike, threads: Optional[int] = None) -> Deployed:
@@ -475,8 +470,8 @@ def predict_exported(
     deployed = load_deployed(model_path)
     size = deployed.preprocess.size
     files, names = list_images(images, root, path_col)
-    items = ((name, (lambda f=f: read_image_for_resize(f, size))) for f, name in zip(files, names))
-    predictions = deployed._predict(items, tta, batch_size, flip_pairs)
+    loads = [(lambda f=f: read_image_for_resize(f, size)) for f in files]
+    predictions = deployed._predict(names, loads, tta, batch_size, flip_pairs)
     tuning = deployed.tuning if threshold is None else None
     return write_submission(predictions, deployed.task, deployed.classes, out, probs=probs,
                             threshold=0.5 if threshold is None else threshold, tuning=tuning)

@@ -20,8 +20,6 @@ from torch import Tensor, nn
 
 from cvkit.layouts import OutputLayout, get_layout
 
-_NORMALIZE_STEPS = ("NormalizeToTensor", "Normalize", "ToTensorV2")
-
 
 def check_tiling(layout: Union[str, OutputLayout], tile: int, overlap: int, multiple: int = 1) -> None:
     """Refuse a tiling that cannot work: a tileable output layout (masks), ``0 <= overlap < tile``, ``tile`` a
@@ -124,16 +122,19 @@ def tiled_predict(
 
 
 def normalize_only(transform: Any) -> Any:
-    """The normalisation (and tensor conversion) steps of an albumentations pipeline, without any resize or crop."""
-    import albumentations as A
+    """The normalisation (and tensor conversion) of an eval spec (:class:`cvkit.data.evalspec.EvalSpec`) or
+    of an albumentations eval pipeline (read once by :func:`~cvkit.data.evalspec.derive_eval_spec`), without
+    its resize: tiles keep the image's own resolution."""
+    from cvkit.data.augment import eval_pipeline, transform_to_dict
+    from cvkit.data.evalspec import EvalSpec, derive_eval_spec
 
-    from cvkit.data.augment import with_targets
-
-    steps = [t for t in getattr(transform, "transforms", ()) if type(t).__name__ in _NORMALIZE_STEPS]
-    if not any(type(t).__name__ != "Normalize" for t in steps):
-        raise ValueError("tiled inference needs the eval pipeline's normalisation step (NormalizeToTensor or "
-                         f"Normalize + ToTensorV2); the pipeline has {[type(t).__name__ for t in getattr(transform, 'transforms', ())]}")
-    return with_targets(A.Compose(steps))
+    if not isinstance(transform, EvalSpec):
+        try:
+            transform = derive_eval_spec(transform_to_dict(transform), "tiled inference: the eval pipeline")
+        except (ValueError, TypeError, NotImplementedError) as exc:
+            raise ValueError(f"{exc} (tiled inference needs the eval pipeline's normalisation step: "
+                             "NormalizeToTensor or Normalize + ToTensorV2, and at most a resize)") from None
+    return eval_pipeline(transform.at(None))
 
 
 __all__ = ["check_tiling", "normalize_only", "tiled_predict", "window_starts", "window_weight"]

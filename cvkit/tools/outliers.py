@@ -40,30 +40,25 @@ def extract_features(
     labels are None when a batch has no targets. The model is moved to ``device`` and run in eval
     mode; its train/eval modes are restored afterwards.
     """
+    from cvkit.inference.loop import outputs_over
+
     embed = feature_fn or _embedder(model)
-    modes = [m.training for m in model.modules()]
-    model.to(device).eval()
+    model.to(device)
     feats: List[np.ndarray] = []
     labels: List[np.ndarray] = []
     has_labels = True
     indices: List[np.ndarray] = []
     seen = 0
-    try:
-        with torch.no_grad():
-            for batch in loader:
-                x, y, index = _unpack(batch)
-                out = embed(x.to(device))
-                if out.ndim != 2 or out.shape[0] != x.shape[0]:
-                    raise ValueError(f"features must be (batch, dim), got {tuple(out.shape)} for a batch of {x.shape[0]}")
-                feats.append(out.float().cpu().numpy())
-                has_labels = has_labels and y is not None
-                if has_labels:
-                    labels.append(_numpy(y))
-                indices.append(np.arange(seen, seen + len(out)) if index is None else _numpy(index))
-                seen += len(out)
-    finally:
-        for module, flag in zip(model.modules(), modes):
-            module.training = flag
+    for batch, out in outputs_over(model, loader, device, embed, inputs=lambda b: _unpack(b)[0]):
+        x, y, index = _unpack(batch)
+        if out.ndim != 2 or out.shape[0] != x.shape[0]:
+            raise ValueError(f"features must be (batch, dim), got {tuple(out.shape)} for a batch of {x.shape[0]}")
+        feats.append(out.float().cpu().numpy())
+        has_labels = has_labels and y is not None
+        if has_labels:
+            labels.append(_numpy(y))
+        indices.append(np.arange(seen, seen + len(out)) if index is None else _numpy(index))
+        seen += len(out)
     if not feats:
         raise ValueError("the loader yields no batches")
     return np.concatenate(feats), np.concatenate(labels) if has_labels else None, np.concatenate(indices)

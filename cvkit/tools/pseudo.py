@@ -63,18 +63,15 @@ def pseudo_label(
         raise ValueError(f"threshold is a probability in (0, 1], got {threshold}")
     if max_per_class is not None and max_per_class < 1:
         raise ValueError(f"max_per_class must be >= 1 or None, got {max_per_class}")
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+    from cvkit.inference.loop import outputs_over
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return predict(model, x) if predict is not None else model(x).float().softmax(dim=1)
+
     indices, probs = [], []
-    try:
-        for batch in loader:
-            x = batch["features"].to(device)
-            p = predict(model, x) if predict is not None else model(x).float().softmax(dim=1)
-            probs.append(p.float().cpu())
-            indices.append(torch.as_tensor(batch["index"]).long())
-    finally:
-        model.train(was_training)
+    for batch, p in outputs_over(model, loader, forward=forward):
+        probs.append(p.float().cpu())
+        indices.append(torch.as_tensor(batch["index"]).long())
     if not probs:
         raise ValueError("the unlabelled loader is empty")
     confidence, labels = torch.cat(probs).max(dim=1)
