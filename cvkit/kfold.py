@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Union
 
 import pandas as pd
-import torch
 
 from cvkit.run_folder import CV_FILE, KFOLD_FILE, METRICS_FILE, write_kfold_setup
 
@@ -273,7 +272,6 @@ def tune_out_of_fold(config: Mapping[str, Any], folds: int) -> "Optional[tuple[s
     return None if tuning is None else (task.tuning_file, tuning)
 
 
-@torch.no_grad()
 def out_of_fold(config: Mapping[str, Any], folds: int) -> "tuple[pd.DataFrame, Dict[str, float]]":
     """Every training row predicted by its fold's model (a table), and the task's metrics over them pooled.
 
@@ -282,6 +280,7 @@ def out_of_fold(config: Mapping[str, Any], folds: int) -> "tuple[pd.DataFrame, D
     """
     from cvkit.data.loaders import make_loader
     from cvkit.experiment import image_size, with_transform
+    from cvkit.inference.loop import outputs_over
     from cvkit.inference.predict import iter_predict
     from cvkit.metrics import create_metric
 
@@ -293,8 +292,8 @@ def out_of_fold(config: Mapping[str, Any], folds: int) -> "tuple[pd.DataFrame, D
         evaluated = task.wrap(with_transform(valid, trained.transform()))
         model = trained.model.eval()
         metric = metric or create_metric(task.metric, **task.metric_kwargs(run_config["model"], size))
-        for batch in make_loader(evaluated, 64, train=False, workers=0):
-            metric.update(model(batch["features"]), batch["targets"])
+        for batch, out in outputs_over(model, make_loader(evaluated, 64, train=False, workers=0)):
+            metric.update(out, batch["targets"])
         if hasattr(valid, "path"):
             images: Any = [valid.path(i) for i in range(len(valid))]
             names = [str(valid.frame.at[i, valid.path_col]) for i in range(len(valid))]
