@@ -50,7 +50,6 @@ from cvkit.callbacks import (
     plateau_mode,
     stage_suffix,
 )
-from cvkit.distributed import engine_from_env
 from cvkit.feature_cache import CachedFeatures, cached_loaders, features_as_input
 from cvkit.io import CheckpointError, atomic_write_json, clean_stale_temporaries, load_checkpoint, save_checkpoint, state_dict_of
 from cvkit.lock import RunLock
@@ -84,6 +83,8 @@ def make_engine(engine: Union[None, str, Engine] = None) -> Engine:
             raise ValueError(f"engine {engine!r} needs a CUDA GPU and none is visible; use engine='cpu'")
         precision = "fp16" if engine.endswith("amp") else "no"
         if engine.startswith("ddp"):
+            from cvkit.distributed import engine_from_env
+
             return engine_from_env(mixed_precision=precision)
         return dl.GPUEngine(mixed_precision=precision)
     raise ValueError(f"unknown engine {engine!r}; valid: 'cpu', 'gpu', 'amp', 'ddp', 'ddp_amp' or a catalyst Engine")
