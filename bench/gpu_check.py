@@ -8,7 +8,7 @@ time budget skips what no longer fits):
 - ``fast_paths``: ``FastPaths`` channels_last and torch.compile on/off through StagedRunner;
 - ``jpeg_loader``: ``make_loader`` over synthetic JPEGs with 0/4/8/15 workers, alone and feeding
   the AMP loop: is the loader keeping up, and with how many workers;
-- ``ddp_nccl``: StagedRunner under ``DistributedDataParallelEngine`` (world size 1, NCCL), and inside
+- ``ddp_nccl``: StagedRunner under ``cvkit.distributed.ddp_engine`` (world size 1, NCCL), and inside
   it every registered metric with an example updated, synced on the NCCL group and compared with
   its unsynced statistics and values (``metric_sync`` rows).
 
@@ -440,14 +440,11 @@ def part_jpeg_loader(ctx: Context) -> None:
 
 
 def part_ddp(ctx: Context) -> None:
+    from cvkit.distributed import ddp_engine
+
     plan = ctx.plan
-    kwargs: Dict[str, Any] = dict(num_node_workers=1, world_size=1, port=free_port(),
-                                  process_group_kwargs={"backend": plan.backend})
-    if plan.dry_run:
-        kwargs["cpu"] = True
-    else:
-        kwargs["mixed_precision"] = "fp16"
-    engine = dl.DistributedDataParallelEngine(**kwargs)
+    engine = ddp_engine(port=free_port(), workers=1, backend=plan.backend, cpu=plan.dry_run,
+                        mixed_precision="no" if plan.dry_run else "fp16")
     with tempfile.TemporaryDirectory() as tmp:
         check = MetricSyncCheck(Path(tmp) / "metric_sync.json")
         measured, wall, runner = fit_runner(plan, engine, callbacks=[check])

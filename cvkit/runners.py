@@ -66,10 +66,11 @@ MetricsFactory = Callable[[], Iterable[Metric]]
 
 def make_engine(engine: Union[None, str, Engine] = None) -> Engine:
     """An explicit Catalyst engine: ``cpu``, ``gpu``, ``amp`` (fp16 on GPU), ``ddp``/``ddp_amp``
-    (one process per visible GPU, nccl), or the best available.
+    (one process per visible GPU, nccl; across machines as torchrun's or Slurm's environment says,
+    see :func:`cvkit.distributed.engine_from_env`), or the best available.
 
     Catalyst's own default builds ``GPUEngine(fp16=...)``, which recent accelerate rejects. For DDP
-    on CPU or across machines pass ``dl.DistributedDataParallelEngine(...)`` yourself (README).
+    on CPU pass :func:`cvkit.distributed.ddp_engine` ``(cpu=True, workers=...)`` yourself.
     """
     if isinstance(engine, Engine):
         return engine
@@ -82,7 +83,9 @@ def make_engine(engine: Union[None, str, Engine] = None) -> Engine:
             raise ValueError(f"engine {engine!r} needs a CUDA GPU and none is visible; use engine='cpu'")
         precision = "fp16" if engine.endswith("amp") else "no"
         if engine.startswith("ddp"):
-            return dl.DistributedDataParallelEngine(mixed_precision=precision)
+            from cvkit.distributed import engine_from_env
+
+            return engine_from_env(mixed_precision=precision)
         return dl.GPUEngine(mixed_precision=precision)
     raise ValueError(f"unknown engine {engine!r}; valid: 'cpu', 'gpu', 'amp', 'ddp', 'ddp_amp' or a catalyst Engine")
 

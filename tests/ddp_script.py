@@ -13,6 +13,7 @@ from catalyst.core.callback import Callback
 from torch.utils.data import DataLoader
 
 from conftest import TinyImages
+from cvkit.distributed import ddp_engine
 from cvkit.io import save_checkpoint
 from cvkit.metrics import ClassificationMetrics
 from cvkit.models import create_model
@@ -53,9 +54,7 @@ def main() -> None:
                             generator=torch.Generator().manual_seed(0)),
         "valid": DataLoader(TinyImages(32, seed=1), batch_size=16),
     }
-    engine = (dl.DistributedDataParallelEngine(num_node_workers=2, port=port, cpu=True,
-                                                process_group_kwargs={"backend": "gloo"})
-              if mode == "ddp" else dl.CPUEngine())
+    engine = ddp_engine(port=port, workers=2, cpu=True) if mode == "ddp" else dl.CPUEngine()
     torch.manual_seed(0)
     model = create_model("test_vit", 3)
     stages = [Stage("head", 1, trainable="head", lr=0.1, optimizer="sgd", optimizer_kwargs=dict(momentum=0.0)),

@@ -23,7 +23,8 @@ def free_port() -> int:
 
 
 def run(logdir: Path, mode: str) -> None:
-    env = dict(os.environ, PYTHONPATH=str(SCRIPT.parent), PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SCRIPT.parent), str(SCRIPT.parent.parent)]),
+               PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")  # this checkout's cvkit, not an installed one
     proc = subprocess.run([sys.executable, str(SCRIPT), str(logdir), mode, str(free_port())], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
