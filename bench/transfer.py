@@ -248,7 +248,8 @@ def _cvkit_train(spec: Mapping[str, Any], pretrained: bool) -> Dict[str, Any]:
     """The demo recipe as ``cvkit train EXPERIMENT.yaml`` runs it (the YAML is kept beside the run)."""
     import yaml
 
-    from cvkit.experiment import load_experiment, run
+    from cvkit.experiment import load_experiment
+    from cvkit.training import run
 
     logdir = Path(spec["logdir"])
     config = experiment_config(spec["recipe"], Path(spec["folder"]), Path(spec["weights"]) if pretrained else None,
