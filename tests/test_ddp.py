@@ -23,7 +23,9 @@ def free_port() -> int:
 
 
 def run(logdir: Path, mode: str) -> None:
-    env = dict(os.environ, PYTHONPATH=str(SCRIPT.parent), PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    # The script imports this checkout's cvkit (a worktree beside an installed copy included).
+    path = os.pathsep.join([str(SCRIPT.parent), str(SCRIPT.parent.parent)])
+    env = dict(os.environ, PYTHONPATH=path, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(SCRIPT), str(logdir), mode, str(free_port())], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -90,6 +90,7 @@ def refused(second: Second, args: List[str], folder: Path) -> None:
 
 def test_a_second_train_refuses_before_fit_in_an_epoch_in_post_processing_and_at_metrics(second, tmp_path, monkeypatch):
     import cvkit.experiment
+    import cvkit.run_folder
     import cvkit.runners
     from cvkit.callbacks.lr import LRMonitorCallback
     from cvkit.experiment import run
@@ -105,7 +106,7 @@ def test_a_second_train_refuses_before_fit_in_an_epoch_in_post_processing_and_at
             refused(second, ["train", str(path), "--quiet"], logdir)
 
     fit, on_loader_end = cvkit.runners.StagedRunner.fit, LRMonitorCallback.on_loader_end
-    tune, write_json = cvkit.experiment._tune, cvkit.runners.atomic_write_json
+    tune, write_json = cvkit.experiment._tune, cvkit.run_folder.atomic_write_json
 
     def before_fit(self, *args, **kwargs):
         assert (logdir / "classes.json").is_file()
@@ -128,7 +129,7 @@ def test_a_second_train_refuses_before_fit_in_an_epoch_in_post_processing_and_at
     monkeypatch.setattr(cvkit.runners.StagedRunner, "fit", before_fit)
     monkeypatch.setattr(LRMonitorCallback, "on_loader_end", in_epoch)
     monkeypatch.setattr(cvkit.experiment, "_tune", tuning)
-    monkeypatch.setattr(cvkit.runners, "atomic_write_json", writing)
+    monkeypatch.setattr(cvkit.run_folder, "atomic_write_json", writing)
     result = run(load_config(experiment(tmp_path / "demo", logdir)), verbose=False)
     assert seen == ["before fit", "during an epoch", "post-processing", "metrics.json"]
     assert json.loads((logdir / "metrics.json").read_text()) == json.loads(json.dumps(result))
@@ -136,8 +137,8 @@ def test_a_second_train_refuses_before_fit_in_an_epoch_in_post_processing_and_at
 
 
 def test_kfold_holds_its_folder_while_folds_and_the_summaries_are_written(second, tmp_path, monkeypatch):
-    import cvkit.io
     import cvkit.kfold
+    import cvkit.run_folder
     from cvkit.callbacks.lr import LRMonitorCallback
     from cvkit.kfold import kfold
 
@@ -147,7 +148,7 @@ def test_kfold_holds_its_folder_while_folds_and_the_summaries_are_written(second
     again = ["train", str(path), "--folds", "2", "--quiet"]
     seen: List[str] = []
     on_loader_end, out_of_fold = LRMonitorCallback.on_loader_end, cvkit.kfold.out_of_fold
-    write_json = cvkit.io.atomic_write_json
+    write_json = cvkit.run_folder.atomic_write_json
 
     def in_fold(self, runner) -> None:
         if not seen:  # fold 0's first epoch: the k-fold folder and the fold's own are both held
@@ -170,7 +171,7 @@ def test_kfold_holds_its_folder_while_folds_and_the_summaries_are_written(second
 
     monkeypatch.setattr(LRMonitorCallback, "on_loader_end", in_fold)
     monkeypatch.setattr(cvkit.kfold, "out_of_fold", predicting)
-    monkeypatch.setattr(cvkit.io, "atomic_write_json", writing)
+    monkeypatch.setattr(cvkit.run_folder, "atomic_write_json", writing)
     kfold(load_config(experiment(tmp_path / "demo", logdir)), 2, verbose=False)
     assert seen == ["fold 0", "oof", "cv.json"] and not (logdir / LOCK_NAME).exists()
 

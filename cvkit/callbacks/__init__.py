@@ -8,6 +8,7 @@ predictions to TensorBoard), tensorboard (event files of every stage kept), stat
 ``RunState`` shared by a StagedRunner and its callbacks) and checks (distinct orders; every key
 read is written first), accumulation (gradient accumulation windows), ema (moving average of the
 weights), mixup (timm Mixup/CutMix of train batches) and console (one table row per epoch).
+``cvkit.callbacks.assembly`` builds a stage's list (imported from there, not here).
 """
 from cvkit.callbacks.accumulation import (
     AccumulatingBackwardCallback,
