@@ -1,7 +1,8 @@
 """``FitSpec``: everything one :meth:`cvkit.runners.StagedRunner.fit` call was given, as one object.
 
 ``fit`` checks its arguments and builds the spec once; the runner's steps (stages, callbacks, the
-finish) and :mod:`cvkit.callbacks.assembly` read it instead of a dozen threaded arguments.
+finish) and :mod:`cvkit.callbacks.assembly` read it instead of a dozen threaded arguments. The checks
+of a fit's stages and loaders and what ``config.json`` records of a fit (:func:`run_config`) live here too.
 """
 from __future__ import annotations
 

@@ -45,7 +45,7 @@ def write_config(logdir: PathLike, config: Mapping[str, Any]) -> None:
     atomic_write_json(Path(logdir) / CONFIG_FILE, dict(config))
 
 
-def update_config(logdir: PathLike, **entries: Any) -> Dict[str, Any]:
+def update_config(logdir: PathLike, /, **entries: Any) -> Dict[str, Any]:
     """Set top-level keys of an existing ``config.json`` (a stage's pipelines, a resume's changes); returns it."""
     path = Path(logdir) / CONFIG_FILE
     config = read_json(path)

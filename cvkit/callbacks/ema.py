@@ -15,7 +15,7 @@ class EmaCallback(Callback):
 
     Args:
         options: ModelEmaV3 keyword arguments (``decay``, ``use_warmup``...), see
-            :func:`cvkit.stages.ema_options`; ``validate`` is read by the runner, not here.
+            :func:`cvkit.stages.ema_options`; ``validate`` is read by :mod:`cvkit.callbacks.assembly`, not here.
         ema_loaders: loaders that run with the EMA weights (the valid loader); others see the raw ones.
         resume: ``state_dict()`` of a killed run's EMA, restored at the stage start.
 
