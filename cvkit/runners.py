@@ -26,7 +26,7 @@ from catalyst.core.misc import sort_callbacks_by_order
 from torch import nn
 from torch.utils.data import DataLoader
 
-from cvkit.callbacks.assembly import monitor, raw_loader, stage_callbacks
+from cvkit.callbacks.assembly import monitor, raw_loader, raw_loader_key, stage_callbacks
 from cvkit.callbacks.checks import check_callbacks
 from cvkit.callbacks.scheduler import plateau_mode
 from cvkit.callbacks.state import RunState
@@ -364,7 +364,7 @@ class StagedRunner(dl.SupervisedRunner):
         kept = state_dict_of(checkpoint, best_path)
         load_state(model, kept, best_path)
         write_best(logdir, kept, checkpoint)
-        raw_key = f"{spec.valid_loader}_raw"
+        raw_key = raw_loader_key(spec.valid_loader)
         valid_key = raw_key if weights == "raw" and raw_key in checkpoint["metrics"] else spec.valid_loader
         result: Dict[str, Any] = {"best": dict(run.best), "weights": weights,
                                   "valid": checkpoint["metrics"].get(valid_key, {})}

@@ -101,11 +101,16 @@ def stage_callbacks(spec: FitSpec, run: RunState, stage: Stage, frozen_bn: List[
     return out
 
 
+def raw_loader_key(valid_loader: str) -> str:
+    """The loader key of the raw weights' validation beside the EMA: ``<valid>_raw`` (``log.csv``'s ``valid_raw/*``)."""
+    return f"{valid_loader}_raw"
+
+
 def raw_loader(spec: FitSpec, stage: Stage) -> Optional[str]:
-    """The loader key validating the raw weights beside the EMA (``<valid>_raw``) when ``stage`` keeps an
-    EMA validated both ways, else None; it runs the valid loader again, its metrics logged under that key."""
+    """:func:`raw_loader_key` when ``stage`` keeps an EMA validated both ways, else None; that loader is the
+    valid loader run again, with the raw weights."""
     if stage.ema is not None and ema_options(stage.ema)["validate"] == "both":
-        return f"{spec.valid_loader}_raw"
+        return raw_loader_key(spec.valid_loader)
     return None
 
 
@@ -137,4 +142,4 @@ def criterion_callback(spec: FitSpec, stage: Stage) -> Callback:
     return LossRangeCallback(**keys, logdir=Path(spec.logdir) / "loss_range" / stage.name, **options)
 
 
-__all__ = ["candidate_weights", "criterion_callback", "monitor", "raw_loader", "stage_callbacks"]
+__all__ = ["candidate_weights", "criterion_callback", "monitor", "raw_loader", "raw_loader_key", "stage_callbacks"]
