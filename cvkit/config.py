@@ -17,6 +17,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 import yaml
 
 from cvkit.errors import ConfigError
+from cvkit.engines import ENGINES
 from cvkit.loggers import DEFAULT_LOGGERS, logger_specs, require_packages
 from cvkit.versions import get_version
 from cvkit.stages import Stage, list_optimizers, list_schedulers
@@ -342,7 +343,6 @@ def complete(config: Mapping[str, Any]) -> Dict[str, Any]:
     return config
 
 
-ENGINES = ("cpu", "gpu", "amp", "ddp", "ddp_amp")
 # Network input sides that make sense: below, a backbone's downsampling leaves nothing to see; above,
 # one image is larger than any competition's and than a GPU's memory at a useful batch size.
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 4096
@@ -399,9 +399,9 @@ def _check_values(config: Mapping[str, Any]) -> None:
         if stage.get("image_size") is not None:
             _image_size_in_range(f"stages[{index}].image_size", stage["image_size"])
     engine = config["engine"]
-    if engine is not None and engine not in ENGINES:
-        raise ConfigError(f"engine: unknown engine {engine!r}{_near(str(engine), ENGINES)} valid: {list(ENGINES)}")
-    if engine not in (None, "cpu"):
+    if engine is not None and (not isinstance(engine, str) or engine not in ENGINES):
+        raise ConfigError(f"engine: unknown engine {engine!r}{_near(str(engine), ENGINES)} valid: {ENGINES.list()}")
+    if engine is not None and ENGINES.meta(engine).get("cuda"):
         import torch
 
         if not torch.cuda.is_available():

@@ -325,10 +325,17 @@ def _torch_file_problem(path: Path, head: bytes) -> Optional[str]:
 
 
 def state_dict_of(checkpoint: Mapping[str, Any], path: PathLike = "<memory>") -> Dict[str, "torch.Tensor"]:
-    """The model weights inside a checkpoint: cvkit's ``{"model": ...}``, common wrappers, or a bare state_dict."""
+    """The model weights inside a checkpoint: cvkit's ``{"model": ...}``, common wrappers, or a bare state_dict.
+
+    A cvkit checkpoint holding the EMA beside the raw weights (``model_ema``) gives the ones it kept
+    (``weights: "ema"``: the EMA); an older one with ``weights: "ema"`` already holds the EMA under ``model``.
+    """
     import torch
 
-    for key in ("model", "model_state_dict", "state_dict"):
+    keys = ("model", "model_state_dict", "state_dict")
+    if checkpoint.get("weights") == "ema" and isinstance(checkpoint.get("model_ema"), Mapping):
+        keys = ("model_ema",)
+    for key in keys:
         inner = checkpoint.get(key)
         if isinstance(inner, Mapping):
             checkpoint = inner

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from cvkit.errors import DataError
-from cvkit.io import atomic_write_bytes, atomic_write_json, create_whole
+from cvkit.io import atomic_write_bytes, atomic_write_json, create_whole, save_checkpoint
 
 PathLike = Union[str, os.PathLike]
 
@@ -26,6 +26,11 @@ BEST_FILE = "best.pth"
 CV_FILE = "cv.json"
 OOF_FILE = "oof.csv"
 KFOLD_FILE = "kfold.json"
+CHECKPOINTS_DIR = "checkpoints"
+RESUME_FILE = "resume.pth"
+LAST_FILE = "last.pth"
+LOG_FILE = "log.csv"
+PROGRESS_FILE = "progress.png"
 
 
 def read_json(path: PathLike) -> Any:
@@ -62,6 +67,24 @@ def read_config(logdir: PathLike) -> Dict[str, Any]:
     """The run's ``config.json``, or {} before it is written."""
     path = Path(logdir) / CONFIG_FILE
     return read_json(path) if path.is_file() else {}
+
+
+def stage_checkpoints(logdir: PathLike, stage: str) -> Path:
+    """``checkpoints/<stage>``: the folder of a stage's ``last.pth`` and ``best.pth``."""
+    return Path(logdir) / CHECKPOINTS_DIR / stage
+
+
+def resume_file(logdir: PathLike) -> Path:
+    """``checkpoints/resume.pth``: the state after the run's last finished epoch (:mod:`cvkit.resume`)."""
+    return Path(logdir) / CHECKPOINTS_DIR / RESUME_FILE
+
+
+def write_best(logdir: PathLike, weights: Mapping[str, Any], checkpoint: Mapping[str, Any]) -> None:
+    """The root ``best.pth``: the run's best epoch's kept weights under ``model`` (what every weights reader
+    takes), with that checkpoint's stage, epoch, metrics and which weights they are (``"ema"`` or ``"raw"``)."""
+    save_checkpoint(Path(logdir) / BEST_FILE, {"model": dict(weights), "stage": checkpoint["stage"],
+                                               "epoch": checkpoint["epoch"], "metrics": checkpoint["metrics"],
+                                               "weights": checkpoint.get("weights", "raw")})
 
 
 def write_classes(logdir: PathLike, classes: Sequence[str]) -> None:
@@ -169,6 +192,8 @@ def run_checkpoints(checkpoint: Union[None, PathLike, Sequence[PathLike]],
     return out or [None]
 
 
-__all__ = ["BEST_FILE", "CLASSES_FILE", "CONFIG_FILE", "CV_FILE", "KFOLD_FILE", "METRICS_FILE", "OOF_FILE", "classes_file",
+__all__ = ["BEST_FILE", "CHECKPOINTS_DIR", "CLASSES_FILE", "CONFIG_FILE", "CV_FILE", "KFOLD_FILE", "LAST_FILE",
+           "LOG_FILE", "METRICS_FILE", "OOF_FILE", "PROGRESS_FILE", "RESUME_FILE", "classes_file", "write_best",
+           "resume_file", "stage_checkpoints",
            "finished_metrics", "kfold_members", "read_config", "read_json", "record_pipelines", "run_checkpoints", "update_config", "write_classes",
            "write_config", "write_kfold_setup", "write_metrics", "write_out_of_fold", "write_tuning"]

@@ -4,96 +4,50 @@ Catalyst removed stages in 22.02. Here each stage is one ``train()`` call with i
 optimizer, scheduler, loaders and an explicit callback list, while the runner keeps one global
 epoch counter so TensorBoard, ``log.csv`` and checkpoints form a single timeline. The best
 weights of a stage start the next one unless the stage says otherwise.
+
+The runner orchestrates; each concern has its own module: the fit's arguments (:mod:`cvkit.fit_spec`),
+a stage's callbacks (:mod:`cvkit.stage_callbacks`), the resume payload (:mod:`cvkit.resume`),
+loggers (:mod:`cvkit.loggers`), engines (:mod:`cvkit.engines`), the test evaluation
+(:mod:`cvkit.evaluation`) and the run folder's files (:mod:`cvkit.run_folder`).
 """
 from __future__ import annotations
 
 import contextlib
 import math
-import platform
-import time
-import warnings
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 from catalyst import dl
-from catalyst.core.callback import Callback, CallbackOrder
+from catalyst.core.callback import Callback
 from catalyst.core.engine import Engine
 from catalyst.core.misc import sort_callbacks_by_order
 from torch import nn
 from torch.utils.data import DataLoader
 
-from cvkit.callbacks.console import ConsoleTableCallback, progress_bars_wanted
-from cvkit.callbacks.tensorboard import run_hparams, write_hparams
-from cvkit.callbacks import (
-    AccumulatingBackwardCallback,
-    AccumulatingOptimizerCallback,
-    AccumulationWindow,
-    BatchPlateauCallback,
-    CriterionCallback,
-    EarlyStopping,
-    EmaCallback,
-    FreezeBatchNormCallback,
-    GradientGuardCallback,
-    HistoryCallback,
-    LRMonitorCallback,
-    MetricsCallback,
-    MixupCallback,
-    NaNGuardCallback,
-    RunState,
-    StageCheckpointCallback,
-    StageTensorboardLogger,
-    WindowSchedulerCallback,
-    check_callbacks,
-    plateau_mode,
-    stage_suffix,
-)
+from cvkit.stage_callbacks import monitor, raw_loader, raw_loader_key, stage_callbacks
+from cvkit.callbacks.checks import check_callbacks
+from cvkit.callbacks.scheduler import plateau_mode
+from cvkit.callbacks.state import RunState
+from cvkit.callbacks.tensorboard import run_hparams
+from cvkit.data.augment import loader_pipeline
+from cvkit.engines import known_warnings_silenced, make_engine
+from cvkit.evaluation import evaluate
 from cvkit.feature_cache import CachedFeatures, cached_loaders, features_as_input
-from cvkit.io import CheckpointError, clean_stale_temporaries, load_checkpoint, save_checkpoint, state_dict_of
+from cvkit.fit_spec import FitSpec, LoaderFactory, Loaders, MetricsFactory, check_loaders, check_stages, run_config
+from cvkit.io import clean_stale_temporaries, load_checkpoint, state_dict_of
 from cvkit.lock import RunLock
-from cvkit.loggers import DEFAULT_LOGGERS, LoggerSpec, default_tracking_uri, logger_specs, require_packages
-from cvkit.metrics import Metric, metric_minimized
-from cvkit.perf import FastPaths, ProfileCallback
-from cvkit.run_folder import read_config, record_pipelines, write_config, write_metrics
-from cvkit.models.groups import apply_trainable, count_params, param_groups, resolve_lr, trainable_param_names
-from cvkit.stages import SmoothedLossPlateau, Stage, ema_options
-
-Loaders = Mapping[str, DataLoader]
-LoaderFactory = Callable[[Stage], Loaders]
-MetricsFactory = Callable[[], Iterable[Metric]]
-
-
-def make_engine(engine: Union[None, str, Engine] = None) -> Engine:
-    """An explicit Catalyst engine: ``cpu``, ``gpu``, ``amp`` (fp16 on GPU), ``ddp``/``ddp_amp``
-    (one process per visible GPU, nccl; across machines as torchrun's or Slurm's environment says,
-    see :func:`cvkit.distributed.engine_from_env`), or the best available.
-
-    Catalyst's own default builds ``GPUEngine(fp16=...)``, which recent accelerate rejects. For DDP
-    on CPU pass :func:`cvkit.distributed.ddp_engine` ``(cpu=True, workers=...)`` yourself.
-    """
-    if isinstance(engine, Engine):
-        return engine
-    if engine is None:
-        engine = "gpu" if torch.cuda.is_available() else "cpu"
-    if engine == "cpu":
-        return dl.CPUEngine()
-    if engine in ("gpu", "amp", "ddp", "ddp_amp"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"engine {engine!r} needs a CUDA GPU and none is visible; use engine='cpu'")
-        precision = "fp16" if engine.endswith("amp") else "no"
-        if engine.startswith("ddp"):
-            from cvkit.distributed import engine_from_env
-
-            return engine_from_env(mixed_precision=precision)
-        return dl.GPUEngine(mixed_precision=precision)
-    raise ValueError(f"unknown engine {engine!r}; valid: 'cpu', 'gpu', 'amp', 'ddp', 'ddp_amp' or a catalyst Engine")
-
-
-def _at(callback: Callback, order: int) -> Callback:
-    """``callback`` moved to ``order`` (for Catalyst callbacks whose default order is taken)."""
-    callback.order = order
-    return callback
+from cvkit.loggers import (DEFAULT_LOGGERS, LoggerRun, LoggerSpec, RunLogger, build_loggers, logger_specs,
+                           require_packages, stage_loggers)
+from cvkit.metrics import metric_minimized
+from cvkit.models.groups import apply_stage_trainable, count_params, param_groups, trainable_param_names
+from cvkit.perf import FastPaths
+from cvkit.resume import (ema_state, load_stage_start, load_state, read_resume, restore_run, restore_schedule,
+                          resume_payload, resume_point, sync_run, train_weights)
+from cvkit.run_folder import (PROGRESS_FILE, read_config, record_pipelines, resume_file, stage_checkpoints, write_best,
+                              write_config, write_metrics)
+from cvkit.stages import Stage
 
 
 class StagedRunner(dl.SupervisedRunner):
@@ -114,11 +68,10 @@ class StagedRunner(dl.SupervisedRunner):
     ) -> None:
         super().__init__(input_key=input_key, output_key=output_key, target_key=target_key, loss_key=loss_key)
         self.run_state = RunState(resume_payload=self._resume_payload)
-        self._resume_state: Optional[Dict[str, Any]] = None
-        self._ema: Optional[EmaCallback] = None
-        self._logger_specs: List[Dict[str, Any]] = logger_specs(DEFAULT_LOGGERS)
-        self._mlflow: Any = None
-        self._run_hparams: Dict[str, Any] = {}
+        self._resumed: Optional[Dict[str, Any]] = None
+        self._run_loggers: List[RunLogger] = []
+        self._stage_names: List[str] = []
+        self._hparams: Dict[str, Any] = {}
 
     # Read-only views of the run state, for users of a finished (or running) fit.
     @property
@@ -158,7 +111,7 @@ class StagedRunner(dl.SupervisedRunner):
 
     def on_experiment_start(self, runner: "StagedRunner") -> None:
         super().on_experiment_start(runner)
-        state, resumed = self.run_state, self._resume_state
+        state, resumed = self.run_state, self._resumed
         self.epoch_step = resumed["epoch"] if resumed else state.stage_start_epoch
         self.batch_step = state.batch_offset
         self.sample_step = state.sample_offset
@@ -177,6 +130,12 @@ class StagedRunner(dl.SupervisedRunner):
     def on_epoch_start(self, runner: "StagedRunner") -> None:
         super().on_epoch_start(runner)
         self.epoch_metrics["_epoch_"]["stage_index"] = float(self.run_state.stage_index)
+
+    def on_epoch_end(self, runner: "StagedRunner") -> None:
+        super().on_epoch_end(runner)
+        if self.engine.is_main_process and self.run_state.history:
+            for logger in self._run_loggers:
+                logger.epoch(dict(self.run_state.history[-1]))
 
     def get_callbacks(self) -> "OrderedDict[str, Callback]":
         return sort_callbacks_by_order(self._callbacks)
@@ -222,7 +181,8 @@ class StagedRunner(dl.SupervisedRunner):
             callbacks: factory ``f(stage) -> callbacks`` added to each stage's list.
             valid_loader / valid_metric / minimize_valid_metric: what "best" means; the direction
                 comes from the metric (``lower_is_better``; ``loss*`` is minimised) unless given.
-            engine: ``"cpu"``, ``"gpu"``, ``"amp"`` or a Catalyst engine (default: GPU if any).
+            engine: a name in :data:`cvkit.engines.ENGINES` (``"cpu"``, ``"gpu"``, ``"amp"``, ``"ddp"``,
+                ``"ddp_amp"``) or a Catalyst engine (default: GPU if any).
             seed: seeds each stage (Catalyst reseeds per epoch from it).
             verbose: progress bars and a line per epoch.
             config: extra facts to record in config.json (model name, data, ...).
@@ -244,570 +204,183 @@ class StagedRunner(dl.SupervisedRunner):
                 what it returns is added to metrics.json, which is written last (a run folder holding
                 metrics.json is finished).
         """
-        self._logger_specs = logger_specs(loggers)
-        require_packages(self._logger_specs)
+        specs = logger_specs(loggers)
+        require_packages(specs)
         stages = list(stages)
-        self._check_stages(model, stages)
+        check_stages(model, stages)
         if minimize_valid_metric is None:
             minimize_valid_metric = _minimized(valid_metric, metrics)
-        self._stages = stages
-        self._resume_state = None
-        self._fast, self._profile = fast or FastPaths(), profile
-        self._fast.apply(model)
-        logdir = Path(logdir)
-        logdir.mkdir(parents=True, exist_ok=True)
-        with RunLock(logdir):
-            self._fit_locked(model, stages, loaders, criterion, logdir, metrics, callbacks, valid_loader, valid_metric,
-                             minimize_valid_metric, engine, seed, verbose, config, test_loader, resume, postprocess)
+        spec = FitSpec(model=model, stages=stages, loaders=loaders, criterion=criterion, logdir=Path(logdir),
+                       metrics=metrics, callbacks=callbacks, valid_loader=valid_loader, valid_metric=valid_metric,
+                       minimize=minimize_valid_metric, engine=engine, seed=seed, verbose=verbose, config=config,
+                       test_loader=test_loader, resume=resume, fast=fast or FastPaths(), profile=profile, loggers=specs,
+                       postprocess=postprocess, input_key=self._input_key, output_key=self._output_key,
+                       target_key=self._target_key, loss_key=self._loss_key)
+        spec.fast.apply(model)
+        spec.logdir.mkdir(parents=True, exist_ok=True)
+        with RunLock(spec.logdir):
+            self._fit_locked(spec)
         return self
 
-    def _fit_locked(self, model: nn.Module, stages: List[Stage], loaders: Union[Loaders, LoaderFactory],
-                    criterion: nn.Module, logdir: Path, metrics: Optional[MetricsFactory],
-                    callbacks: Optional[Callable[[Stage], Iterable[Callback]]], valid_loader: str, valid_metric: str,
-                    minimize_valid_metric: bool, engine: Union[None, str, Engine], seed: int, verbose: bool,
-                    config: Optional[Dict[str, Any]], test_loader: Optional[DataLoader],
-                    resume: Union[None, bool, str, Path],
-                    postprocess: Optional[Callable[[nn.Module], Dict[str, Any]]]) -> None:
-        """:meth:`fit` once the run folder is held."""
-        clean_stale_temporaries(logdir)
-        self.valid_loader_key, self.valid_metric_key = valid_loader, valid_metric
-        self.minimize = minimize_valid_metric
-        self.run_state = run = RunState(logdir=logdir, minimize=minimize_valid_metric, resume_payload=self._resume_payload)
-        state = self._read_resume(logdir, stages, resume) if resume else None
-        engine = make_engine(engine)
-        if isinstance(engine, dl.DistributedDataParallelEngine):
+    def _fit_locked(self, spec: FitSpec) -> None:
+        """:meth:`fit` once the run folder is held: config.json, the loggers around every stage, the finish."""
+        clean_stale_temporaries(spec.logdir)
+        self.valid_loader_key, self.valid_metric_key, self.minimize = spec.valid_loader, spec.valid_metric, spec.minimize
+        self._stage_names = [s.name for s in spec.stages]
+        self.run_state = run = RunState(logdir=spec.logdir, minimize=spec.minimize, resume_payload=self._resume_payload)
+        state = read_resume(spec.logdir, self._stage_names, spec.resume) if spec.resume else None
+        spec.engine = make_engine(spec.engine)
+        if isinstance(spec.engine, dl.DistributedDataParallelEngine):
             # Spawned workers receive the runner by pickling; the default file-descriptor sharing
             # fails here on empty tensors ("unable to resize file"), file-system sharing does not.
             torch.multiprocessing.set_sharing_strategy("file_system")
-        if state is None:
-            self._write_config(logdir, model, stages, loaders, criterion, engine, seed, config)
         first = 0
-        if state is not None:
-            run.history, run.best = list(state["history"]), dict(state["run_best"])
-            finished = state["stage_finished"] and not _has_more_epochs(state, stages[state["stage_index"]])
-            first = state["stage_index"] + (1 if finished else 0)
-            run.stage_start_epoch = state["epoch"] if finished else state["stage_start_epoch"]
-            run.batch_offset, run.sample_offset = state["batch_step"], state["sample_step"]
+        if state is None:
+            write_config(spec.logdir, run_config(spec))
+        else:
+            first = restore_run(run, state, spec.stages)
             self.epoch_step = state["epoch"]
-        self._run_hparams = run_hparams(stages, _facts(logdir))
-        self._mlflow = self._start_mlflow(logdir, config, state)
+        name = (spec.config or {}).get("name") or spec.logdir.resolve().name
+        self._hparams = run_hparams(spec.stages, read_config(spec.logdir))
+        logger_run = LoggerRun(spec.logdir, str(name), self._hparams, state)
+        self._run_loggers, started = build_loggers(spec.loggers), []
         try:
-            self._run_stages(model, stages, first, state, loaders, criterion, logdir, metrics, callbacks,
-                             valid_loader, engine, seed, verbose, config)
-            self._finish(model, logdir, test_loader, metrics, engine, criterion, postprocess)
+            for logger in self._run_loggers:
+                logger.start(logger_run)
+                started.append(logger)
+            self._run_stages(spec, first, state)
+            self._finish(spec)
         except BaseException as exc:
-            if self._mlflow is not None:
-                self._mlflow.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            for logger in started:
+                logger.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
             raise
-        if self._mlflow is not None:
-            self._mlflow.end()
+        for logger in started:
+            logger.end()
 
-    def _run_stages(self, model: nn.Module, stages: List[Stage], first: int, state: Optional[Dict[str, Any]],
-                    loaders: Union[Loaders, LoaderFactory], criterion: nn.Module, logdir: Path,
-                    metrics: Optional[MetricsFactory], callbacks: Optional[Callable[[Stage], Iterable[Callback]]],
-                    valid_loader: str, engine: Engine, seed: int, verbose: bool,
-                    config: Optional[Dict[str, Any]]) -> None:
+    def _run_stages(self, spec: FitSpec, first: int, state: Optional[Dict[str, Any]]) -> None:
         """Every stage from ``first`` on, each starting from the previous one's weights (or the resume state)."""
-        run = self.run_state
-        previous: Optional[Path] = logdir / "checkpoints" / stages[first - 1].name if first else None
-        for index, stage in enumerate(stages):
+        run, model = self.run_state, spec.model
+        previous = stage_checkpoints(spec.logdir, spec.stages[first - 1].name) if first else None
+        for index, stage in enumerate(spec.stages):
             if index < first:
                 continue
-            self._resume_state = state if state is not None and index == state["stage_index"] else None
-            run.start_stage(stage, index, self._resume_state)
-            if self._resume_state is not None:
-                raw = self._resume_state.get("train_model") or self._resume_state["model"]
-                self._load_state(model, raw, logdir / "checkpoints" / "resume.pth")
+            self._resumed = state if state is not None and index == state["stage_index"] else None
+            run.start_stage(stage, index, self._resumed)
+            if self._resumed is not None:
+                load_state(model, train_weights(self._resumed), resume_file(spec.logdir))
             else:
-                self._load_init(model, stage, previous)
-            stage_loaders = loaders(stage) if callable(loaders) else loaders
-            self._check_loaders(stage, stage_loaders, valid_loader)
-            if not (config or {}).get("pipelines"):
-                self._record_pipelines(logdir, stage, stage_loaders)
-            folder = logdir / "checkpoints" / stage.name
+                load_stage_start(model, stage, previous)
+            loaders = spec.stage_loaders(stage)
+            check_loaders(stage, loaders, spec.valid_loader)
+            recorded = {} if (spec.config or {}).get("pipelines") else {
+                key: pipeline for key, loader in loaders.items() if (pipeline := loader_pipeline(loader)) is not None}
+            if recorded:
+                record_pipelines(spec.logdir, stage.name, recorded)
             cached = contextlib.nullcontext()
             if stage.cache_features:
-                self._apply_trainable(model, stage, trainable_param_names(model, stage.trainable))
-                stage_loaders = cached_loaders(model, stage_loaders, stage.cache_features, seed + index, engine.device,
-                                               self._input_key, self._target_key,
-                                               f"stage {stage.name!r}: cache_features", verbose)
+                apply_stage_trainable(model, trainable_param_names(model, stage.trainable), stage.train_bn,
+                                      stage.frozen_bn)
+                loaders = cached_loaders(model, loaders, stage.cache_features, spec.seed + index, spec.engine.device,
+                                         spec.input_key, spec.target_key, f"stage {stage.name!r}: cache_features",
+                                         spec.verbose)
                 cached = features_as_input(model)
             with cached:
-                self._run_stage(
-                    model, stage, stage_loaders, criterion, metrics, callbacks, folder, engine, seed, verbose
-                )
-            previous = folder
-            self._sync_from_disk(logdir)
+                self._run_stage(spec, stage, loaders)
+            previous = stage_checkpoints(spec.logdir, stage.name)
+            self.epoch_step = sync_run(run, spec.logdir)
 
-    def _start_mlflow(self, logdir: Path, config: Optional[Dict[str, Any]], state: Optional[Dict[str, Any]]) -> Any:
-        """The run's MLflow logger when ``loggers`` names mlflow (continuing a resumed run's MLflow run), else None.
-
-        Experiment: the ``experiment`` option, else the run's ``name``, else the run folder's name;
-        MLflow run name: the run folder's name.
-        """
-        spec = next((s for s in self._logger_specs if s["name"] == "mlflow"), None)
-        if spec is None:
-            return None
-        from cvkit.callbacks.mlflow import RunMLflowLogger
-
-        local = not spec.get("tracking_uri")
-        uri = default_tracking_uri(logdir) if local else spec["tracking_uri"]
-        artifacts = (logdir.resolve() / "mlruns" / "artifacts").as_uri() if local else None
-        experiment = spec.get("experiment") or (config or {}).get("name") or logdir.resolve().name
-        return RunMLflowLogger(str(experiment), logdir.resolve().name, uri, artifacts,
-                               run_id=(state or {}).get("mlflow_run_id"), tags={"cvkit.logdir": str(logdir.resolve())})
-
-    @staticmethod
-    def _load_state(model: nn.Module, state: Dict[str, torch.Tensor], path: Path) -> None:
-        """Weights this run wrote (``path``), or one line saying they belong to another model."""
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as exc:
-            raise ValueError(f"{path} holds weights of another model than {type(model).__name__} (architecture "
-                             f"or sizes changed since the run started): {' '.join(str(exc).split())[:200]}") from None
-
-    def _record_pipelines(self, logdir: Path, stage: Stage, loaders: Loaders) -> None:
-        """Add the stage's loaders' exact augmentation pipelines to config.json (albumentations' own format)."""
-        recorded = {key: spec for key, loader in loaders.items() if (spec := _pipeline_of(loader)) is not None}
-        if recorded:
-            record_pipelines(logdir, stage.name, recorded)
-
-    def _check_stages(self, model: nn.Module, stages: List[Stage]) -> None:
-        if not stages:
-            raise ValueError("fit() needs at least one Stage")
-        names = [s.name for s in stages]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"stage names must be unique; repeated: {dupes}")
-        for stage in stages:
-            try:
-                names = trainable_param_names(model, stage.trainable)
-            except KeyError as exc:
-                raise KeyError(f"stage {stage.name!r}: trainable={stage.trainable!r}: {exc.args[0]}") from None
-            try:
-                resolve_lr(model, names, stage.lr, stage.layer_decay)
-            except KeyError as exc:
-                raise KeyError(f"stage {stage.name!r}: lr={stage.lr!r}: {exc.args[0]}") from None
-        if stages[0].init in ("best", "last"):
-            stages[0].init = "current"
-
-    @staticmethod
-    def _check_loaders(stage: Stage, loaders: Loaders, valid_loader: str) -> None:
-        for key in loaders:
-            if not key.startswith(("train", "valid", "infer")):
-                raise ValueError(f"stage {stage.name!r}: loader name {key!r} must start with 'train', 'valid' or 'infer'")
-        if not any(k.startswith("train") for k in loaders):
-            raise ValueError(f"stage {stage.name!r}: no train loader among {list(loaders)}")
-        if valid_loader not in loaders:
-            raise ValueError(f"stage {stage.name!r}: valid loader {valid_loader!r} missing; loaders are {list(loaders)}")
-
-    def _sync_from_disk(self, logdir: Path) -> None:
-        """Take counters, history and best from the stage's last ``resume.pth``.
-
-        Under DDP the stage ran in spawned processes whose runner state never comes back;
-        reading what rank 0 wrote keeps the parent right (and is a no-op otherwise).
-        """
-        state, run = load_checkpoint(logdir / "checkpoints" / "resume.pth"), self.run_state
-        run.history[:] = state["history"]
-        run.best = dict(state["run_best"])
-        self.epoch_step = run.stage_start_epoch = int(state["epoch"])
-        run.batch_offset, run.sample_offset = int(state["batch_step"]), int(state["sample_step"])
-
-    def _load_init(self, model: nn.Module, stage: Stage, previous: Optional[Path]) -> None:
-        if stage.init == "current" and previous is None:
-            return
-        if stage.init in ("best", "last", "current"):
-            path = previous / f"{'last' if stage.init == 'current' else stage.init}.pth"
-        else:
-            path = Path(stage.init)
-        self._load_state(model, state_dict_of(load_checkpoint(path), path), path)
-
-    def _stage_callbacks(
-        self,
-        stage: Stage,
-        frozen_bn: List[str],
-        metrics: Optional[MetricsFactory],
-        extra: Optional[Callable[[Stage], Iterable[Callback]]],
-        folder: Path,
-        scheduler: Any,
-        verbose: bool,
-    ) -> Dict[str, Callback]:
-        """The stage's callbacks by name, each at its own ``order`` (checked before the stage runs).
-
-        cvkit's run at 3-5 (channels_last, profile, freeze_bn), 7 (mixup), 11-12 (criterion, metrics),
-        29-32 (nan_guard, backward, gradient_guard), 41 (optimizer), 43 (ema), 51-52 (scheduler, lr_monitor) and
-        101-121 (early_stopping, progress, history, checkpoint, console); Catalyst's default orders (0, 10,
-        20, ..., 100) stay free for the user's callbacks.
-        """
-        logdir = self.run_state.logdir
-        guard = NaNGuardCallback(stage.on_nan, loss_key=self._loss_key)
-        out: Dict[str, Callback] = {"freeze_bn": FreezeBatchNormCallback(frozen_bn)}
-        out["criterion"] = self._criterion_callback(stage)
-        if metrics is not None:
-            out["metrics"] = MetricsCallback(metrics(), input_key=self._output_key, target_key=self._target_key)
-        if stage.mixup is not None:
-            out["mixup"] = MixupCallback(stage.mixup, self._input_key, self._target_key, f"stage {stage.name!r}: ")
-        window = AccumulationWindow(stage.accumulate)
-        out["nan_guard"] = guard
-        out["backward"] = AccumulatingBackwardCallback(self._loss_key, window)
-        out["gradient_guard"] = GradientGuardCallback(guard)
-        out["optimizer"] = optimizer = AccumulatingOptimizerCallback(self._loss_key, window)
-        self._ema = None
-        if stage.ema is not None:
-            resumed = (self._resume_state or {}).get("ema")
-            self._ema = out["ema"] = EmaCallback(ema_options(stage.ema), optimizer, (self.valid_loader_key,), resumed)
-        if isinstance(scheduler, SmoothedLossPlateau):
-            out["scheduler"] = BatchPlateauCallback(self._loss_key, optimizer)
-        elif scheduler is not None:
-            plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-            monitor = self._monitor(stage)
-            out["scheduler"] = _at(WindowSchedulerCallback(
-                window, mode=stage.interval, **(dict(loader_key=monitor[0], metric_key=monitor[1]) if plateau else {})
-            ), CallbackOrder.Scheduler + 1)
-        out["lr_monitor"] = LRMonitorCallback()
-        if stage.early_stopping:
-            es = stage.early_stopping
-            out["early_stopping"] = EarlyStopping(
-                patience=es["patience"],
-                loader_key=es.get("loader", self.valid_loader_key),
-                metric_key=es.get("metric", self.valid_metric_key),
-                minimize=es.get("minimize", plateau_mode(es.get("metric", self.valid_metric_key), self.minimize,
-                                                         self._loss_key) == "min"),
-                min_delta=es.get("min_delta", 1e-6),
-            )
-        if verbose:
-            out["console"] = ConsoleTableCallback(self.valid_loader_key, self.valid_metric_key)
-            if progress_bars_wanted():
-                out["progress"] = _at(dl.TqdmCallback(), CallbackOrder.External + 2)
-        out["history"] = HistoryCallback(logdir / "log.csv")
-        out["checkpoint"] = StageCheckpointCallback(
-            folder, logdir / "checkpoints" / "resume.pth", self.valid_loader_key, self.valid_metric_key,
-            self._candidate_weights(stage),
-        )
-        out.update(self._fast.callbacks(self._input_key))
-        if self._profile and self.run_state.stage_index == 0:
-            out["profile"] = ProfileCallback(logdir)
-        for i, callback in enumerate(extra(stage) if extra else ()):
-            out[f"extra_{i}_{type(callback).__name__}"] = callback
-        return out
-
-    def _candidate_weights(self, stage: Stage) -> Dict[str, str]:
-        """The weights an epoch of ``stage`` may keep, each with the loader that validates it: the raw
-        weights, the EMA, or both when the EMA stage validates both (the better one is kept)."""
-        if stage.ema is None:
-            return {"raw": self.valid_loader_key}
-        if ema_options(stage.ema)["validate"] == "both":
-            return {"ema": self.valid_loader_key, "raw": f"{self.valid_loader_key}_raw"}
-        return {"ema": self.valid_loader_key}
-
-    def _monitor(self, stage: Stage) -> Tuple[str, str]:
-        """``(loader, metric)`` the stage's plateau scheduler watches: the train loss for
-        ``plateau_batch``, else ``stage.monitor`` or the run's valid metric."""
-        if stage.scheduler == "plateau_batch":
-            return "train", self._loss_key
-        return stage.monitor or (self.valid_loader_key, self.valid_metric_key)
-
-    def _criterion_callback(self, stage: Stage) -> Callback:
-        keys = dict(input_key=self._output_key, target_key=self._target_key, metric_key=self._loss_key)
-        if stage.loss_range is None:
-            return CriterionCallback(**keys)
-        from cvkit.callbacks.loss_range import LossRangeCallback
-
-        options = stage.loss_range if isinstance(stage.loss_range, Mapping) else {"band": tuple(stage.loss_range)}
-        return LossRangeCallback(**keys, logdir=self.run_state.logdir / "loss_range" / stage.name, **options)
-
-    def _run_stage(
-        self,
-        model: nn.Module,
-        stage: Stage,
-        loaders: Loaders,
-        criterion: nn.Module,
-        metrics: Optional[MetricsFactory],
-        extra: Optional[Callable[[Stage], Iterable[Callback]]],
-        folder: Path,
-        engine: Engine,
-        seed: int,
-        verbose: bool,
-    ) -> None:
-        run = self.run_state
-        trainable = trainable_param_names(model, stage.trainable)
-        frozen_bn = self._apply_trainable(model, stage, trainable)
+    def _run_stage(self, spec: FitSpec, stage: Stage, loaders: Loaders) -> None:
+        """One ``train()`` call: the stage's optimizer, scheduler (restored when resuming), callbacks and loggers."""
+        run, model = self.run_state, spec.model
+        frozen_bn = apply_stage_trainable(model, trainable_param_names(model, stage.trainable), stage.train_bn,
+                                          stage.frozen_bn)
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         groups = param_groups(model, names, stage.lr, stage.weight_decay, stage.layer_decay)
         optimizer = stage.build_optimizer(groups)
         train_key = next(k for k in loaders if k.startswith("train"))
-        minimize = plateau_mode(self._monitor(stage)[1], self.minimize, self._loss_key) == "min"
+        minimize = plateau_mode(monitor(spec, stage)[1], spec.minimize, spec.loss_key) == "min"
         steps_per_epoch = math.ceil(len(loaders[train_key]) / stage.accumulate)
         scheduler = stage.build_scheduler(optimizer, steps_per_epoch, minimize)
-        if self._resume_state is not None:
-            self._restore_schedule(stage, optimizer, scheduler, steps_per_epoch)
-        callbacks = self._stage_callbacks(stage, frozen_bn, metrics, extra, folder, scheduler, verbose)
-        if stage.ema is not None and ema_options(stage.ema)["validate"] == "both":
-            loaders = {**loaders, f"{self.valid_loader_key}_raw": loaders[self.valid_loader_key]}
-        check_callbacks(callbacks, (self._input_key, self._target_key, self._output_key), f"stage {stage.name!r}: ")
-        if verbose:
+        if self._resumed is not None:
+            restore_schedule(self._resumed, stage, optimizer, scheduler, steps_per_epoch)
+        callbacks = stage_callbacks(spec, run, stage, frozen_bn, scheduler,
+                                    ema_state(self._resumed) if self._resumed is not None else None)
+        raw = raw_loader(spec, stage)
+        if raw is not None:
+            loaders = {**loaders, raw: loaders[spec.valid_loader]}
+        check_callbacks(callbacks, (spec.input_key, spec.target_key, spec.output_key), f"stage {stage.name!r}: ")
+        if spec.verbose:
             n_train, n_total = count_params(model)
             print(
                 f"[cvkit] stage {run.stage_index + 1} {stage.name!r}: {n_train:,}/{n_total:,} parameters trainable, "
                 f"{len(frozen_bn)} BatchNorm frozen, groups "
                 + ", ".join(sorted({f"{g['name']}={g['lr']:.2e}" for g in groups}))
             )
-        names = [spec["name"] for spec in self._logger_specs]
-        loggers: Dict[str, Any] = {}
-        if "tensorboard" in names:
-            loggers["tensorboard"] = StageTensorboardLogger(str(run.logdir / "tensorboard"), stage_suffix(run.stage_index))
-        if self._mlflow is not None:
-            loggers["mlflow"] = self._mlflow
-        with warnings.catch_warnings():
-            # Known, harmless warnings from the pinned stack, repeated every stage otherwise:
-            # accelerate<1.0 deprecating its TPU enum, Catalyst's loss metric calling float() on
-            # the undetached loss, and Catalyst not recognising cvkit's per-batch plateau callback
-            # as a scheduler callback.
-            warnings.filterwarnings("ignore", message=r"The `TPU` of `<enum 'DistributedType'>`", category=FutureWarning)
-            warnings.filterwarnings("ignore", message=r"Converting a tensor with requires_grad=True to a scalar")
-            warnings.filterwarnings("ignore", message=r"No ``ISchedulerCallback/SchedulerCallback`` were found")
+        with known_warnings_silenced():
             self.train(
                 model=model,
-                engine=engine,
-                criterion=criterion,
+                engine=spec.engine,
+                criterion=spec.criterion,
                 optimizer=optimizer,
                 scheduler=scheduler,
                 loaders=OrderedDict(loaders),
                 callbacks=callbacks,
-                loggers=loggers,
-                hparams=self._run_hparams,
+                loggers=stage_loggers(spec.loggers, self._run_loggers, stage, run.stage_index),
+                hparams=self._hparams,
                 num_epochs=stage.epochs,
-                seed=seed,
-                valid_loader=self.valid_loader_key,
-                valid_metric=self.valid_metric_key,
-                minimize_valid_metric=self.minimize,
+                seed=spec.seed,
+                valid_loader=spec.valid_loader,
+                valid_metric=spec.valid_metric,
+                minimize_valid_metric=spec.minimize,
                 verbose=False,
             )
 
-    def _restore_schedule(self, stage: Stage, optimizer: torch.optim.Optimizer, scheduler: Any,
-                          steps_per_epoch: int) -> None:
-        """Continue the interrupted stage's optimizer and scheduler from the resume state.
-
-        Unchanged settings (or a resume file that does not record them): both as saved. Changed
-        :data:`~cvkit.stages.SCHEDULE_KEYS`: the saved optimizer's moments (when the optimizer kind is the
-        same) under the new settings' hyperparameters and LRs, and the new scheduler stepped through the
-        optimizer steps (epochs, for a per-epoch one) the stage already ran, so the LRs from here on are
-        those an uninterrupted run with the new settings has; a plateau scheduler starts afresh at the new LRs.
-        """
-        state = self._resume_state
-        saved = state.get("schedule")
-        if saved is None or saved == stage.schedule_settings():
-            optimizer.load_state_dict(state["optimizer"])
-            if scheduler is not None and state["scheduler"] is not None:
-                scheduler.load_state_dict(state["scheduler"])
-            return
-        if saved["optimizer"] == stage.optimizer:
-            fresh = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-            optimizer.load_state_dict(state["optimizer"])  # the moments (torch checks the groups' sizes)
-            for group, settings in zip(optimizer.param_groups, fresh):
-                group.update(settings)  # the new settings' values, the new scheduler's included
-        if scheduler is None or isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            return
-        done = min(int(state["epoch"]) - int(state["stage_start_epoch"]), stage.epochs)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
-            for _ in range(done * (steps_per_epoch if stage.interval == "batch" else 1)):
-                scheduler.step()
-
-    @staticmethod
-    def _apply_trainable(model: nn.Module, stage: Stage, trainable: set) -> List[str]:
-        """Set what trains; return the BatchNorm modules to keep in eval mode.
-
-        With ``frozen_bn="train"`` the BatchNorm layers of frozen blocks train (statistics and affine
-        parameters, fastai's default); ``"eval"`` keeps them frozen.
-        """
-        outside = set(apply_trainable(model, trainable, True)) if stage.frozen_bn == "train" else set()
-        frozen_bn = apply_trainable(model, trainable, stage.train_bn)
-        if not outside:
-            return frozen_bn
-        modules = dict(model.named_modules())
-        for name in outside:
-            for p in modules[name].parameters(recurse=False):
-                p.requires_grad_(True)
-        return [n for n in frozen_bn if n not in outside]
-
     def _resume_payload(self) -> Dict[str, Any]:
-        """Everything needed to continue after the epoch that just ended (plain data only).
-
-        With EMA, ``model`` holds the EMA weights (what was validated: best.pth and last.pth serve
-        them; the checkpoint callback puts the raw ones there instead when, validating both, they
-        did better), ``train_model`` the raw weights training continues from and ``ema`` the average's state.
-        """
-        run = self.run_state
-        model = self.engine.unwrap_model(self.model)
-        weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        ema = self._ema.state_dict() if self._ema is not None else None
-        return {
-            "format": "cvkit-resume-1",
-            "stage": run.stage_name,
-            "metrics": {k: dict(v) for k, v in self.epoch_metrics.items()},
-            "stages": [s.name for s in self._stages],
-            "stage_index": run.stage_index,
-            "stage_start_epoch": run.stage_start_epoch,
-            "epoch": int(self.epoch_step),
-            "stage_finished": bool(self.need_early_stop or self.epoch_step >= self.num_epochs),
-            "stopped_early": bool(self.need_early_stop),
-            "schedule": run.stage.schedule_settings(),
-            "batch_step": int(self.batch_step),
-            "sample_step": int(self.sample_step),
-            "model": ema["weights"] if ema is not None else weights,
-            "train_model": weights if ema is not None else None,
-            "ema": ema,
-            "mlflow_run_id": self._mlflow.run_id if self._mlflow is not None else None,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "early_stopping": run.early_stopping,
-            "stage_best": {"best_score": run.stage_best_score, "best_epoch": run.stage_best_epoch},
-            "run_best": dict(run.best),
-            "history": list(run.history),
-        }
-
-    def _read_resume(self, logdir: Path, stages: List[Stage], resume: Union[bool, str, Path]) -> Optional[Dict[str, Any]]:
-        """The state to continue from: ``resume.pth``, else (deleted or cut off) the newest intact
-        ``checkpoints/<stage>/last.pth`` (the same payload); None when no epoch ever finished."""
-        if resume is True:
-            path = logdir / "checkpoints" / "resume.pth"
-            state = self._try_resume_file(path)
-            if state is None:
-                state = self._newest_last(logdir, stages)
-            if state is None:
-                if path.exists():
-                    raise CheckpointError(f"cannot resume {logdir}: {path} and every checkpoints/<stage>/last.pth "
-                                          "are missing or unreadable; start the run again in a new logdir")
-                warnings.warn(f"{logdir}: no epoch of this run finished; starting from the beginning", stacklevel=3)
-                return None
-        else:
-            path = Path(resume)
-            state = load_checkpoint(path)
-        if state.get("format") != "cvkit-resume-1":
-            raise ValueError(f"{path} is not a cvkit resume file (format {state.get('format')!r})")
-        names = [s.name for s in stages]
-        if state["stages"] != names:
-            raise ValueError(f"{path} was written by a run with stages {state['stages']}, not {names}")
-        return state
+        """The epoch's resume payload (:func:`cvkit.resume.resume_payload`) with the loggers' own entries."""
+        extra: Dict[str, Any] = {}
+        for logger in self._run_loggers:
+            extra.update(logger.resume_state())
+        return resume_payload(self, self._stage_names, extra)
 
     def resume_point(self, logdir: Union[str, Path], stages: Sequence[Stage]) -> Optional[Dict[str, Any]]:
         """``{"stage", "epoch"}``: the last completed epoch ``fit(resume=True)`` continues ``logdir`` from,
-        or None when no epoch finished (errors as :meth:`fit`'s, its warnings left to it)."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            state = self._read_resume(Path(logdir), list(stages), True)
-        return None if state is None else {"stage": state["stage"], "epoch": int(state["epoch"])}
+        or None when no epoch finished (see :func:`cvkit.resume.resume_point`)."""
+        return resume_point(logdir, stages)
 
-    @staticmethod
-    def _try_resume_file(path: Path) -> Optional[Dict[str, Any]]:
-        if not path.is_file():
-            return None
-        try:
-            return load_checkpoint(path)
-        except CheckpointError as exc:
-            warnings.warn(f"{exc}; looking for the newest intact last.pth instead", stacklevel=4)
-            return None
+    def _finish(self, spec: FitSpec) -> None:
+        """Root best.pth, the test evaluation, ``postprocess``, the loggers' finish, then metrics.json last.
 
-    def _newest_last(self, logdir: Path, stages: List[Stage]) -> Optional[Dict[str, Any]]:
-        """The latest-epoch resume payload among the stages' ``last.pth`` files, if any is intact."""
-        best: Optional[Dict[str, Any]] = None
-        for stage in stages:
-            state = self._try_resume_file(logdir / "checkpoints" / stage.name / "last.pth")
-            if state is not None and state.get("format") == "cvkit-resume-1" and (
-                    best is None or state["epoch"] > best["epoch"]):
-                best = state
-        return best
-
-    def _write_config(
-        self,
-        logdir: Path,
-        model: nn.Module,
-        stages: List[Stage],
-        loaders: Union[Loaders, LoaderFactory],
-        criterion: nn.Module,
-        engine: Engine,
-        seed: int,
-        extra: Optional[Dict[str, Any]],
-    ) -> None:
-        import catalyst
-        import timm
-
-        from cvkit._version import __version__
-
-        config = {
-            "stages": [s.to_dict() for s in stages],
-            "model": type(model).__name__,
-            "criterion": repr(criterion),
-            "loaders": getattr(loaders, "__name__", None) or sorted(loaders),
-            "valid": {"loader": self.valid_loader_key, "metric": self.valid_metric_key, "minimize": self.minimize},
-            "engine": type(engine).__name__,
-            "seed": seed,
-            "fast_paths": self._fast.to_dict(),
-            "profile": self._profile,
-            "loggers": [spec["name"] if len(spec) == 1 else dict(spec) for spec in self._logger_specs],
-            "versions": {
-                "cvkit": __version__,
-                "torch": torch.__version__,
-                "catalyst": catalyst.__version__,
-                "timm": timm.__version__,
-                "python": platform.python_version(),
-            },
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
-        weights = [m.cvkit_weights for m in model.modules() if isinstance(getattr(m, "cvkit_weights", None), dict)]
-        if weights:
-            config["pretrained_weights"] = weights[0]  # the file the backbone started from, with its sha256
-        config.update(extra or {})
-        write_config(logdir, config)
-
-    def _finish(
-        self, model: nn.Module, logdir: Path, test_loader: Optional[DataLoader], metrics: Optional[MetricsFactory],
-        engine: Engine, criterion: nn.Module, postprocess: Optional[Callable[[nn.Module], Dict[str, Any]]],
-    ) -> None:
-        """Root best.pth, the test evaluation, ``postprocess``, then metrics.json last.
-
-        Everything here comes from the files and the arguments, never from a stage's runner state
+        Everything here comes from the files and the spec, never from a stage's runner state
         (``self.criterion``...): a run resumed after its last epoch runs no stage before it.
         """
-        run = self.run_state
+        run, model, logdir = self.run_state, spec.model, spec.logdir
         if not run.best:
             raise RuntimeError(
-                f"no epoch produced a finite {self.valid_loader_key}/{self.valid_metric_key}; nothing to keep as best"
+                f"no epoch produced a finite {spec.valid_loader}/{spec.valid_metric}; nothing to keep as best"
             )
         best_path = logdir / run.best["path"]
         checkpoint = load_checkpoint(best_path)
-        self._load_state(model, state_dict_of(checkpoint, best_path), best_path)
         weights = checkpoint.get("weights", "raw")
-        save_checkpoint(logdir / "best.pth", {
-            "model": state_dict_of(checkpoint, best_path), "stage": checkpoint["stage"],
-            "epoch": checkpoint["epoch"], "metrics": checkpoint["metrics"], "weights": weights,
-        })
-        raw_key = f"{self.valid_loader_key}_raw"
-        valid_key = raw_key if weights == "raw" and raw_key in checkpoint["metrics"] else self.valid_loader_key
+        kept = state_dict_of(checkpoint, best_path)
+        load_state(model, kept, best_path)
+        write_best(logdir, kept, checkpoint)
+        raw_key = raw_loader_key(spec.valid_loader)
+        valid_key = raw_key if weights == "raw" and raw_key in checkpoint["metrics"] else spec.valid_loader
         result: Dict[str, Any] = {"best": dict(run.best), "weights": weights,
                                   "valid": checkpoint["metrics"].get(valid_key, {})}
         result["epochs"] = int(self.epoch_step)
-        if test_loader is not None:
-            result["test"] = evaluate(model, test_loader, criterion, metrics, engine, self._input_key, self._target_key)
-        if postprocess is not None:
-            result.update(postprocess(model))
-        scores = {f"{split}/{key}": value for split in ("valid", "test") for key, value in
-                  (result.get(split) or {}).items() if not key.startswith("loss/")}
-        if any(spec["name"] == "tensorboard" for spec in self._logger_specs):
-            write_hparams(logdir / "tensorboard", self._run_hparams, {f"hparam/{key}": value for key, value in scores.items()})
-        if self._mlflow is not None:
-            self._mlflow.log_metrics_at({f"best/{key}": value for key, value in scores.items()}, int(self.epoch_step))
+        if spec.test_loader is not None:
+            result["test"] = evaluate(model, spec.test_loader, spec.criterion, spec.metrics, spec.engine,
+                                      spec.input_key, spec.target_key)
+        if spec.postprocess is not None:
+            result.update(spec.postprocess(model))
+        for logger in self._run_loggers:
+            logger.finish(result)
         from cvkit.plots import plot_progress
 
-        plot_progress(run.history, logdir / "progress.png", self.valid_metric_key)
+        plot_progress(run.history, logdir / PROGRESS_FILE, spec.valid_metric)
         self.final_metrics = result
         write_metrics(logdir, result)
-
-
-def _has_more_epochs(state: Mapping[str, Any], stage: Stage) -> bool:
-    """Whether a stage that had run all its epochs when ``state`` was saved has more now (``--resume-changed``)."""
-    return not state.get("stopped_early", True) and int(state["epoch"]) - int(state["stage_start_epoch"]) < stage.epochs
 
 
 def _minimized(key: str, metrics: Optional[MetricsFactory]) -> bool:
@@ -820,65 +393,4 @@ def _minimized(key: str, metrics: Optional[MetricsFactory]) -> bool:
     return metric_minimized(list(metrics()), key)
 
 
-def _facts(logdir: Path) -> Dict[str, Any]:
-    """The run's config.json (what the HParams tab and MLflow params describe), or {} before it exists."""
-    return read_config(logdir)
-
-
-def _pipeline_of(loader: Any) -> Optional[Dict[str, Any]]:
-    """The serialised albumentations pipeline of a loader's dataset (looking through wrappers), or None."""
-    import albumentations as A
-
-    from cvkit.data.augment import transform_to_dict
-
-    dataset = getattr(loader, "dataset", None)
-    for _ in range(4):
-        transform = getattr(dataset, "transform", None)
-        if isinstance(transform, A.BaseCompose):
-            try:
-                return transform_to_dict(transform)
-            except (NotImplementedError, ValueError, TypeError):
-                return None
-        dataset = getattr(dataset, "dataset", None)
-    return None
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    loader: DataLoader,
-    criterion: Optional[nn.Module] = None,
-    metrics: Optional[MetricsFactory] = None,
-    engine: Union[None, str, Engine] = None,
-    input_key: str = "features",
-    target_key: str = "targets",
-) -> Dict[str, float]:
-    """Loss (mean over samples) and metrics of ``model`` on ``loader``, in eval mode."""
-    device = torch.device("cuda") if isinstance(engine, Engine) and engine.device.type == "cuda" else torch.device("cpu")
-    model = model.to(device).eval()
-    if criterion is not None:
-        criterion = criterion.to(device)
-    metric_objs = list(metrics()) if metrics else []
-    for metric in metric_objs:
-        metric.reset()
-    total, count = 0.0, 0
-    for batch in loader:
-        if not isinstance(batch, Mapping):
-            batch = {input_key: batch[0], target_key: batch[1]}
-        x = batch[input_key].to(device)
-        y = batch[target_key].to(device)
-        out = model(x)
-        if criterion is not None:
-            loss = criterion(out, y)
-            n = len(x)
-            total += float(loss.mean()) * n
-            count += n
-        for metric in metric_objs:
-            metric.update(out, y)
-    result: Dict[str, float] = {"loss": total / count} if count else {}
-    for metric in metric_objs:
-        result.update(metric.compute())
-    return {k: (v if math.isfinite(v) else float("nan")) for k, v in result.items()}
-
-
-__all__ = ["StagedRunner", "evaluate", "make_engine"]
+__all__ = ["FitSpec", "StagedRunner", "evaluate", "make_engine"]

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from cvkit.data.demo import demo_pretrained
+from cvkit.engines import engine_names
 
-DEVICES = ("cpu", "gpu", "amp")
+DEVICES = engine_names(distributed=False)
 
 
 def common_args(doc: str, name: str, arch: Optional[str], epochs: int, batch_size: int,

@@ -27,12 +27,13 @@ from _common import common_args, run_script, starting_weights
 from cvkit.data import ClassificationDataset, compose, create_preset, split_train_valid
 from cvkit.data.demo import build_classification
 from cvkit.data.loaders import make_loader
+from cvkit.evaluation import evaluate
 from cvkit.io import atomic_write_json
 from cvkit.losses import create_criterion
 from cvkit.metrics import ClassificationMetrics
 from cvkit.models import create_model
 from cvkit.models.groups import main_blocks
-from cvkit.runners import StagedRunner, evaluate
+from cvkit.runners import StagedRunner
 from cvkit.stages import Stage
 
 

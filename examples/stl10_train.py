@@ -20,10 +20,11 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from _common import DEVICES, common_args, run_script
+from _common import common_args, run_script
 from cvkit.data import stl10
 from cvkit.data.augment import FastAffine, compose
 from cvkit.data.loaders import make_loader
+from cvkit.engines import engine_names
 from cvkit.io import atomic_write_json
 from cvkit.losses import create_criterion
 from cvkit.metrics import ClassificationMetrics
@@ -35,7 +36,7 @@ from cvkit.tools.pseudo import PseudoLabelled, pseudo_label
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = common_args(__doc__, "stl10", "efficientnet_lite0", 8, 32, devices=DEVICES + ("ddp", "ddp_amp"))
+    p = common_args(__doc__, "stl10", "efficientnet_lite0", 8, 32, devices=engine_names())
     p.add_argument("--head-epochs", type=int, default=40, help="most epochs of the head stage (early stopping ends it)")
     p.add_argument("--image-size", type=int, default=64, help="training size of every stage")
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convs on GPU)")

@@ -63,7 +63,7 @@ class Orders(Callback):
 
 
 def test_every_builtin_callback_has_its_own_order(tmp_path, monkeypatch):
-    monkeypatch.setattr("cvkit.runners.progress_bars_wanted", lambda *args: True)  # as on a terminal
+    monkeypatch.setattr("cvkit.stage_callbacks.progress_bars_wanted", lambda *args: True)  # as on a terminal
     record = Orders()
     stage = Stage("s", 1, lr=0.01, scheduler="plateau", early_stopping=dict(patience=2))
     fit(tmp_path, [stage], callbacks=lambda s: [record], verbose=True)

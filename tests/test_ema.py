@@ -10,7 +10,7 @@ from conftest import Interrupt, StopAtEpoch, tiny_loaders
 from test_accumulation import TinyNet
 from torch import nn
 
-from cvkit.io import load_checkpoint
+from cvkit.io import load_checkpoint, state_dict_of
 from cvkit.runners import StagedRunner, evaluate
 from cvkit.stages import Stage
 
@@ -53,12 +53,12 @@ def test_ema_weights_follow_the_formula_and_are_what_is_validated_and_saved(tmp_
         expected = {k: decay * expected[k] + (1 - decay) * weights[k] for k in expected}
     last = load_checkpoint(tmp_path / "checkpoints" / "s" / "last.pth")
     for key in expected:
-        torch.testing.assert_close(last["model"][key], expected[key], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(last["train_model"][key], raw[-1][key])
-    assert last["ema"]["updates"] == 6
-    assert not torch.equal(last["model"]["fc.weight"], raw[-1]["fc.weight"])
+        torch.testing.assert_close(last["model_ema"][key], expected[key], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(last["model"][key], raw[-1][key])  # the raw weights beside the EMA
+    assert last["ema"]["updates"] == 6 and last["weights"] == "ema"
+    assert not torch.equal(last["model_ema"]["fc.weight"], raw[-1]["fc.weight"])
     best = load_checkpoint(tmp_path / "best.pth")["model"]
-    assert torch.equal(best["fc.weight"], last["model"]["fc.weight"])
+    assert torch.equal(best["fc.weight"], last["model_ema"]["fc.weight"])  # the root best.pth: the kept weights
     check = TinyNet()
     check.load_state_dict(expected)
     valid = evaluate(check, tiny_loaders(8)["valid"], nn.CrossEntropyLoss())
@@ -93,7 +93,7 @@ def test_validate_both_keeps_the_raw_weights_when_they_validate_better(tmp_path)
     for key, value in best["model"].items():
         assert torch.equal(value, raw[5][key]), key
         assert torch.equal(starts["b"][key], value), key
-    assert not torch.equal(best["ema"]["weights"]["fc.weight"], raw[5]["fc.weight"])  # the EMA itself goes on
+    assert not torch.equal(best["model_ema"]["fc.weight"], raw[5]["fc.weight"])  # the EMA itself goes on
     # The run's best is stage b's raw weights too; metrics.json reports their validation, not the EMA's.
     last = runner.history[1]
     assert last["valid_raw/loss"] < min(last["valid/loss"], row["valid_raw/loss"])
@@ -115,12 +115,14 @@ def test_validate_both_keeps_the_ema_when_it_validates_better_in_the_metrics_dir
     assert row["valid/loss"] < row["valid_raw/loss"]
     best = load_checkpoint(tmp_path / "checkpoints" / "a" / "best.pth")
     assert (best["epoch"], best["weights"]) == (2, kept)
-    expected = best["ema"]["weights"] if kept == "ema" else raw[11]
-    for key, value in best["model"].items():
+    expected = best["model_ema"] if kept == "ema" else raw[11]
+    kept_weights = state_dict_of(best)
+    for key, value in kept_weights.items():
         assert torch.equal(value, expected[key]), key
         assert torch.equal(starts["b"][key], value), key
+    assert all(torch.equal(best["model"][k], raw[11][k]) for k in best["model"])  # raw weights always under model
     if kept == "ema":
-        assert not torch.equal(best["model"]["fc.weight"], raw[11]["fc.weight"])
+        assert not torch.equal(kept_weights["fc.weight"], raw[11]["fc.weight"])
 
 
 def test_without_validate_both_the_ema_is_kept(tmp_path):
@@ -129,8 +131,8 @@ def test_without_validate_both_the_ema_is_kept(tmp_path):
     fit(stages, tmp_path, callbacks=lambda s: [RecordStart(starts)])
     best = load_checkpoint(tmp_path / "checkpoints" / "a" / "best.pth")
     assert best["weights"] == "ema"
-    assert all(torch.equal(best["model"][k], best["ema"]["weights"][k]) for k in best["model"])
-    assert all(torch.equal(starts["b"][k], v) for k, v in best["model"].items())
+    assert all(torch.equal(state_dict_of(best)[k], best["model_ema"][k]) for k in best["model"])
+    assert all(torch.equal(starts["b"][k], v) for k, v in best["model_ema"].items())
     assert load_checkpoint(tmp_path / "checkpoints" / "b" / "best.pth")["weights"] == "raw"
 
 
@@ -145,7 +147,7 @@ def test_resume_restores_the_ema_exactly(tmp_path):
     assert a["ema"]["updates"] == b["ema"]["updates"] == 18
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
-        assert torch.equal(a["train_model"][key], b["train_model"][key]), key
+        assert torch.equal(a["model_ema"][key], b["model_ema"][key]), key
 
 
 def test_bad_ema_options_fail_at_stage_creation():

@@ -120,5 +120,5 @@ def test_the_command_refuses_a_bad_logger_in_one_line(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].endswith("loggers[1]: unknown logger 'mlfow'; did you mean 'mlflow'? "
-                                                         "valid: ['tensorboard', 'mlflow']")
+                                                         "valid: ['mlflow', 'tensorboard']")
     assert not (tmp_path / "run").exists()

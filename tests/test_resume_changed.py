@@ -43,13 +43,13 @@ def test_the_interrupted_stage_continues_on_the_new_schedule(tmp_path, monkeypat
     with pytest.raises(Interrupt):
         fit(tmp_path / "run", Stage("a", **old), stop_at=3)  # two epochs done
     saved = load_checkpoint(tmp_path / "run" / "checkpoints" / "resume.pth")["optimizer"]["state"]
-    restored, restore = [], StagedRunner._restore_schedule
+    restored, restore = [], cvkit.runners.restore_schedule
 
-    def restoring(self, stage, optimizer, *args) -> None:
-        restore(self, stage, optimizer, *args)
+    def restoring(state, stage, optimizer, *args) -> None:
+        restore(state, stage, optimizer, *args)
         restored.append(copy.deepcopy(optimizer.state_dict()["state"]))  # training moves the live tensors on
 
-    monkeypatch.setattr(StagedRunner, "_restore_schedule", restoring)
+    monkeypatch.setattr(cvkit.runners, "restore_schedule", restoring)
     fit(tmp_path / "run", Stage("a", **new), resume=True)
     assert saved and all(torch.equal(saved[i]["momentum_buffer"], restored[0][i]["momentum_buffer"]) for i in saved)
     fit(tmp_path / "reference", Stage("a", **new))
@@ -63,7 +63,7 @@ def test_more_epochs_for_a_run_killed_after_its_last_epoch_train_on_and_are_reco
             "data": {"kind": "demo", "root": str(tmp_path / "demo"), "limit": 24},
             "model": {"name": "classifier", "arch": "test_resnet"}, "augmentation": {"preset": "resize", "size": 32},
             "stages": [{"name": "all", "epochs": 2, "lr": 0.01, "scheduler": "cosine", "batch_size": 8}]}
-    save = cvkit.runners.save_checkpoint
+    save = cvkit.run_folder.save_checkpoint
 
     def saving(path, payload) -> None:
         if Path(path) == tmp_path / "run" / "best.pth":
@@ -71,7 +71,7 @@ def test_more_epochs_for_a_run_killed_after_its_last_epoch_train_on_and_are_reco
         save(path, payload)
 
     with monkeypatch.context() as patch:
-        patch.setattr(cvkit.runners, "save_checkpoint", saving)
+        patch.setattr(cvkit.run_folder, "save_checkpoint", saving)
         with pytest.raises(Interrupt):
             run(load_config(spec), verbose=False)
     spec["stages"][0]["epochs"] = 3

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+import cvkit.run_folder
 import cvkit.runners
 from cvkit.experiment import load_experiment
 from cvkit.training import run
@@ -41,7 +42,7 @@ def runs(tmp_path_factory):
     root best.pth)."""
     folder = tmp_path_factory.mktemp("final_phase")
     run(config(folder, folder / "full"), verbose=False)
-    save = cvkit.runners.save_checkpoint
+    save = cvkit.run_folder.save_checkpoint
 
     def saving(path, payload) -> None:
         if Path(path) == folder / "killed" / "best.pth":
@@ -49,7 +50,7 @@ def runs(tmp_path_factory):
         save(path, payload)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cvkit.runners, "save_checkpoint", saving)
+        patch.setattr(cvkit.run_folder, "save_checkpoint", saving)
         with pytest.raises(Killed):
             run(config(folder, folder / "killed"), verbose=False)
     assert not (folder / "killed" / "best.pth").exists()
@@ -65,7 +66,7 @@ def kill_during_test_evaluation(patch: pytest.MonkeyPatch, logdir: Path) -> None
 
 
 def kill_before_metrics(patch: pytest.MonkeyPatch, logdir: Path) -> None:
-    write = cvkit.runners.atomic_write_json
+    write = cvkit.run_folder.atomic_write_json
 
     def writing(path, obj) -> None:
         if Path(path).name == "metrics.json":
@@ -73,7 +74,7 @@ def kill_before_metrics(patch: pytest.MonkeyPatch, logdir: Path) -> None:
             raise Killed
         write(path, obj)
 
-    patch.setattr(cvkit.runners, "atomic_write_json", writing)
+    patch.setattr(cvkit.run_folder, "atomic_write_json", writing)
 
 
 @pytest.mark.parametrize("kill", [None, kill_during_test_evaluation, kill_before_metrics],

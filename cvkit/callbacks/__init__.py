@@ -8,6 +8,7 @@ predictions to TensorBoard), tensorboard (event files of every stage kept), stat
 ``RunState`` shared by a StagedRunner and its callbacks) and checks (distinct orders; every key
 read is written first), accumulation (gradient accumulation windows), ema (moving average of the
 weights), mixup (timm Mixup/CutMix of train batches) and console (one table row per epoch).
+``cvkit.stage_callbacks`` builds a stage's list.
 """
 from cvkit.callbacks.accumulation import (
     AccumulatingBackwardCallback,

@@ -72,7 +72,7 @@ class AccumulatingBackwardCallback(GuardedBackwardCallback):
 
 
 class AccumulatingOptimizerCallback(GuardedOptimizerCallback):
-    """Optimizer step at the end of each window; ``stepped`` tells later callbacks (EMA) it happened.
+    """Optimizer step at the end of each window; ``run_state.stepped`` tells later callbacks (EMA) it happened.
 
     A batch the NaN guard marked drops the gradients accumulated so far in its window.
     """
@@ -80,10 +80,9 @@ class AccumulatingOptimizerCallback(GuardedOptimizerCallback):
     def __init__(self, metric_key: str, window: AccumulationWindow) -> None:
         super().__init__(metric_key=metric_key)
         self.window = window
-        self.stepped = False
 
     def on_batch_end(self, runner: "IRunner") -> None:
-        self.stepped = False
+        runner.run_state.stepped = False
         if not runner.is_train_loader:
             runner.batch_metrics.update(self._get_lr_momentum_stats())
             return
@@ -93,7 +92,7 @@ class AccumulatingOptimizerCallback(GuardedOptimizerCallback):
         if self.window.boundary:
             self.optimizer.step()
             self.optimizer.zero_grad()
-            self.stepped = True
+            runner.run_state.stepped = True
         runner.batch_metrics.update(self._get_lr_momentum_stats())
 
 

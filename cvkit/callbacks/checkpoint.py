@@ -29,9 +29,10 @@ class StageCheckpointCallback(Callback):
     ``weights`` names an epoch's candidate weights and the loader that validated each, in order of
     preference on a tie: ``{"raw": loader_key}`` by default, ``{"ema": "valid"}`` with an EMA, and
     ``{"ema": "valid", "raw": "valid_raw"}`` when an EMA stage validates both. The candidate with the
-    better ``metric_key`` (in the run's direction) is the epoch's: its score competes for best, its
-    weights go in the checkpoint's ``model`` and its name in ``weights`` (and ``run_state.kept_weights``,
-    which the console prints), so the next stage starts from whichever weights validated better.
+    better ``metric_key`` (in the run's direction) is the epoch's: its score competes for best and its
+    name goes in the checkpoint's ``weights`` (and ``run_state.kept_weights``, which the console prints).
+    The payload keeps both weights side by side (``model`` raw, ``model_ema`` the average; see
+    :mod:`cvkit.resume`); readers take the kept ones, so the next stage starts from whichever validated better.
     """
 
     def __init__(self, folder: Path, resume_path: Path, loader_key: str, metric_key: str,
@@ -80,8 +81,6 @@ class StageCheckpointCallback(Callback):
         if not runner.engine.is_main_process:
             return
         payload = state.resume_payload()
-        if weights == "raw" and payload.get("train_model") is not None:
-            payload["model"] = payload["train_model"]  # the EMA's state stays in payload["ema"]
         payload["weights"] = weights
         last = self.folder / "last.pth"
         save_checkpoint(last, payload)

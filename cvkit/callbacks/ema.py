@@ -15,26 +15,25 @@ class EmaCallback(Callback):
 
     Args:
         options: ModelEmaV3 keyword arguments (``decay``, ``use_warmup``...), see
-            :func:`cvkit.stages.ema_options`; ``validate`` is read by the runner, not here.
-        optimizer_callback: the stage's optimizer callback; its ``stepped`` says the weights moved.
+            :func:`cvkit.stages.ema_options`; ``validate`` is read by :mod:`cvkit.stage_callbacks`, not here.
         ema_loaders: loaders that run with the EMA weights (the valid loader); others see the raw ones.
         resume: ``state_dict()`` of a killed run's EMA, restored at the stage start.
 
     The update follows timm's ``step`` convention: the first update copies the weights (decay 0),
-    then ``ema = decay * ema + (1 - decay) * weights``. While an EMA loader runs, the model holds
+    then ``ema = decay * ema + (1 - decay) * weights``, after every batch whose optimizer step happened
+    (``run_state.stepped``). Its state goes to ``run_state.ema_state`` at every epoch end, for the
+    checkpoints (beside the raw weights). While an EMA loader runs, the model holds
     the EMA weights and its raw weights wait in a copy; they are back before the epoch ends.
     """
 
     def __init__(
         self,
         options: Mapping[str, Any],
-        optimizer_callback: Any,
         ema_loaders: tuple = ("valid",),
         resume: Optional[Mapping[str, Any]] = None,
     ) -> None:
         super().__init__(order=CallbackOrder.Optimizer + 3)
         self.options = {k: v for k, v in options.items() if k != "validate"}
-        self.optimizer_callback = optimizer_callback
         self.ema_loaders = tuple(ema_loaders)
         self.resume = resume
         self.ema: Any = None
@@ -55,7 +54,7 @@ class EmaCallback(Callback):
             self.updates = int(self.resume["updates"])
 
     def on_batch_end(self, runner: "IRunner") -> None:
-        if runner.is_train_loader and self.optimizer_callback.stepped:
+        if runner.is_train_loader and runner.run_state.stepped:
             self.updates += 1
             self.ema.update(self._model(runner), step=self.updates)
 
@@ -69,6 +68,9 @@ class EmaCallback(Callback):
         if self._raw is not None:
             self._model(runner).load_state_dict(self._raw)
             self._raw = None
+
+    def on_epoch_end(self, runner: "IRunner") -> None:
+        runner.run_state.ema_state = self.state_dict()
 
     def weights(self) -> Dict[str, torch.Tensor]:
         """The EMA weights (CPU copies), e.g. for checkpoints."""

@@ -42,45 +42,49 @@ class NaNGuardCallback(Callback):
     def on_batch_start(self, runner: "IRunner") -> None:
         runner.run_state.skip_step = False
 
-    def check(self, runner: "IRunner", what: str) -> None:
-        """Handle a non-finite ``what`` in the current batch by the policy: raise, or mark the batch."""
-        state = runner.run_state
-        where = (
-            f"stage {state.stage_name!r}, epoch {runner.epoch_step}, "
-            f"batch {runner.loader_batch_step} of loader {runner.loader_key!r}"
-        )
-        if self.policy == "stop":
-            raise NonFiniteLossError(
-                f"non-finite {what} in {where}; the last good weights are in the stage's last.pth "
-                "and the run continues from them with resume=True (policy 'skip' skips such batches)"
-            )
-        state.skip_step = True
-        state.nan_skipped += 1
-
     def on_batch_end(self, runner: "IRunner") -> None:
         if not runner.is_train_loader:
             return
         loss = runner.batch_metrics.get(self.loss_key)
         if loss is not None and not torch.isfinite(torch.as_tensor(loss)).all():
-            self.check(runner, f"loss ({float(torch.as_tensor(loss).float().mean())})")
+            handle_non_finite(runner, self.policy, f"loss ({float(torch.as_tensor(loss).float().mean())})")
 
     def on_loader_end(self, runner: "IRunner") -> None:
         if runner.is_train_loader and self.policy == "skip":
             runner.loader_metrics["nan_skipped_batches"] = float(runner.run_state.nan_skipped)
 
 
-class GradientGuardCallback(Callback):
-    """Right after backward: a NaN/inf gradient is handled like a NaN loss (see NaNGuardCallback)."""
+def handle_non_finite(runner: "IRunner", policy: str, what: str) -> None:
+    """Handle a non-finite ``what`` in the current batch by ``policy``: raise (``stop``), or mark the batch
+    in ``run_state.skip_step`` and count it (``skip``)."""
+    state = runner.run_state
+    where = (
+        f"stage {state.stage_name!r}, epoch {runner.epoch_step}, "
+        f"batch {runner.loader_batch_step} of loader {runner.loader_key!r}"
+    )
+    if policy == "stop":
+        raise NonFiniteLossError(
+            f"non-finite {what} in {where}; the last good weights are in the stage's last.pth "
+            "and the run continues from them with resume=True (policy 'skip' skips such batches)"
+        )
+    state.skip_step = True
+    state.nan_skipped += 1
 
-    def __init__(self, guard: NaNGuardCallback) -> None:
+
+class GradientGuardCallback(Callback):
+    """Right after backward: a NaN/inf gradient is handled like a NaN loss, by the same ``policy`` (see NaNGuardCallback)."""
+
+    def __init__(self, policy: str = "stop") -> None:
+        if policy not in ("stop", "skip"):
+            raise ValueError(f"NaN policy must be 'stop' or 'skip', got {policy!r}")
         super().__init__(order=CallbackOrder.Backward + 2)
-        self.guard = guard
+        self.policy = policy
 
     def on_batch_end(self, runner: "IRunner") -> None:
         if not runner.is_train_loader or runner.run_state.skip_step:
             return
         if not _grads_finite(runner.engine.unwrap_model(runner.model).parameters()):
-            self.guard.check(runner, "gradient")
+            handle_non_finite(runner, self.policy, "gradient")
 
 
 def _grads_finite(params: Iterable[torch.nn.Parameter]) -> bool:
@@ -130,4 +134,5 @@ __all__ = [
     "GuardedOptimizerCallback",
     "NaNGuardCallback",
     "NonFiniteLossError",
+    "handle_non_finite",
 ]

@@ -1,4 +1,4 @@
-"""MLflow logging for staged runs: Catalyst's MLflow logger writing one MLflow run per cvkit run."""
+"""MLflow logging for staged runs (the ``mlflow`` logger): Catalyst's MLflow logger writing one MLflow run per cvkit run."""
 from __future__ import annotations
 
 import logging
@@ -11,8 +11,12 @@ from catalyst.core.logger import ILogger
 from catalyst.loggers.mlflow import MLflowLogger
 from catalyst.settings import SETTINGS
 
+from cvkit.loggers import LoggerRun, RunLogger, default_tracking_uri, final_scores
+
 if TYPE_CHECKING:
     from catalyst.core.runner import IRunner
+
+    from cvkit.stages import Stage
     from mlflow.tracking import MlflowClient
 
 _BATCH = 100  # MLflow's most params (and, here, metrics) per log_batch call
@@ -154,4 +158,43 @@ class RunMLflowLogger(MLflowLogger):
         self.client.set_terminated(self.run_id, status=status)
 
 
-__all__ = ["RunMLflowLogger", "mlflow_key"]
+class MLflowRunLogger(RunLogger):
+    """The ``mlflow`` logger: one :class:`RunMLflowLogger` for the whole run, its run id kept in the resume
+    payload so a resumed run continues the same MLflow run; the final scores logged as ``best/<split>/<key>``.
+
+    Experiment: ``experiment``, else the run's name; MLflow run name: the run folder's name. Store:
+    ``tracking_uri``, else a SQLite store under ``<logdir>/mlruns`` (:func:`cvkit.loggers.default_tracking_uri`).
+    """
+
+    options = ("tracking_uri", "experiment")
+    package = ("mlflow", "mlflow")
+
+    def __init__(self, tracking_uri: Optional[str] = None, experiment: Optional[str] = None) -> None:
+        self.tracking_uri, self.experiment = tracking_uri, experiment
+        self.logger: Optional[RunMLflowLogger] = None
+
+    def start(self, run: LoggerRun) -> None:
+        logdir = run.logdir.resolve()
+        local = not self.tracking_uri
+        uri = default_tracking_uri(logdir) if local else self.tracking_uri
+        artifacts = (logdir / "mlruns" / "artifacts").as_uri() if local else None
+        self.logger = RunMLflowLogger(str(self.experiment or run.name), logdir.name, uri, artifacts,
+                                      run_id=(run.resumed or {}).get("mlflow_run_id"),
+                                      tags={"cvkit.logdir": str(logdir)})
+
+    def stage(self, stage: "Stage", index: int) -> Optional[RunMLflowLogger]:
+        return self.logger
+
+    def finish(self, result: Mapping[str, Any]) -> None:
+        if self.logger is not None:
+            self.logger.log_metrics_at({f"best/{k}": v for k, v in final_scores(result).items()}, int(result["epochs"]))
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.logger is not None:
+            self.logger.end(status)
+
+    def resume_state(self) -> Dict[str, Any]:
+        return {"mlflow_run_id": self.logger.run_id if self.logger is not None else None}
+
+
+__all__ = ["MLflowRunLogger", "RunMLflowLogger", "mlflow_key"]

@@ -1,7 +1,7 @@
 """Plateau scheduling: which way a monitored metric improves, and the per-batch plateau step."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, List, Optional
+from typing import TYPE_CHECKING, List
 
 from catalyst.core.callback import Callback, CallbackOrder
 
@@ -26,19 +26,17 @@ class BatchPlateauCallback(Callback):
     """Step a :class:`cvkit.stages.SmoothedLossPlateau` once per optimizer step with the train loss.
 
     Under gradient accumulation one optimizer step spans several micro-batches: the scheduler is fed
-    the mean loss of the micro-batches that step used, when ``optimizer_callback.stepped`` says it
-    happened, so its patience counts optimizer steps. Without an optimizer callback (or with
-    ``accumulate=1``) that is every train batch. A batch the NaN guard skipped drops the losses
+    the mean loss of the micro-batches that step used, when ``run_state.stepped`` says it
+    happened, so its patience counts optimizer steps (with ``accumulate=1``: every train batch). A batch the NaN guard skipped drops the losses
     gathered so far, as the optimizer drops their gradients.
 
     At stage start it checks that the scheduler's mode follows :func:`plateau_mode` for the loss
     it steps on, so a loss is never treated as a score to maximise.
     """
 
-    def __init__(self, loss_key: str = "loss", optimizer_callback: Optional[Any] = None) -> None:
+    def __init__(self, loss_key: str = "loss") -> None:
         super().__init__(order=CallbackOrder.Scheduler + 1)
         self.loss_key = loss_key
-        self.optimizer_callback = optimizer_callback
         self.reads = (loss_key,)
         self._losses: List[float] = []
 
@@ -61,7 +59,7 @@ class BatchPlateauCallback(Callback):
             self._losses = []
             return
         self._losses.append(float(runner.batch_metrics[self.loss_key]))
-        if self.optimizer_callback is None or self.optimizer_callback.stepped:
+        if runner.run_state.stepped:
             runner.scheduler.update(sum(self._losses) / len(self._losses))
             self._losses = []
 

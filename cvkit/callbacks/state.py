@@ -34,6 +34,8 @@ class RunState:
         kept_weights: the weights the last epoch kept, ``"ema"`` or ``"raw"`` (set by the checkpoint callback).
         history: one row per finished epoch (what ``log.csv`` holds).
         skip_step: the NaN guard marked the current train batch; backward/optimizer leave it out.
+        stepped: the optimizer stepped after the current train batch (the EMA updates then).
+        ema_state: the EMA's ``{"weights", "updates"}`` after the last epoch (None: the stage keeps no EMA).
         nan_skipped: batches skipped by the NaN guard in the current loader.
         resume_payload: returns the state to save after an epoch (set by the runner).
     """
@@ -52,6 +54,8 @@ class RunState:
     kept_weights: Optional[str] = None
     history: List[Dict[str, Any]] = field(default_factory=list)
     skip_step: bool = False
+    stepped: bool = False
+    ema_state: Optional[Dict[str, Any]] = None
     nan_skipped: int = 0
     resume_payload: Optional[Callable[[], Dict[str, Any]]] = None
 
@@ -89,7 +93,7 @@ class RunState:
         best = resumed["stage_best"] if resumed else {}
         self.stage_best_score, self.stage_best_epoch = best.get("best_score"), best.get("best_epoch")
         self.early_stopping = resumed["early_stopping"] if resumed else None
-        self.skip_step, self.nan_skipped = False, 0
+        self.skip_step, self.stepped, self.nan_skipped, self.ema_state = False, False, 0, None
 
 
 __all__ = ["RunState"]

@@ -1,12 +1,19 @@
-"""TensorBoard logging for staged runs: every stage's events kept, on one global-epoch timeline."""
+"""TensorBoard logging for staged runs (the ``tensorboard`` logger): every stage's events kept, on one
+global-epoch timeline, and the run's hyperparameters with its final scores in the HParams tab."""
 from __future__ import annotations
 
 import math
 import os
-from typing import Any, Dict, Mapping, Optional, Sequence, Union
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence, Union
 
 from catalyst.loggers.tensorboard import TensorboardLogger
 from tensorboardX import SummaryWriter
+
+from cvkit.loggers import LoggerRun, RunLogger, final_scores
+
+if TYPE_CHECKING:
+    from cvkit.stages import Stage
 
 
 class StageTensorboardLogger(TensorboardLogger):
@@ -72,4 +79,28 @@ def write_hparams(logdir: Union[str, os.PathLike], hparams: Mapping[str, Any], m
         writer.add_hparams(dict(hparams), finite, name=".")
 
 
-__all__ = ["StageTensorboardLogger", "run_hparams", "stage_suffix", "write_hparams"]
+class TensorboardRunLogger(RunLogger):
+    """The ``tensorboard`` logger: a :class:`StageTensorboardLogger` per stage under ``<logdir>/tensorboard``,
+    and at the finish the HParams tab (``tensorboard/hparams``) with the valid and test scores."""
+
+    def __init__(self) -> None:
+        self.run: Optional[LoggerRun] = None
+
+    @property
+    def folder(self) -> Path:
+        """``<logdir>/tensorboard``."""
+        assert self.run is not None, "start() first"
+        return Path(self.run.logdir) / "tensorboard"
+
+    def start(self, run: LoggerRun) -> None:
+        self.run = run
+
+    def stage(self, stage: "Stage", index: int) -> StageTensorboardLogger:
+        return StageTensorboardLogger(str(self.folder), stage_suffix(index))
+
+    def finish(self, result: Mapping[str, Any]) -> None:
+        scores = {f"hparam/{key}": value for key, value in final_scores(result).items()}
+        write_hparams(self.folder, self.run.hparams if self.run else {}, scores)
+
+
+__all__ = ["StageTensorboardLogger", "TensorboardRunLogger", "run_hparams", "stage_suffix", "write_hparams"]

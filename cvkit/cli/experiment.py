@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from cvkit.cli.base import UsageError, loading, refuse_overwriting_inputs, register_command
+from cvkit.engines import ENGINES
 from cvkit.status import progress_bars_wanted, say
 
 
@@ -292,7 +293,8 @@ def _lr_find(args: argparse.Namespace) -> int:
     stage = experiment.stages[names.index(args.stage) if args.stage else 0]
     experiment.prepare()
     loader = experiment.loaders(stage)["train"]
-    device = "cuda" if experiment.config["engine"] in ("gpu", "amp") else "cpu"
+    engine = experiment.config["engine"]
+    device = "cuda" if engine is not None and ENGINES.meta(engine).get("cuda") else "cpu"
     which = f" for group {args.group!r}" if args.group else ""
     swept = f"group {args.group!r} (the others at the stage's LRs)" if args.group else "every group"
     say(f"lr-find: sweeping stage {stage.name!r} (trainable: {stage.trainable}), {swept}, over {args.steps} batches "

@@ -14,7 +14,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import albumentations as A
 import cv2
@@ -227,6 +227,20 @@ def _heavy(size: Tuple[int, int]) -> List[Any]:
         A.OneOf([A.Blur(blur_limit=5), A.GaussianBlur(blur_limit=(3, 7)), A.MotionBlur(blur_limit=5)], p=0.3),
         A.ToGray(p=0.1),
     ]
+
+
+def loader_pipeline(loader: Any) -> Optional[Dict[str, Any]]:
+    """The serialised albumentations pipeline of a loader's dataset (looking through wrappers), or None."""
+    dataset = getattr(loader, "dataset", None)
+    for _ in range(4):
+        transform = getattr(dataset, "transform", None)
+        if isinstance(transform, A.BaseCompose):
+            try:
+                return transform_to_dict(transform)
+            except (NotImplementedError, ValueError, TypeError):
+                return None
+        dataset = getattr(dataset, "dataset", None)
+    return None
 
 
 def transform_to_dict(transform: A.BaseCompose) -> Dict[str, Any]:

@@ -270,6 +270,23 @@ def apply_trainable(model: nn.Module, trainable: Set[str], train_bn: bool) -> Li
     return frozen_bn
 
 
+def apply_stage_trainable(model: nn.Module, trainable: Set[str], train_bn: bool, frozen_bn: str) -> List[str]:
+    """:func:`apply_trainable` for a stage; return the BatchNorm modules to keep in eval mode.
+
+    With ``frozen_bn="train"`` the BatchNorm layers of frozen blocks train (statistics and affine
+    parameters, fastai's default); ``"eval"`` keeps them frozen.
+    """
+    outside = set(apply_trainable(model, trainable, True)) if frozen_bn == "train" else set()
+    frozen = apply_trainable(model, trainable, train_bn)
+    if not outside:
+        return frozen
+    modules = dict(model.named_modules())
+    for name in outside:
+        for p in modules[name].parameters(recurse=False):
+            p.requires_grad_(True)
+    return [n for n in frozen if n not in outside]
+
+
 def _in_any_prefix(module_name: str, names: Set[str]) -> bool:
     return any(not module_name or n.startswith(module_name + ".") for n in names)
 
@@ -301,6 +318,7 @@ def main_blocks(model: nn.Module) -> List[str]:
 
 
 __all__ = [
+    "apply_stage_trainable",
     "apply_trainable",
     "block_names",
     "bn_modules",
