@@ -21,9 +21,11 @@ nodes' launches read the run folder's checkpoints, see :func:`node_logdir`.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import logging
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
 
@@ -219,17 +221,22 @@ def engine_from_env(env: Optional[Mapping[str, str]] = None, *, workers: Optiona
                       timeout=timeout, cpu=cpu, mixed_precision=mixed_precision)
 
 
-def node_logdir(logdir: Union[str, os.PathLike], engine: Any, scratch: Union[str, os.PathLike]) -> Path:
-    """The folder this node's launch passes to ``fit``: ``logdir`` itself on the master node, else
-    ``scratch`` (a node-local folder) whose ``checkpoints`` links to ``logdir/checkpoints``.
+def node_logdir(logdir: Union[str, os.PathLike], engine: Any, scratch: Union[None, str, os.PathLike] = None) -> Path:
+    """The folder this node's launch trains in: ``logdir`` itself on the master node, else
+    ``scratch`` (a node-local folder; default: one per run folder and node under the system's temporary
+    folder) whose ``checkpoints`` links to ``logdir/checkpoints``. :meth:`cvkit.runners.StagedRunner.fit`
+    calls it, so every node's launch passes the same ``logdir``; a folder it returned is returned as it is.
 
     Only global rank 0 writes the run folder. The other nodes' launches need its checkpoints (the
     previous stage's weights, ``resume.pth``) but keep their own lock and config beside them, so
     they write nothing into ``logdir``. ``logdir`` must be on a file system every node sees.
     """
     logdir = Path(logdir)
-    if not isinstance(engine, DDPEngine) or engine.is_master_node:
+    if not isinstance(engine, DDPEngine) or engine.is_master_node or (logdir / "checkpoints").is_symlink():
         return logdir
+    if scratch is None:
+        key = hashlib.sha1(str(logdir.resolve()).encode()).hexdigest()[:12]
+        scratch = Path(tempfile.gettempdir()) / "cvkit-nodes" / f"{logdir.name}-{key}-rank{engine.node_ranks[0]}"
     scratch = Path(scratch)
     scratch.mkdir(parents=True, exist_ok=True)
     link, target = scratch / "checkpoints", (logdir / "checkpoints").resolve()

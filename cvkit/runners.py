@@ -32,6 +32,7 @@ from cvkit.callbacks.scheduler import plateau_mode
 from cvkit.callbacks.state import RunState
 from cvkit.callbacks.tensorboard import run_hparams
 from cvkit.data.augment import loader_pipeline
+from cvkit.distributed import node_logdir
 from cvkit.engines import known_warnings_silenced, make_engine
 from cvkit.evaluation import evaluate
 from cvkit.feature_cache import CachedFeatures, cached_loaders, features_as_input
@@ -217,6 +218,8 @@ class StagedRunner(dl.SupervisedRunner):
                        postprocess=postprocess, input_key=self._input_key, output_key=self._output_key,
                        target_key=self._target_key, loss_key=self._loss_key)
         spec.fast.apply(model)
+        spec.engine = make_engine(spec.engine)
+        spec.logdir = node_logdir(spec.logdir, spec.engine)  # only the node of global rank 0 writes logdir
         spec.logdir.mkdir(parents=True, exist_ok=True)
         with RunLock(spec.logdir):
             self._fit_locked(spec)

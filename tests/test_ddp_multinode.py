@@ -236,6 +236,16 @@ def test_node_logdir_links_checkpoints_on_other_nodes_only(tmp_path):
     assert node_logdir(run, other, tmp_path / "s1") == view  # a relaunch reuses the link
     with pytest.raises(ValueError, match="is not a link to"):
         node_logdir(tmp_path / "elsewhere", other, tmp_path / "s1")
+    assert node_logdir(view, other) == view  # what fit() is handed back from a launch that chose its folder
+
+
+def test_fit_trains_other_nodes_in_a_node_local_folder_by_default(tmp_path, monkeypatch):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    other = ddp_engine(nodes=2, node_rank=1, workers=1, cpu=True)
+    view = node_logdir(tmp_path / "run", other)
+    assert view.parent == tmp_path / "tmp" / "cvkit-nodes" and view.name.startswith("run-")
+    assert (view / "checkpoints").resolve() == (tmp_path / "run" / "checkpoints").resolve()
+    assert node_logdir(tmp_path / "run", other) == view  # the same folder on a relaunch
 
 
 def test_gpu_bench_refuses_in_one_line_without_gpus():
