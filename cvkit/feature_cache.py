@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from cvkit.data.batch import as_batch
+from cvkit.data.loaders import make_loader
 
 Batch = Dict[str, Any]
 
@@ -147,8 +148,8 @@ def cached_loaders(model: nn.Module, loaders: Mapping[str, DataLoader], copies: 
         checked = False
         for key, loader in loaders.items():
             passes = copies if key.startswith("train") else 1
-            sequential = DataLoader(loader.dataset, batch_size=loader.batch_size or 1, shuffle=False,
-                                    num_workers=loader.num_workers, collate_fn=loader.collate_fn)
+            sequential = make_loader(loader.dataset, loader.batch_size or 1, train=False, workers=loader.num_workers,
+                                     collate_fn=loader.collate_fn)
             if not checked:
                 first = as_batch(next(iter(sequential)), input_key, target_key)[input_key].to(device)
                 with torch.no_grad():

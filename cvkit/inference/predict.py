@@ -22,8 +22,9 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from cvkit.data.loaders import make_loader
 from cvkit.tasks import Task, get_task
 
 PathLike = Union[str, os.PathLike]
@@ -178,7 +179,7 @@ def iter_predict(
     device = _device(device)
     members = [m.to(device) for m in (model if isinstance(model, (list, tuple)) else [model])]
     whole = (image_size or isinstance(images, Dataset)) and tile is None
-    loader = DataLoader(dataset, batch_size if whole else 1, shuffle=False, num_workers=workers)
+    loader = make_loader(dataset, batch_size if whole else 1, train=False, workers=workers)
     kwargs = task.tta_kwargs(classes)
 
     def forward(x: torch.Tensor) -> torch.Tensor:

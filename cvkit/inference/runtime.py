@@ -30,11 +30,12 @@ import torch
 from torch import Tensor, nn
 
 from cvkit.data.evalspec import EvalSpec
+from cvkit.data.loaders import make_loader
 from cvkit.data.resize_plan import resize
 from cvkit.inference.predict import (FlipPairs, Prediction, check_flip_pairs, list_images, prediction_loop,
                                      write_submission)
-from cvkit.tasks import Task, get_task
 from cvkit.layouts import LAYOUTS, OutputLayout, get_layout
+from cvkit.tasks import Task, get_task
 
 PathLike = Union[str, os.PathLike]
 FORMATS = ("onnx", "torchscript")
@@ -281,8 +282,6 @@ class Deployed:
                  tta: Sequence[str], batch_size: int, flip_pairs: FlipPairs) -> Iterator[Prediction]:
         """Each ``loads[i]()`` (an RGB image and its full size) preprocessed and predicted through
         :func:`~cvkit.inference.predict.prediction_loop`, the loop a checkpoint predicts with."""
-        from torch.utils.data import DataLoader
-
         from cvkit.inference.tta import tta_predict
 
         if batch_size < 1:
@@ -296,7 +295,7 @@ class Deployed:
             return tta_predict(self.model, x, transforms, target=self.layout, flip_pairs=flip_pairs or None,
                                **kwargs).float()
 
-        loader = DataLoader(_Prepared(loads, self.preprocess), batch_size, shuffle=False)
+        loader = make_loader(_Prepared(loads, self.preprocess), batch_size, train=False, workers=0)
         return prediction_loop(self.model, loader, list(names), forward, "cpu")
 
 
