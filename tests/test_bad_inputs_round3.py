@@ -186,10 +186,19 @@ def test_data_commands_refuse_empty_tables_and_empty_samples(tmp_path, command):
     ("data.folds=1", "data.folds: expected an integer >= 2, got 1"),
     ("criterion={name: cross_entropy, weight: [1, 2]}", "criterion.weight: 2 values; expected 10, one per class"),
 ])
-def test_senseless_sizes_folds_and_weights_fail_before_training(trained, tmp_path, override, culprit):
+def test_senseless_sizes_folds_and_weights_fail_before_training(trained, tmp_path, capsys, override, culprit):
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(experiment(trained.tmp, tmp_path / "run")))
-    assert_one_line_error(cvkit("train", path, "--set", override), culprit)
+    assert main(["train", str(path), "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and culprit in err, err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_senseless_size_fails_in_one_line_from_the_command_as_a_user_runs_it(trained, tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(experiment(trained.tmp, tmp_path / "run")))
+    assert_one_line_error(cvkit("train", path, "--set", "augmentation.size=1"), "augmentation.size: expected an image size")
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
