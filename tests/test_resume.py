@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,16 +33,27 @@ def uninterrupted(tmp_path_factory) -> Path:
     return logdir
 
 
+@pytest.fixture(scope="module")
+def killed_in_stage_b(tmp_path_factory) -> Path:
+    """A run SIGKILLed at train batch 11 (inside stage b), shared by the cases that damage its resume.pth."""
+    logdir = tmp_path_factory.mktemp("resume") / "killed"
+    assert run(logdir, 11) == -signal.SIGKILL
+    return logdir
+
+
 @pytest.mark.slow
 # A plain SIGKILL mid stage b is the EMA test's case below (stage b there also keeps an EMA).
 @pytest.mark.parametrize("kill_at,sigint,damage", [(5, False, None), (8, True, None),
                                                   (11, False, "delete"), (11, False, "truncate")],
                          ids=["sigkill-mid-stage-a", "ctrl-c-mid-stage-b", "resume.pth-deleted",
                               "resume.pth-truncated"])
-def test_interrupt_then_resume_equals_uninterrupted(tmp_path, uninterrupted, kill_at, sigint, damage):
+def test_interrupt_then_resume_equals_uninterrupted(tmp_path, uninterrupted, request, kill_at, sigint, damage):
     # 3 train batches per epoch: batch 5 is inside epoch 2 (stage a), 8 and 11 inside stage b.
-    code = run(tmp_path / "killed", kill_at, sigint=sigint)
-    assert code != 0 and (sigint or code == -signal.SIGKILL)
+    if damage:
+        shutil.copytree(request.getfixturevalue("killed_in_stage_b"), tmp_path / "killed", symlinks=True)
+    else:
+        code = run(tmp_path / "killed", kill_at, sigint=sigint)
+        assert code != 0 and (sigint or code == -signal.SIGKILL)
     resume_file = tmp_path / "killed" / "checkpoints" / "resume.pth"
     assert resume_file.is_file()
     assert (tmp_path / "killed" / ".cvkit.lock").is_file() or sigint, "a SIGKILL leaves its lock behind"
