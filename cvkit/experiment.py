@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 import cvkit.versions  # noqa: F401  (the named versions experiments may use)
 from cvkit.config import ConfigError, complete, load_experiment, stages_from
 from cvkit.data.evalspec import EvalSpec
+from cvkit.data.tools import limit_items, take_items
 from cvkit.stages import Stage
 from cvkit.tasks import Task, get_task
 
@@ -41,21 +42,6 @@ PathLike = Union[str, Path]
 
 
 # --- data --------------------------------------------------------------------------------------
-
-def _limit(dataset: Any, limit: Optional[int]) -> Any:
-    return dataset if not limit or len(dataset) <= limit else _take(dataset, range(limit))
-
-
-def _take(dataset: Any, indices: Sequence[int]) -> Any:
-    """The items at ``indices`` of a table dataset or an STL-10 array dataset, as the same type."""
-    if hasattr(dataset, "subset"):
-        return dataset.subset(list(indices))
-    out = copy.copy(dataset)
-    index = np.asarray(list(indices), dtype=np.int64)
-    out.images = dataset.images[index]
-    out.labels = None if dataset.labels is None else dataset.labels[index]
-    return out
-
 
 def _split(task: Task, dataset: Any, fraction: float, seed: int) -> "tuple[Any, Any]":
     """Hold out a seeded ``fraction`` of ``dataset``, stratified by label when every class has 2+ items."""
@@ -69,7 +55,7 @@ def _split(task: Task, dataset: Any, fraction: float, seed: int) -> "tuple[Any, 
         _, counts = np.unique(labels, return_counts=True)
         stratify = labels if counts.min() >= 2 and len(counts) <= fraction * len(labels) else None
     train, valid = train_test_split(np.arange(len(dataset)), test_size=fraction, random_state=seed, stratify=stratify)
-    return _take(dataset, sorted(train)), _take(dataset, sorted(valid))
+    return take_items(dataset, sorted(train)), take_items(dataset, sorted(valid))
 
 
 def fold_assignment(task: Task, dataset: Any, folds: int, seed: int, group_col: Optional[str] = None) -> np.ndarray:
@@ -117,14 +103,14 @@ def build_datasets(config: Mapping[str, Any]) -> Dict[str, Any]:
         folds, fold = spec.get("folds", 5), spec["fold"]
         if not isinstance(fold, int) or isinstance(fold, bool) or not 0 <= fold < int(folds):
             raise ConfigError(f"data.fold: expected an integer from 0 to {int(folds) - 1}, got {fold!r}")
-        train = _limit(out["train"], spec.get("limit"))
+        train = limit_items(out["train"], spec.get("limit"))
         assignment = fold_assignment(task, train, folds, seed, spec.get("group_col"))
-        out["train"] = _take(train, np.flatnonzero(assignment != fold))
-        out["valid"] = _take(train, np.flatnonzero(assignment == fold))
-        return {k: v if k in ("train", "valid") else _limit(v, spec.get("limit")) for k, v in out.items()}
+        out["train"] = take_items(train, np.flatnonzero(assignment != fold))
+        out["valid"] = take_items(train, np.flatnonzero(assignment == fold))
+        return {k: v if k in ("train", "valid") else limit_items(v, spec.get("limit")) for k, v in out.items()}
     if "valid" not in out:
         out["train"], out["valid"] = _split(task, out["train"], float(spec.get("valid_fraction", 0.2)), seed)
-    return {k: _limit(v, spec.get("limit")) for k, v in out.items()}
+    return {k: limit_items(v, spec.get("limit")) for k, v in out.items()}
 
 
 def class_names(dataset: Any, task: Union[str, Task] = "classification") -> List[str]:

@@ -22,18 +22,16 @@ from pathlib import Path
 import albumentations as A
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
 
 from _common import common_args, predict_device, run_script, starting_weights
 from cvkit.callbacks.worst import WorstPredictionsCallback
 from cvkit.data.draw import draw_keypoints
-from cvkit.data import FastAffine, KeypointDataset, compose, create_preset, split_train_valid
+from cvkit.data import KeypointDataset, OneWarp, compose, create_preset, limit_items, split_train_valid
 from cvkit.data.demo import KEYPOINT_NAMES, build_keypoints
 from cvkit.data.io import read_image
 from cvkit.data.loaders import make_loader
 from cvkit.inference.predict import predict
 from cvkit.inference.tta import flip_pairs_from_names
-from cvkit.io import atomic_write_json
 from cvkit.losses import KeypointLoss
 from cvkit.metrics import KeypointMetrics
 from cvkit.models import KeypointModel
@@ -60,7 +58,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     root = args.data or demo_data(args.logdir.parent / "demo_data" / "keypoints")
     suffix = "" if args.data else "_named"
-    table, test_table = (pd.read_csv(root / f"{split}{suffix}.csv").iloc[: args.limit] for split in ("train", "test"))
+    table, test_table = (limit_items(pd.read_csv(root / f"{split}{suffix}.csv"), args.limit) for split in ("train", "test"))
     # every column pair <name>_x, <name>_y in table order
     columns = [c for x in table.columns if x.endswith("_x") and f"{x[:-2]}_y" in table for c in (x, f"{x[:-2]}_y")]
     names = [c[:-2] for c in columns[::2]]
@@ -68,8 +66,8 @@ def main(argv=None) -> dict:
     train_rows, valid_rows = split_train_valid(table, 0.2, label_col=None, seed=args.seed)
     height, width = read_image(root / table["path"].iloc[0]).shape[:2]
     size, plain = args.image_size, create_preset("resize", args.image_size)
-    augment = compose([A.Resize(size, size), FastAffine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05),
-                                                        rotate=(-10, 10), p=0.7), A.RandomBrightnessContrast(p=0.3)])
+    augment = compose([OneWarp((size, size), mode="resize", affine=0.7, affine_scale=(0.9, 1.1),
+                               translate_percent=(-0.05, 0.05), rotate=(-10, 10)), A.RandomBrightnessContrast(p=0.3)])
 
     def loaders(stage: Stage) -> dict:
         train = KeypointDataset(train_rows, columns, root=root, transform=augment)
@@ -92,25 +90,28 @@ def main(argv=None) -> dict:
         return [KeypointMetrics((height, width), norm_points=flip_pairs[0] if flip_pairs else None)]
 
     test = KeypointDataset(test_table, columns, root=root, transform=plain)
+
+    def test_errors(model: torch.nn.Module) -> dict:  # the best weights' test error without and with flip TTA
+        files, out = [test.path(i) for i in range(len(test))], {}
+        for label, tta in (("plain", []), ("hflip_tta", ["hflip"])):
+            found = predict(model, files, "keypoints", tta=tta, flip_pairs=flip_pairs, transform=plain, image_size=size,
+                            batch_size=64, workers=args.workers, device=predict_device(args))
+            metric = metrics()[0]  # sizes: (width, height) of each original image, to measure the error in its pixels
+            metric.update(torch.stack([p.output for p in found]), torch.stack([test[p.index]["targets"] for p in found]),
+                          sizes=torch.tensor([[p.width, p.height] for p in found], dtype=torch.float64))
+            out[f"test_{label}"] = metric.compute()
+        return out
+
     torch.manual_seed(args.seed)  # the same seed gives the same initial weights
     model = KeypointModel(args.arch, len(names), pretrained=starting_weights(args))
-    runner = StagedRunner().fit(
+    result = StagedRunner().fit(
         model, stages, loaders, KeypointLoss(), args.logdir, metrics=metrics, callbacks=worst,
         valid_metric="mean_error_px", minimize_valid_metric=True, engine=args.device, seed=args.seed,
-        verbose=not args.quiet, test_loader=DataLoader(test, 64),
+        verbose=not args.quiet, test_loader=make_loader(test, 64, train=False, workers=args.workers),
+        postprocess=test_errors,  # its results join metrics.json
         config={"example": "facial_keypoints", "arch": args.arch, "data": str(root), "keypoints": names,
                 "flip_pairs": flip_pairs, "args": vars(args)},
-    )
-    result = runner.final_metrics
-    files = [test.path(i) for i in range(len(test))]
-    for label, tta in (("plain", []), ("hflip_tta", ["hflip"])):
-        out = predict(model, files, "keypoints", tta=tta, flip_pairs=flip_pairs, transform=plain, image_size=size,
-                      batch_size=64, workers=args.workers, device=predict_device(args))
-        metric = metrics()[0]  # sizes: (width, height) of each original image, to measure the error in its pixels
-        metric.update(torch.stack([p.output for p in out]), torch.stack([test[p.index]["targets"] for p in out]),
-                      sizes=torch.tensor([[p.width, p.height] for p in out], dtype=torch.float64))
-        result[f"test_{label}"] = metric.compute()
-    atomic_write_json(args.logdir / "metrics.json", result)
+    ).final_metrics
     plain_m, tta_m = result["test_plain"], result["test_hflip_tta"]
     print(f"test mean error {plain_m['mean_error_px']:.2f} px (NME {plain_m['nme']:.4f}); with hflip TTA "
           f"{tta_m['mean_error_px']:.2f} px (NME {tta_m['nme']:.4f})  (best: stage {result['best']['stage']!r}, "

@@ -4,8 +4,9 @@ Stage 1 trains the head (BN + dropout 0.5 + linear) on a frozen backbone; stage 
 upper half of the blocks (from the middle block on) with every BatchNorm kept frozen; stage 3
 continues at a lower LR. Each stage trains at a larger image size with a smaller batch
 (progressive resizing, through the loader factory). Train/valid/test is a stratified split of
-one folder tree; the augmentation includes CLAHE (local contrast), as the project used for photos
-with harsh light. The test set is scored at the image size of the stage the best weights come from.
+one folder tree; the augmentation (cvkit's OneWarp crop and flip) adds CLAHE (local contrast), as
+the project used for photos with harsh light. The test set is scored, with the best weights, at the
+last stage's image size (as ``cvkit train`` scores it).
 
 Real data (``--data DIR``): class folders ``DIR/<class>/*.jpg`` (e.g. ``ferrari/``, ``ford/``),
 split 64/16/20 stratified by class. Without ``--data`` a demo set in that layout is built from
@@ -21,14 +22,11 @@ from __future__ import annotations
 
 import albumentations as A
 import torch
-from torch.utils.data import DataLoader
 
 from _common import common_args, run_script, starting_weights
-from cvkit.data import ClassificationDataset, compose, create_preset, split_train_valid
+from cvkit.data import ClassificationDataset, OneWarp, compose, create_preset, limit_items, split_train_valid
 from cvkit.data.demo import build_classification
 from cvkit.data.loaders import make_loader
-from cvkit.evaluation import evaluate
-from cvkit.io import atomic_write_json
 from cvkit.losses import create_criterion
 from cvkit.metrics import ClassificationMetrics
 from cvkit.models import create_model
@@ -47,8 +45,8 @@ def parse_args(argv=None):
 
 
 def train_transform(size: int) -> A.Compose:
-    return compose([A.RandomResizedCrop((size, size), scale=(0.7, 1.0)), A.HorizontalFlip(p=0.5),
-                    A.CLAHE(clip_limit=2.0, p=0.5), A.RandomBrightnessContrast(p=0.3)])
+    return compose([OneWarp((size, size), scale=(0.7, 1.0), hflip=0.5), A.CLAHE(clip_limit=2.0, p=0.5),
+                    A.RandomBrightnessContrast(p=0.3)])
 
 
 def main(argv=None) -> dict:
@@ -56,9 +54,7 @@ def main(argv=None) -> dict:
     demo = args.logdir.parent / "demo_data" / "classification"
     root = args.data or build_classification(demo, seed=0, per_class=100) / "images"
     everything = ClassificationDataset.from_folders(root)
-    frame = everything.frame
-    if args.limit:  # the same number of images from every class
-        frame = frame.groupby("label", group_keys=False).head(max(1, args.limit // everything.num_classes))
+    frame = limit_items(everything.frame, args.limit, label_col="label")  # the same number from every class
     rest, test_rows = split_train_valid(frame, 0.2, "label", seed=args.seed)
     train_rows, valid_rows = split_train_valid(rest, 0.2, "label", seed=args.seed)
     names = sorted(everything.class_map, key=everything.class_map.get)
@@ -90,21 +86,16 @@ def main(argv=None) -> dict:
     def metrics() -> list:
         return [ClassificationMetrics(len(names))]
 
-    runner = StagedRunner().fit(
+    test = ClassificationDataset(test_rows, transform=create_preset("resize", args.sizes[-1]), **data)
+    result = StagedRunner().fit(
         model, stages, loaders, criterion, args.logdir, metrics=metrics, valid_metric="accuracy",
         minimize_valid_metric=False, engine=args.device, seed=args.seed, verbose=not args.quiet,
+        test_loader=make_loader(test, batches[-1] * 2, train=False, workers=args.workers),
         config={"example": "ford_vs_ferrari", "arch": args.arch, "data": str(root), "classes": names,
-                "unfrozen_from": middle,
+                "unfrozen_from": middle, "test_image_size": args.sizes[-1],
                 "split": {"train": len(train_rows), "valid": len(valid_rows), "test": len(test_rows)},
                 "args": vars(args)},
-    )
-    # the test set is seen at the image size of the stage the best weights come from
-    size = next(s.image_size for s in stages if s.name == runner.best["stage"])
-    test = ClassificationDataset(test_rows, transform=create_preset("resize", size), **data)
-    result = runner.final_metrics
-    result["test"] = evaluate(model, DataLoader(test, 128), criterion, metrics, runner.engine)
-    result["test_image_size"] = size
-    atomic_write_json(args.logdir / "metrics.json", result)
+    ).final_metrics
     print(f"test accuracy {result['test']['accuracy']:.4f}  macro F1 {result['test']['f1_macro']:.4f}  "
           f"(best: stage {result['best']['stage']!r}, epoch {result['best']['epoch']}; logs in {args.logdir})")
     return result

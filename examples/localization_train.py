@@ -6,9 +6,10 @@ the box weight to 100. Selection metric: mean box IoU on valid (the loss changes
 
 Real data (``--data DIR``): ``DIR/train.csv`` with ``path,label,x1,y1,x2,y2`` (box corners in
 pixels of the image, ``path`` relative to ``DIR``) and ``DIR/test.csv`` with ``path`` (plus the
-same columns if the test set is labelled: then it is also evaluated). Predictions (class and box
-in pixels of the original image) go to ``LOGDIR/predictions.csv``. Without ``--data`` a demo set
-in that layout is built from scikit-learn's digits (one digit pasted on a 96x96 canvas).
+same columns if the test set is labelled: then it is also evaluated). Predictions (file name, class
+and box in pixels of the original image: ``path,label,x1,y1,x2,y2``, as ``cvkit predict`` writes
+them) go to ``LOGDIR/predictions.csv``. Without ``--data`` a demo set in that layout is built
+from scikit-learn's digits (one digit pasted on a 96x96 canvas).
 Without ``--pretrained``, the demo's backbone starts from weights trained on a label-free pretext
 task over the digits (``cvkit.data.demo.demo_pretrained``), standing in for ImageNet weights.
 
@@ -18,18 +19,15 @@ task over the digits (``cvkit.data.demo.demo_pretrained``), standing in for Imag
 from __future__ import annotations
 
 import albumentations as A
-import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
 
 from _common import common_args, predict_device, run_script, starting_weights
 from cvkit.callbacks.criterion import SetCriterionAttribute
-from cvkit.data import BoxDataset, FastAffine, compose, create_preset, split_train_valid
+from cvkit.data import BoxDataset, OneWarp, compose, create_preset, limit_items, split_train_valid
 from cvkit.data.demo import build_boxes
 from cvkit.data.loaders import make_loader
-from cvkit.inference.predict import predict
-from cvkit.io import atomic_write_bytes
+from cvkit.inference import predict, write_submission
 from cvkit.losses import ClassBoxCriterion
 from cvkit.metrics import BoxMetrics
 from cvkit.models import ClassBoxModel
@@ -50,9 +48,8 @@ def parse_args(argv=None):
 
 
 def train_transform(size: int) -> A.Compose:
-    return compose([A.Resize(size, size), A.HorizontalFlip(p=0.5),
-                    FastAffine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), p=0.5),
-                    A.RandomBrightnessContrast(p=0.3)])
+    return compose([OneWarp((size, size), mode="resize", hflip=0.5, affine=0.5, affine_scale=(0.9, 1.1),
+                            translate_percent=(-0.05, 0.05)), A.RandomBrightnessContrast(p=0.3)])
 
 
 def main(argv=None) -> dict:
@@ -60,8 +57,7 @@ def main(argv=None) -> dict:
     root = args.data or build_boxes(args.logdir.parent / "demo_data" / "boxes", seed=0, per_class=80)
     table, test_table = pd.read_csv(root / "train.csv"), pd.read_csv(root / "test.csv")
     classes = {name: i for i, name in enumerate(sorted(table["label"].unique()))}
-    if args.limit:
-        table, test_table = table.sample(frac=1, random_state=0).head(args.limit), test_table.head(args.limit)
+    table, test_table = limit_items(table, args.limit, label_col="label"), limit_items(test_table, args.limit)
     train_rows, valid_rows = split_train_valid(table, 0.2, "label", seed=args.seed)
     names = sorted(classes, key=classes.get)
     boxes = dict(root=root, box_cols=BOX_COLS, class_map=classes)
@@ -88,19 +84,14 @@ def main(argv=None) -> dict:
         metrics=lambda: [BoxMetrics(len(classes))], valid_metric="box_iou", minimize_valid_metric=False,
         callbacks=lambda stage: [SetCriterionAttribute("box_weight", BOX_WEIGHT[stage.name])],
         engine=args.device, seed=args.seed, verbose=not args.quiet,
-        test_loader=DataLoader(test, 64) if test else None,
+        test_loader=make_loader(test, 64, train=False, workers=args.workers) if test else None,
         config={"example": "localization", "arch": args.arch, "data": str(root), "classes": names,
                 "box_weight": BOX_WEIGHT, "args": vars(args)},
     )
     predictions = predict(model, [root / path for path in test_table["path"]], "class_box", classes=names,
                           transform=plain, image_size=args.image_size, batch_size=64, workers=args.workers,
                           device=predict_device(args))
-    decoded = [p.decode("class_box", names) for p in predictions]  # boxes in pixels of the original images
-    pixels = np.array([d["box"] for d in decoded]).round(1)
-    frame = pd.DataFrame({"path": test_table["path"].to_numpy(), "label": [names[d["label"]] for d in decoded],
-                          "probability": [round(float(d["probs"].max()), 4) for d in decoded],
-                          **{col: pixels[:, k] for k, col in enumerate(BOX_COLS)}})
-    atomic_write_bytes(args.logdir / "predictions.csv", frame.to_csv(index=False).encode())
+    write_submission(predictions, "class_box", names, out=args.logdir / "predictions.csv")
     result = runner.final_metrics
     if "test" in result:
         test_m = result["test"]

@@ -3,7 +3,7 @@
 Stage 1 trains the classifier on a frozen backbone; stage 2 trains everything with SGD and a
 step schedule (LR x 0.8 every 2 epochs). ``--weights`` starts from an earlier run's ``best.pth``
 (e.g. to continue training at a larger size). Test predictions go to ``LOGDIR/submission.csv``
-(``path,label,probability``); ``--export-dir DIR`` also copies every test image into
+(``path,label``, as ``cvkit predict`` writes them); ``--export-dir DIR`` also copies every test image into
 ``DIR/<predicted class>/`` for a quick look at what the model confuses.
 
 The run is ``CONFIG`` with the command line's choices, built and trained by
@@ -24,15 +24,12 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import pandas as pd
-
 from _common import common_args, predict_device, run_script
 from cvkit.config import load_config
 from cvkit.experiment import build_datasets, with_transform
 from cvkit.training import run
 from cvkit.inference.export import export_by_class
-from cvkit.inference import load_run, predict
-from cvkit.io import atomic_write_bytes
+from cvkit.inference import load_run, predict, write_submission
 
 CONFIG = {
     "name": "sports",
@@ -85,13 +82,9 @@ def main(argv=None) -> dict:
     test = with_transform(build_datasets(trained.config)["test"], trained.transform())
     predictions = predict(trained.model, test, "classification", batch_size=128, workers=args.workers,
                           device=predict_device(args))
-    decoded = [p.decode("classification", trained.classes) for p in predictions]
-    labels = [trained.classes[d["label"]] for d in decoded]
-    frame = pd.DataFrame({"path": [str(test.frame["path"].iloc[p.index]) for p in predictions], "label": labels,
-                          "probability": [round(float(d["probs"].max()), 4) for d in decoded]})
-    atomic_write_bytes(args.logdir / "submission.csv", frame.to_csv(index=False).encode())
+    submission = write_submission(predictions, "classification", trained.classes, out=args.logdir / "submission.csv")
     if args.export_dir:
-        export_by_class([test.path(p.index) for p in predictions], labels, args.export_dir)
+        export_by_class([test.path(p.index) for p in predictions], submission["label"].tolist(), args.export_dir)
     print(f"test macro F1 {result['test']['f1_macro']:.4f}  accuracy {result['test']['accuracy']:.4f}  "
           f"(best: stage {result['best']['stage']!r}, epoch {result['best']['epoch']}; "
           f"submission in {args.logdir / 'submission.csv'})")

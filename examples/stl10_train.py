@@ -14,17 +14,15 @@ import argparse
 from pathlib import Path
 
 import albumentations as A
-import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import ConcatDataset, Dataset
 
 from _common import common_args, run_script
-from cvkit.data import stl10
-from cvkit.data.augment import FastAffine, compose
+from cvkit.data import OneWarp, STL10Dataset, compose, create_preset, limit_items, stl10
 from cvkit.data.loaders import make_loader
 from cvkit.engines import engine_names
+from cvkit.experiment import build_datasets, with_transform
 from cvkit.io import atomic_write_json
 from cvkit.losses import create_criterion
 from cvkit.metrics import ClassificationMetrics
@@ -52,45 +50,46 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def transforms(size: int, train: bool = False) -> A.Compose:
-    affine = FastAffine(scale=(0.9, 1.1), translate_percent=(-0.06, 0.06), rotate=(-8, 8), p=0.7)
-    return compose([A.Resize(size, size), *([affine, A.RandomBrightnessContrast(p=0.3)] if train else [])])
+    if not train:
+        return create_preset("resize", size)
+    return compose([OneWarp((size, size), mode="resize", affine=0.7, affine_scale=(0.9, 1.1),
+                            translate_percent=(-0.06, 0.06), rotate=(-8, 8)), A.RandomBrightnessContrast(p=0.3)])
 
 
 def strong_transforms(size: int) -> A.Compose:
     """What the pseudo-label stage trains with: stronger geometry, colour, blur and cut-out."""
     return compose([
-        A.Resize(size, size), FastAffine(scale=(0.8, 1.2), translate_percent=(-0.1, 0.1), rotate=(-15, 15), p=0.9),
+        OneWarp((size, size), mode="resize", affine=0.9, affine_scale=(0.8, 1.2), translate_percent=(-0.1, 0.1),
+                rotate=(-15, 15)),
         A.RandomBrightnessContrast(0.3, 0.3, p=0.7), A.OneOf([A.GaussianBlur(), A.GaussNoise()], p=0.3),
         A.CoarseDropout(num_holes_range=(1, 3), hole_height_range=(0.1, 0.25), hole_width_range=(0.1, 0.25), p=0.5)])
 
 
-def pseudo_train_set(model: nn.Module, root: Path, args: argparse.Namespace, images: np.ndarray, labels: np.ndarray,
-                     size: int) -> Dataset:
+def pseudo_train_set(model: nn.Module, root: Path, args: argparse.Namespace, train: Dataset, size: int) -> Dataset:
     """Labelled train images plus the unlabelled ones the model predicts confidently, all strongly augmented."""
-    pool = stl10.load_split(root, "unlabeled")[0][: args.limit]  # the unlabelled images
-    weak = compose([A.Resize(size, size), FastAffine(translate_percent=(-0.03, 0.03), p=0.5)])  # a small shift only
-    kept = pseudo_label(model, DataLoader(stl10.ArrayDataset(pool, None, weak), 128, num_workers=args.workers),
+    pool = limit_items(STL10Dataset(root, "unlabeled"), args.limit)  # the unlabelled images
+    weak = compose([OneWarp((size, size), mode="resize", affine=0.5, translate_percent=(-0.03, 0.03))])  # a small shift
+    kept = pseudo_label(model, make_loader(with_transform(pool, weak), 128, train=False, workers=args.workers),
                         threshold=args.pseudo_threshold)
     print(f"[stl10] pseudo-labels: kept {len(kept.indices)} of {kept.total} (threshold {args.pseudo_threshold})")
     atomic_write_json(args.logdir / "pseudo_labels.json", kept.summary())
-    return ConcatDataset([stl10.ArrayDataset(images, labels, strong_transforms(size)),
-                          PseudoLabelled(stl10.ArrayDataset(pool, None, strong_transforms(size)), kept, len(images))])
+    return ConcatDataset([with_transform(train, strong_transforms(size)),
+                          PseudoLabelled(with_transform(pool, strong_transforms(size)), kept, len(train))])
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     root = args.data or stl10.build_demo(args.logdir.parent / "demo_data" / "stl10", seed=0)
-    images, labels = (a[: args.limit] for a in stl10.load_split(root, "train"))
-    test = stl10.ArrayDataset(*(a[: args.limit] for a in stl10.load_split(root, "test")), transforms(args.image_size))
-    names = stl10.class_names(root)
-    train_x, valid_x, train_y, valid_y = train_test_split(images, labels, test_size=0.2, stratify=labels,
-                                                          random_state=args.seed)
+    # a stratified fifth of train is valid, then --limit keeps the first images of each split (as `cvkit train`)
+    data = build_datasets({"task": "classification", "data": {"kind": "stl10", "root": str(root), "limit": args.limit},
+                           "seed": args.seed, "logdir": str(args.logdir)})
+    test, names = with_transform(data["test"], transforms(args.image_size)), stl10.class_names(root)
 
     def loaders(stage: Stage) -> dict:
         # the pseudo stage's model holds the previous stage's best weights by now
-        train = (pseudo_train_set(model, root, args, train_x, train_y, stage.image_size) if stage.name == "pseudo"
-                 else stl10.ArrayDataset(train_x, train_y, transforms(stage.image_size, train=True)))
-        valid = stl10.ArrayDataset(valid_x, valid_y, transforms(stage.image_size))
+        train = (pseudo_train_set(model, root, args, data["train"], stage.image_size) if stage.name == "pseudo"
+                 else with_transform(data["train"], transforms(stage.image_size, train=True)))
+        valid = with_transform(data["valid"], transforms(stage.image_size))
         return {"train": make_loader(train, stage.batch_size, train=True, workers=args.workers, seed=args.seed),
                 "valid": make_loader(valid, stage.batch_size * 2, train=False, workers=args.workers)}
 
@@ -108,7 +107,8 @@ def main(argv=None) -> dict:
     result = StagedRunner().fit(
         model, stages, loaders, criterion, args.logdir, metrics=lambda: [ClassificationMetrics(len(names))],
         valid_metric="accuracy", engine=args.device, seed=args.seed,
-        verbose=not args.quiet, test_loader=DataLoader(test, 128), resume=args.resume, profile=args.profile,
+        verbose=not args.quiet, test_loader=make_loader(test, 128, train=False, workers=args.workers),
+        resume=args.resume, profile=args.profile,
         fast=FastPaths(args.channels_last, args.compile, args.cudnn_benchmark),
         config={"example": "stl10", "arch": args.arch, "data": str(root), "classes": list(names), "args": vars(args)},
     ).final_metrics

@@ -1,4 +1,4 @@
-"""Split, folds, inventory, mean/std, EDA, demo data and the ``cvkit`` command."""
+"""Split, smoke-run limits, folds, inventory, mean/std, EDA, demo data and the ``cvkit`` command."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ import pytest
 from cvkit import cli
 from cvkit.data import demo
 from cvkit.data.io import DataError, read_image
-from cvkit.data.tools import add_folds, eda, inventory, mean_std, split_train_valid
+from cvkit.data.tools import add_folds, eda, inventory, limit_items, mean_std, split_train_valid, take_items
 
 
 def _labels_frame():
@@ -28,6 +28,26 @@ def test_split_is_stratified_and_reproducible():
     again, _ = split_train_valid(frame, 0.2, label_col="label", seed=1)
     other, _ = split_train_valid(frame, 0.2, label_col="label", seed=2)
     assert train.path.tolist() == again.path.tolist() and train.path.tolist() != other.path.tolist()
+
+
+def test_limit_keeps_the_first_rows_or_the_first_of_every_class():
+    from cvkit.data.stl10 import ArrayDataset
+
+    frame = _labels_frame()
+    assert limit_items(frame, None) is frame and limit_items(frame, 500) is frame
+    assert limit_items(frame, 7)["path"].tolist() == [f"{i}.png" for i in range(7)]  # only class "a"
+    balanced = limit_items(frame, 7, label_col="label")  # 7 // 3 classes = 2 of each, in table order
+    assert balanced["path"].tolist() == ["0.png", "1.png", "60.png", "61.png", "90.png", "91.png"]
+    assert limit_items(frame, 2, label_col="label")["label"].tolist() == ["a", "b", "c"]  # at least one of each
+    assert limit_items(list("abcde"), 2) == ["a", "b"]
+    arrays = ArrayDataset(np.arange(5 * 2 * 2 * 3, dtype=np.uint8).reshape(5, 2, 2, 3), np.arange(5))
+    kept = limit_items(arrays, 3)
+    assert type(kept) is ArrayDataset and kept.labels.tolist() == [0, 1, 2] and len(arrays) == 5
+    assert take_items(arrays, [4, 0]).labels.tolist() == [4, 0]
+    with pytest.raises(ValueError, match="label_col='label' needs a table"):
+        limit_items(arrays, 2, label_col="label")
+    with pytest.raises(DataError, match="'kind'"):
+        limit_items(frame, 2, label_col="kind")
 
 
 def test_folds_are_stratified_or_grouped():

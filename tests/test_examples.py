@@ -66,9 +66,9 @@ def test_localization_test_metrics_reproduce_and_predictions_are_pixels(tmp_path
                      lambda: [BoxMetrics(len(classes))])
     assert again == pytest.approx(stored["test"], rel=1e-5)
 
-    predictions = pd.read_csv(logdir / "predictions.csv")
-    assert list(predictions.columns) == ["path", "label", "probability", "x1", "y1", "x2", "y2"]
-    assert predictions["path"].tolist() == test_rows["path"].tolist()
+    predictions = pd.read_csv(logdir / "predictions.csv")  # cvkit.inference.write_submission's class_box layout
+    assert list(predictions.columns) == ["path", "label", "x1", "y1", "x2", "y2"]
+    assert predictions["path"].tolist() == [Path(p).name for p in test_rows["path"]]
     assert set(predictions["label"]) <= set(classes)
     boxes = predictions[["x1", "y1", "x2", "y2"]].to_numpy()
     assert (boxes >= 0).all() and (boxes <= 96).all() and boxes.max() > 1  # pixels of the 96x96 originals
@@ -103,6 +103,9 @@ def test_steel_submission_is_the_tasks_rle_of_the_flip_tta_masks_at_original_siz
     result = run("steel_segmentation_train", logdir, "--head-epochs", "1", "--image-size", "32", "--limit", "12",
                  "--overlays", "--threshold", "0.4")
     assert set(result) >= {"test", "test_flip_tta"}
+    # metrics.json is the run's (written once, by the runner); the example's extra score has its own file
+    assert json.loads((logdir / "test_flip_tta.json").read_text()) == pytest.approx(result["test_flip_tta"])
+    assert "test_flip_tta" not in json.loads((logdir / "metrics.json").read_text())
     root = tmp_path / "demo_data" / "segmentation_25_per_class"
     paths = [root / p for p in pd.read_csv(root / "test.csv")["path"].head(12)]  # data.limit keeps the first 12
     names = [p.name for p in paths]
@@ -161,7 +164,7 @@ def test_sports_submission_export_and_start_weights(tmp_path):
     result = run("sports_train", logdir, "--export-dir", str(export), "--weights", str(start))
     assert json.loads((logdir / "config.json").read_text())["valid"]["metric"] == "f1_macro"
     submission = pd.read_csv(logdir / "submission.csv")
-    assert list(submission.columns) == ["path", "label", "probability"]
+    assert list(submission.columns) == ["path", "label"]  # as `cvkit predict` writes it
     assert len(submission) == 40 and submission["path"].is_unique
     exported = {p.parent.name + "/" + p.name for p in export.rglob("*.jpg")}
     assert exported == {f"{label}/{Path(path).name}" for path, label in zip(submission["path"], submission["label"])}
@@ -174,6 +177,12 @@ def test_sports_submission_export_and_start_weights(tmp_path):
 
 @pytest.mark.slow
 def test_ford_vs_ferrari_keeps_backbone_bn_frozen_and_resizes_per_stage(tmp_path):
+    from cvkit.data import ClassificationDataset, create_preset, limit_items, split_train_valid
+    from cvkit.losses import create_criterion
+    from cvkit.metrics import ClassificationMetrics
+    from cvkit.models import create_model
+    from cvkit.runners import evaluate
+
     logdir = tmp_path / "run"
     run("ford_vs_ferrari_train", logdir, "--head-epochs", "1", "--sizes", "32", "40", "48", "--batch-size", "8")
     config = json.loads((logdir / "config.json").read_text())
@@ -181,12 +190,18 @@ def test_ford_vs_ferrari_keeps_backbone_bn_frozen_and_resizes_per_stage(tmp_path
     assert [(s["image_size"], s["batch_size"]) for s in stages] == [(32, 8), (40, 6), (48, 4)]
     assert [s["train_bn"] for s in stages[1:]] == [False, False]
     assert config["unfrozen_from"] == "blocks.2"
-    stored = json.loads((logdir / "metrics.json").read_text())
-    sizes = {s["name"]: s["image_size"] for s in stages}
-    assert stored["test_image_size"] == sizes[stored["best"]["stage"]]
     split = config["split"]
     assert split == {"train": 20, "valid": 10, "test": 10}  # --limit keeps 4 per class; 1 of each to test and valid
     weights = best_weights(logdir)
+    # the runner scored the test split with the best weights at the last stage's size (48)
+    everything = ClassificationDataset.from_folders(tmp_path / "demo_data" / "classification" / "images")
+    test_rows = split_train_valid(limit_items(everything.frame, 40, label_col="label"), 0.2, "label", seed=0)[1]
+    test = ClassificationDataset(test_rows, root=everything.root, class_map=everything.class_map,
+                                 transform=create_preset("resize", 48))
+    model = create_model("test_efficientnet", 10, head="bn_dropout", head_dropout=0.5)
+    model.load_state_dict(weights)
+    again = evaluate(model, DataLoader(test, 5), create_criterion("cross_entropy"), lambda: [ClassificationMetrics(10)])
+    assert again == pytest.approx(json.loads((logdir / "metrics.json").read_text())["test"], rel=1e-5)
     backbone_bn = [k[: -len(".running_mean")] for k in weights
                    if k.endswith("running_mean") and not k.startswith("classifier")]
     assert backbone_bn

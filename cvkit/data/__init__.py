@@ -22,7 +22,7 @@ _EXPORTS = {
     "datasets": ("ImageDataset", "TableDataset", "ClassificationDataset", "BoxDataset", "KeypointDataset",
                  "SegmentationDataset", "STL10Dataset", "load_table", "list_image_files", "IMAGE_EXTENSIONS"),
     "check": ("Problem", "CheckReport", "check_dataset", "prepare_for_training"),
-    "tools": ("split_train_valid", "add_folds", "inventory", "mean_std", "eda"),
+    "tools": ("split_train_valid", "limit_items", "take_items", "add_folds", "inventory", "mean_std", "eda"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 

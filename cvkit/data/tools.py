@@ -1,4 +1,5 @@
-"""Dataset tools: train/valid split, k-fold column, inventory, exact mean/std, train-vs-test EDA plots.
+"""Dataset tools: train/valid split, smoke-run limits, k-fold column, inventory, exact mean/std,
+train-vs-test EDA plots.
 
 Each works on a table (CSV path or DataFrame) whose ``path_col`` is relative to ``root`` (the
 CSV's folder by default), reads images with :func:`cvkit.data.io.read_image` in threads, and
@@ -6,6 +7,7 @@ returns data; the ``cvkit`` command writes the files.
 """
 from __future__ import annotations
 
+import copy
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -79,6 +81,40 @@ def split_train_valid(table: Table, valid_fraction: float = 0.2, label_col: Opti
 def _valid_count(n: int, valid_fraction: float) -> int:
     """Rows of a class of ``n`` that go to valid: ``round(n * fraction)``, leaving at least one in train."""
     return max(0, min(int(round(n * valid_fraction)), n - 1))
+
+
+def take_items(items: Any, positions: Sequence[int]) -> Any:
+    """The rows or items at ``positions`` of a table, a list, a table dataset (its ``subset``) or an
+    image-array dataset (``images``/``labels``, e.g. STL-10's), as the same type."""
+    index = np.asarray(list(positions), dtype=np.int64)
+    if isinstance(items, pd.DataFrame):
+        return items.iloc[index].reset_index(drop=True)
+    if isinstance(items, list):
+        return [items[i] for i in index]
+    if hasattr(items, "subset"):
+        return items.subset(index.tolist())
+    out = copy.copy(items)
+    out.images = items.images[index]
+    out.labels = None if items.labels is None else items.labels[index]
+    return out
+
+
+def limit_items(items: Any, limit: Optional[int], label_col: Optional[str] = None) -> Any:
+    """What a smoke run's ``--limit`` / ``data.limit`` keeps of a table, list or dataset, as the same type: its
+    first ``limit`` rows (all of it when ``limit`` is None or 0). With ``label_col`` (a table, or a
+    dataset's ``frame``) the first ``max(1, limit // classes)`` rows of every class instead, in table
+    order, so a stratified split of the kept rows still sees each class."""
+    if not limit:
+        return items
+    if label_col is None:
+        return items if len(items) <= limit else take_items(items, range(limit))
+    frame = items if isinstance(items, pd.DataFrame) else getattr(items, "frame", None)
+    if frame is None:
+        raise ValueError(f"limit_items: label_col={label_col!r} needs a table or a table dataset")
+    require_columns(frame, [label_col], "the table")
+    per_class = max(1, limit // max(1, frame[label_col].nunique()))
+    keep = np.flatnonzero(frame.groupby(label_col, sort=False).cumcount().to_numpy() < per_class)
+    return items if len(keep) == len(items) else take_items(items, keep)
 
 
 def add_folds(table: Table, n_folds: int = 5, label_col: Optional[str] = None, group_col: Optional[str] = None,

@@ -105,7 +105,8 @@ def list_images(images: PathLike, root: Optional[PathLike] = None, path_col: str
 def _dataset(images: Images, transform: Any, root: Optional[PathLike], path_col: str) -> Tuple[Dataset, List[str]]:
     """A dataset of ``images`` and the name of each item."""
     if isinstance(images, Dataset):
-        names = [str(images.path(i).name) if hasattr(images, "path") else str(i) for i in range(len(images))]
+        names = _file_names([images.path(i) for i in range(len(images))]) if hasattr(images, "path") \
+            else [str(i) for i in range(len(images))]
         return images, names
     if transform is None:
         raise ValueError("predict needs transform= (or image_size=) to prepare image files or arrays")
@@ -113,8 +114,21 @@ def _dataset(images: Images, transform: Any, root: Optional[PathLike], path_col:
         files, names = list_images(images, root, path_col)
         return ImageFiles(files, names, transform), names
     items = list(images)
-    names = [f"{i}" if isinstance(x, np.ndarray) else Path(x).name for i, x in enumerate(items)]
+    files = _file_names([Path(x) for x in items if not isinstance(x, np.ndarray)])[::-1]
+    names = [f"{i}" if isinstance(x, np.ndarray) else files.pop() for i, x in enumerate(items)]
     return ImageFiles([x if isinstance(x, np.ndarray) else Path(x) for x in items], names, transform), names
+
+
+def _file_names(paths: Sequence[PathLike]) -> List[str]:
+    """Each file's path below the folder all of them share (its name when they share one folder), so
+    files of different sub-folders (``test/cat/1.jpg``, ``test/dog/1.jpg``) never share a name."""
+    if not paths:
+        return []
+    try:
+        common = os.path.commonpath([str(Path(p).parent) for p in paths])
+    except ValueError:  # absolute and relative paths mixed: no shared folder
+        return [Path(p).name for p in paths]
+    return [Path(os.path.relpath(p, common)).as_posix() for p in paths]
 
 
 def check_flip_pairs(task: Task, tta: Sequence[str], flip_pairs: FlipPairs) -> None:
