@@ -209,15 +209,24 @@ class _RunsCode:
         return (os.getcwd, ())
 
 
-@pytest.mark.parametrize("flag, culprit", [("--weights", "weights: refused to load"),
-                                           ("--pretrained", "model.pretrained: refused to load")])
-def test_an_example_refuses_code_carrying_weights_in_one_line(tmp_path, flag, culprit):
+def test_an_example_refuses_code_carrying_weights_in_one_line(tmp_path, capsys, monkeypatch):
     import torch
 
+    import examples_loader
+
     torch.save({"model": _RunsCode()}, tmp_path / "evil.pth")
-    done = cvkit(flag, tmp_path / "evil.pth", "--logdir", tmp_path / "runs" / "sports", "--limit", "8", "--epochs",
-                 "1", "--quiet", script="examples/sports_train.py")
-    assert_one_line_error(done, f"sports_train.py: error: {culprit} {tmp_path / 'evil.pth'}", "could run code")
+    args = ["--logdir", tmp_path / "runs" / "sports", "--limit", "8", "--epochs", "1", "--quiet"]
+    done = cvkit("--weights", tmp_path / "evil.pth", *args, script="examples/sports_train.py")  # as a user runs it
+    assert_one_line_error(done, f"sports_train.py: error: weights: refused to load {tmp_path / 'evil.pth'}",
+                          "could run code")
+    example = examples_loader.load("sports_train")  # the same path in-process, for the other flag
+    monkeypatch.setattr(sys, "argv", ["sports_train.py"])
+    with pytest.raises(SystemExit) as exit_:
+        example.run_script(lambda: example.main(["--pretrained", str(tmp_path / "evil.pth"), *map(str, args)]))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1, err
+    assert f"sports_train.py: error: model.pretrained: refused to load {tmp_path / 'evil.pth'}" in err
+    assert "could run code" in err
 
 
 # --- 10. fractional areas in postprocess.json -------------------------------------------------------

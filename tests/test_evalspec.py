@@ -104,3 +104,23 @@ def test_the_prediction_loop_keeps_order_index_and_size_and_names_failing_images
     assert (second.name, second.index, second.height, second.width) == ("b.png", 1, 7, 8)
     with pytest.raises(DataError, match=r"the model failed on images \['c.png'\]...: shape mismatch"):
         next(got)
+
+
+def test_predictions_of_files_in_different_folders_never_share_a_name(tmp_path):
+    import cv2
+    import numpy as np
+    import torch
+
+    from cvkit.inference import predict, write_submission
+
+    files = []
+    for folder in ("cat", "dog"):
+        (tmp_path / "test" / folder).mkdir(parents=True)
+        files.append(tmp_path / "test" / folder / "1.png")
+        cv2.imwrite(str(files[-1]), np.full((12, 12, 3), 100 if folder == "cat" else 200, np.uint8))
+    model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 2))
+    predictions = predict(model, files, "classification", image_size=8, device="cpu")
+    assert [p.name for p in predictions] == ["cat/1.png", "dog/1.png"]
+    assert write_submission(predictions, "classification", ["a", "b"])["path"].tolist() == ["cat/1.png", "dog/1.png"]
+    one_folder = predict(model, [files[0]], "classification", image_size=8, device="cpu")
+    assert [p.name for p in one_folder] == ["1.png"]
