@@ -15,6 +15,15 @@ warnings.filterwarnings("ignore", message=".*tensor.detach.*")
 torch.set_num_threads(1)
 
 
+def demo_experiment(name: str, demo_root: object, logdir: object, limit: int, **extra: object) -> Dict[str, object]:
+    """One epoch of test_resnet at 32 px on ``limit`` demo digits per split: the k-fold, lock and
+    bad-input tests' experiment (``extra`` keys replace its top-level ones)."""
+    return {"name": name, "task": "classification", "engine": "cpu", "logdir": str(logdir), "seed": 1,
+            "data": {"kind": "demo", "root": str(demo_root), "limit": limit},
+            "model": {"name": "classifier", "arch": "test_resnet"}, "augmentation": {"preset": "resize", "size": 32},
+            "stages": [{"name": "all", "epochs": 1, "lr": 0.003, "batch_size": 8}], **extra}
+
+
 class TinyImages(Dataset):
     """Random 3x32x32 images whose class shifts the first channel, so a model can learn them."""
 

@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from conftest import demo_experiment
 from cvkit.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,10 +42,7 @@ def assert_one_line_error(done: subprocess.CompletedProcess, *culprits: str) -> 
 
 
 def experiment(tmp: Path, logdir: Path) -> dict:
-    return {"name": "r3", "task": "classification", "engine": "cpu", "logdir": str(logdir), "seed": 1,
-            "data": {"kind": "demo", "root": str(tmp / "demo"), "limit": 24},
-            "model": {"name": "classifier", "arch": "test_resnet"}, "augmentation": {"preset": "resize", "size": 32},
-            "stages": [{"name": "all", "epochs": 1, "lr": 0.003, "batch_size": 8}]}
+    return demo_experiment("r3", tmp / "demo", logdir, 24)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import demo_experiment
 from cvkit.cli import main
 from cvkit.config import load_config
 from cvkit.experiment import build, load_experiment
@@ -18,10 +19,7 @@ FOLDS = 3
 
 
 def experiment(demo_root: Path, logdir: Path) -> dict:
-    return {"name": "kf", "task": "classification", "engine": "cpu", "logdir": str(logdir), "seed": 1,
-            "data": {"kind": "demo", "root": str(demo_root), "limit": 30},
-            "model": {"name": "classifier", "arch": "test_resnet"}, "augmentation": {"preset": "resize", "size": 32},
-            "stages": [{"name": "all", "epochs": 1, "lr": 0.003, "batch_size": 8}]}
+    return demo_experiment("kf", demo_root, logdir, 30)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 import cvkit.kfold
+from conftest import demo_experiment
 from cvkit.cli import main
 from cvkit.config import ConfigError, load_config
 from cvkit.experiment import build
@@ -28,10 +29,7 @@ COLLECTING = "folds finished: writing oof.csv and cv.json"
 
 
 def experiment(demo_root: Path, logdir: Path) -> dict:
-    return {"name": "kfj", "task": "classification", "engine": "cpu", "logdir": str(logdir), "seed": 1,
-            "data": {"kind": "demo", "root": str(demo_root), "limit": 20},
-            "model": {"name": "classifier", "arch": "test_resnet"}, "augmentation": {"preset": "resize", "size": 32},
-            "stages": [{"name": "all", "epochs": 1, "lr": 0.003, "batch_size": 8}]}
+    return demo_experiment("kfj", demo_root, logdir, 20)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from typing import Dict, Iterator, List, Tuple
 import pytest
 import yaml
 
+from conftest import demo_experiment
 from cvkit.config import load_config
 from cvkit.lock import LOCK_NAME, RunLock, RunLockedError
 
@@ -65,10 +66,7 @@ def second() -> Iterator[Second]:
 def experiment(demo_root: Path, logdir: Path) -> dict:
     """One epoch of test_resnet on 24 demo digits per split, no TensorBoard (its writer thread would touch
     the folder while the first run waits)."""
-    return {"name": "locked", "task": "classification", "engine": "cpu", "logdir": str(logdir), "loggers": [],
-            "data": {"kind": "demo", "root": str(demo_root), "limit": 24},
-            "model": {"name": "classifier", "arch": "test_resnet"}, "augmentation": {"preset": "resize", "size": 32},
-            "stages": [{"name": "all", "epochs": 1, "lr": 0.003, "batch_size": 8}]}
+    return demo_experiment("locked", demo_root, logdir, 24, loggers=[])
 
 
 def snapshot(folder: Path) -> Dict[str, Tuple[int, int]]:
