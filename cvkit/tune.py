@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple, Union
 
+from cvkit.errors import ConfigError
+
 if TYPE_CHECKING:
     import optuna
 
@@ -48,11 +50,8 @@ SQLITE_TIMEOUT_S = 60
 STORAGE_TRIES = 5
 
 
-class SpaceError(ValueError):
-    """A search space entry is wrong; the message names the file, the key and what was expected.
-
-    A ValueError rather than :class:`cvkit.config.ConfigError`: a space is checked before torch loads,
-    and cvkit.config imports it."""
+class SpaceError(ConfigError):
+    """A search space entry is wrong; the message names the file, the key and what was expected."""
 
 
 @dataclass(frozen=True)
@@ -318,7 +317,6 @@ def _optimize(optuna: Any, base: Mapping[str, Any], params: Mapping[str, Param],
               study_name: str, direction: str, pruner: Any, sampler_seed: Optional[int], trials: Optional[int],
               timeout: Optional[float], verbose: bool) -> Dict[str, Any]:
     """:func:`tune`'s study: created or joined, optimised, summarised (best.yaml written)."""
-    from cvkit.config import ConfigError
     from cvkit.status import say
 
     try:
@@ -347,8 +345,6 @@ def _optimize(optuna: Any, base: Mapping[str, Any], params: Mapping[str, Param],
 def _check_objective(study: "optuna.Study", valid_metric: str, direction: str, url: str) -> None:
     """A joined study must optimise the same valid metric the same way (Optuna loads an existing study
     whatever direction is asked); a new one records its metric."""
-    from cvkit.config import ConfigError
-
     recorded = study.user_attrs.get("valid_metric")
     if recorded is None and not study.trials:
         study.set_user_attr("valid_metric", valid_metric)
@@ -362,8 +358,6 @@ def _check_objective(study: "optuna.Study", valid_metric: str, direction: str, u
 def _check_logdir_study(folder: Path, study_name: str) -> None:
     """One folder holds one study: trial folders are named by trial number, which every study starts at 0."""
     import json
-
-    from cvkit.config import ConfigError
 
     path = folder / SUMMARY_FILE
     if not path.is_file():
