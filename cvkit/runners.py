@@ -232,7 +232,6 @@ class StagedRunner(dl.SupervisedRunner):
         self._stage_names = [s.name for s in spec.stages]
         self.run_state = run = RunState(logdir=spec.logdir, minimize=spec.minimize, resume_payload=self._resume_payload)
         state = read_resume(spec.logdir, self._stage_names, spec.resume) if spec.resume else None
-        spec.engine = make_engine(spec.engine)
         if isinstance(spec.engine, dl.DistributedDataParallelEngine):
             # Spawned workers receive the runner by pickling; the default file-descriptor sharing
             # fails here on empty tensors ("unable to resize file"), file-system sharing does not.
